@@ -1,0 +1,223 @@
+// Small device-side building blocks of the Marlin kernel: asynchronous copies,
+// shared-memory matrix loads, tensor-core MMA, 4-bit dequantization and the
+// inter-block lock used for the ordered global reduction.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace jax_marlin::cuda {
+
+// ---------------------------------------------------------------------------
+// Global -> shared copies (cp.async, sm_80+)
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte copy that bypasses L1 (.cg): every tile is read once per block, so
+// L1 would only be polluted.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)),
+               "l"(gmem));
+}
+
+// As cp_async16, but fills the destination with zeros when !pred. A source
+// size of 0 reads nothing, so `gmem` only has to be some valid address.
+// Used for activation rows past M, which must contribute exactly zero.
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool pred) {
+  const int src_bytes = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
+               "l"(gmem), "r"(src_bytes));
+}
+
+// Weight tiles are streamed exactly once per call: mark them evict-first so
+// they do not push the (re-read by every block) activations out of L2.
+__device__ __forceinline__ void cp_async16_stream(void* smem, const void* gmem) {
+  asm volatile(
+      "{\n"
+      "  .reg .b64 policy;\n"
+      "  createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
+      "  cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, policy;\n"
+      "}\n" ::"r"(smem_addr(smem)),
+      "l"(gmem));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Wait until at most `kPending` committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// ---------------------------------------------------------------------------
+// Tensor cores
+// ---------------------------------------------------------------------------
+
+// Four 8x8 b16 matrices from shared memory: exactly one m16k16 A fragment when
+// lane i points at row (i % 16), 8-column half (i / 16) of the tile.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&frag)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(frag[0]), "=r"(frag[1]), "=r"(frag[2]), "=r"(frag[3])
+               : "r"(smem_addr(smem)));
+}
+
+template <typename T>
+struct MmaOp;
+
+template <>
+struct MmaOp<half> {
+  static __device__ __forceinline__ void run(const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                             float (&c)[4]) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <>
+struct MmaOp<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                             float (&c)[4]) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Dequantization: one packed 32-bit word -> two m16n8k16 B fragments
+// ---------------------------------------------------------------------------
+
+// lop3 with lookup table (a & b) | c: masks a nibble pair and ORs an exponent
+// in one instruction.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  constexpr int kLut = (0xf0 & 0xcc) | 0xaa;
+  asm("lop3.b32 %0, %1, %2, %3, %4;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c), "n"(kLut));
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t as_u32(T v) {
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <typename T2>
+__device__ __forceinline__ T2 as_t2(uint32_t v) {
+  return *reinterpret_cast<T2*>(&v);
+}
+
+// Per-dtype arithmetic. The packed word holds, nibble by nibble, the values
+// (b0.x, b1.x, c0.x, c1.x, b0.y, b1.y, c0.y, c1.y) of this lane's two n8
+// fragments b (columns c) and c (columns c + 8): the packer's interleave puts
+// the two halves of each fragment register 16 bits apart, so one mask
+// extracts both at once.
+template <typename T>
+struct Dtype;
+
+template <>
+struct Dtype<half> {
+  using T2 = half2;
+  // A nibble v OR-ed into the mantissa of 1024.0 (0x6400) is the fp16 value
+  // 1024 + v, so no int->float conversion is needed.
+  static __device__ __forceinline__ void dequant(uint32_t q, uint32_t (&frag0)[2],
+                                                 uint32_t (&frag1)[2]) {
+    constexpr uint32_t kLo = 0x000f000f, kHi = 0x00f000f0, kExp = 0x64006400;
+    const half2 kSubLo = as_t2<half2>(0x64086408);  // 1024 + 8
+    const half2 kMulHi = as_t2<half2>(0x2c002c00);  // 1 / 16
+    const half2 kAddHi = as_t2<half2>(0xd480d480);  // -(64 + 8)
+    // The high nibble lands at 16 * v in the mantissa: scale it back with an
+    // FMA instead of shifting first (saves one instruction per pair).
+    const uint32_t lo0 = and_or(q, kLo, kExp), hi0 = and_or(q, kHi, kExp);
+    q >>= 8;
+    const uint32_t lo1 = and_or(q, kLo, kExp), hi1 = and_or(q, kHi, kExp);
+    frag0[0] = as_u32(__hsub2(as_t2<half2>(lo0), kSubLo));
+    frag0[1] = as_u32(__hfma2(as_t2<half2>(hi0), kMulHi, kAddHi));
+    frag1[0] = as_u32(__hsub2(as_t2<half2>(lo1), kSubLo));
+    frag1[1] = as_u32(__hfma2(as_t2<half2>(hi1), kMulHi, kAddHi));
+  }
+  static __device__ __forceinline__ half2 lo_pair(half2 s) { return __low2half2(s); }
+  static __device__ __forceinline__ half2 hi_pair(half2 s) { return __high2half2(s); }
+  static __device__ __forceinline__ half2 from_floats(float a, float b) {
+    return __floats2half2_rn(a, b);
+  }
+  static __device__ __forceinline__ float2 to_floats(half2 v) { return __half22float2(v); }
+};
+
+template <>
+struct Dtype<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  // bf16 has only 7 mantissa bits: a nibble fits below the exponent only at
+  // bit 0, so the high nibble is shifted down rather than scaled (128.0 =
+  // 0x4300 has a unit last place, so 0x4300 | v is exactly 128 + v).
+  static __device__ __forceinline__ void dequant(uint32_t q, uint32_t (&frag0)[2],
+                                                 uint32_t (&frag1)[2]) {
+    constexpr uint32_t kMask = 0x000f000f, kExp = 0x43004300;
+    const __nv_bfloat162 kOne = as_t2<__nv_bfloat162>(0x3f803f80);
+    const __nv_bfloat162 kSub = as_t2<__nv_bfloat162>(0xc308c308);  // -(128 + 8)
+    const uint32_t lo0 = and_or(q, kMask, kExp), hi0 = and_or(q >> 4, kMask, kExp);
+    const uint32_t lo1 = and_or(q >> 8, kMask, kExp), hi1 = and_or(q >> 12, kMask, kExp);
+    // fma(x, 1, -136) is exact and is a single instruction on sm_80 too
+    // (where bf16 subtraction is emulated).
+    frag0[0] = as_u32(__hfma2(as_t2<__nv_bfloat162>(lo0), kOne, kSub));
+    frag0[1] = as_u32(__hfma2(as_t2<__nv_bfloat162>(hi0), kOne, kSub));
+    frag1[0] = as_u32(__hfma2(as_t2<__nv_bfloat162>(lo1), kOne, kSub));
+    frag1[1] = as_u32(__hfma2(as_t2<__nv_bfloat162>(hi1), kOne, kSub));
+  }
+  static __device__ __forceinline__ __nv_bfloat162 lo_pair(__nv_bfloat162 s) {
+    return __low2bfloat162(s);
+  }
+  static __device__ __forceinline__ __nv_bfloat162 hi_pair(__nv_bfloat162 s) {
+    return __high2bfloat162(s);
+  }
+  static __device__ __forceinline__ __nv_bfloat162 from_floats(float a, float b) {
+    return __floats2bfloat162_rn(a, b);
+  }
+  static __device__ __forceinline__ float2 to_floats(__nv_bfloat162 v) {
+    return __bfloat1622float2(v);
+  }
+};
+
+// Multiply both registers of a B fragment by one broadcast scale pair.
+template <typename T>
+__device__ __forceinline__ void scale_fragment(uint32_t (&frag)[2], typename Dtype<T>::T2 s) {
+  using T2 = typename Dtype<T>::T2;
+  frag[0] = as_u32(__hmul2(as_t2<T2>(frag[0]), s));
+  frag[1] = as_u32(__hmul2(as_t2<T2>(frag[1]), s));
+}
+
+// ---------------------------------------------------------------------------
+// Ordered inter-block reduction: blocks that share an output tile take turns.
+// ---------------------------------------------------------------------------
+
+// Spin (one thread) until the tile's lock shows it is `turn`'s go, then let the
+// whole block proceed. The acquire load makes the previous block's partial
+// sums visible to the loads that follow the barrier.
+__device__ __forceinline__ void wait_for_turn(const int* lock, int turn) {
+  if (threadIdx.x == 0) {
+    int seen;
+    do {
+      asm volatile("ld.global.acquire.gpu.b32 %0, [%1];\n" : "=r"(seen) : "l"(lock));
+    } while (seen != turn);
+  }
+  __syncthreads();
+}
+
+// Publish this block's partial sums (already stored by all threads) and hand
+// the tile to the next block.
+__device__ __forceinline__ void pass_turn(int* lock, int next_turn) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    asm volatile("st.global.release.gpu.b32 [%0], %1;\n" ::"l"(lock), "r"(next_turn));
+  }
+}
+
+}  // namespace jax_marlin::cuda

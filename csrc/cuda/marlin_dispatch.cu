@@ -1,0 +1,167 @@
+// The dispatch table: which tile configurations exist, which one a problem
+// gets, and the launch of the chosen template instance. Instances are
+// generated from kTileConfigs by templates; nothing here is enumerated by hand.
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <utility>
+
+#include "marlin_kernel.cuh"
+#include "marlin_launch.h"
+
+namespace jax_marlin::cuda {
+namespace {
+
+struct TileConfig {
+  int n_blocks, k_blocks, warps;
+  constexpr int tile_n() const { return 16 * n_blocks; }
+  constexpr int tile_k() const { return 16 * k_blocks; }
+};
+
+// 128x128 (k x n) streams the most weight per block at small batch; 64x256
+// halves activation re-reads at larger batch; 64x64 is the fallback that
+// covers every K, N multiple of 64.
+constexpr std::array<TileConfig, 3> kTileConfigs = {{{8, 8, 8}, {16, 4, 8}, {4, 4, 4}}};
+constexpr int kNumConfigs = static_cast<int>(kTileConfigs.size());
+constexpr int kMaxMBlocks = kMaxRows / 16;
+
+// Order in which configurations are tried for a chunk of `m_blocks` 16-row
+// blocks; the first whose tile divides (K, N) wins.
+constexpr std::array<int, kNumConfigs> preference(int m_blocks) {
+  if (m_blocks <= 2) return {0, 1, 2};
+  return {1, 0, 2};
+}
+
+int multiprocessor_count() {
+  // Cached per device: the attribute query is cheap but not free, and this
+  // runs on every call.
+  static std::atomic<int> cache[64];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  if (device < 64) {
+    if (int v = cache[device].load(std::memory_order_relaxed)) return v;
+  }
+  int sms = 1;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (device < 64) cache[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
+int log2_exact(int v) {
+  int s = 0;
+  while ((1 << s) < v) ++s;
+  return s;
+}
+
+// One 64-row chunk of the product, with a fixed kernel instance.
+using ChunkLauncher = cudaError_t (*)(const MarlinProblem&, int row0, int rows, int* locks,
+                                      cudaStream_t);
+
+template <typename T, typename Tile>
+cudaError_t launch_chunk(const MarlinProblem& pr, int row0, int rows, int* locks,
+                         cudaStream_t stream) {
+  // Raising the dynamic shared-memory limit is a per-device, per-kernel
+  // setting: do it once per device.
+  static std::atomic<uint64_t> configured{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = uint64_t{1} << (device % 64);
+  if (!(configured.load(std::memory_order_acquire) & bit)) {
+    err = cudaFuncSetAttribute(marlin_kernel<T, Tile>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               Tile::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    configured.fetch_or(bit, std::memory_order_acq_rel);
+  }
+
+  MarlinParams<T> p;
+  p.x = static_cast<const T*>(pr.x) + static_cast<size_t>(row0) * pr.k;
+  p.packed = static_cast<const int4*>(pr.packed);
+  p.scales = static_cast<const T*>(pr.scales);
+  p.y = static_cast<T*>(pr.y) + static_cast<size_t>(row0) * pr.n;
+  p.workspace = pr.workspace;
+  p.locks = locks;
+  p.rows = rows;
+  p.k = pr.k;
+  p.n = pr.n;
+  p.group_shift = Tile::kGrouped ? log2_exact(pr.group_size) : 0;
+  const int total = (pr.k / Tile::kTileK) * (pr.n / Tile::kTileN);
+  p.stripes = total < multiprocessor_count() ? total : multiprocessor_count();
+
+  marlin_kernel<T, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Table index = ((dtype * 2 + grouped) * kMaxMBlocks + (m_blocks - 1)) * kNumConfigs + config.
+constexpr int table_index(ActDtype dtype, bool grouped, int m_blocks, int config) {
+  return ((static_cast<int>(dtype) * 2 + (grouped ? 1 : 0)) * kMaxMBlocks + (m_blocks - 1)) *
+             kNumConfigs +
+         config;
+}
+
+template <int I>
+constexpr ChunkLauncher launcher_for() {
+  constexpr int config = I % kNumConfigs;
+  constexpr int m_blocks = (I / kNumConfigs) % kMaxMBlocks + 1;
+  constexpr bool grouped = (I / (kNumConfigs * kMaxMBlocks)) % 2 == 1;
+  constexpr bool is_bf16 = I / (kNumConfigs * kMaxMBlocks * 2) == 1;
+  constexpr TileConfig c = kTileConfigs[config];
+  using T = std::conditional_t<is_bf16, __nv_bfloat16, half>;
+  return &launch_chunk<T, TileShape<m_blocks, c.n_blocks, c.k_blocks, c.warps, grouped>>;
+}
+
+template <int... I>
+constexpr auto make_table(std::integer_sequence<int, I...>) {
+  return std::array<ChunkLauncher, sizeof...(I)>{launcher_for<I>()...};
+}
+
+constexpr auto kLaunchers =
+    make_table(std::make_integer_sequence<int, 2 * 2 * kMaxMBlocks * kNumConfigs>{});
+
+int pick_config(int m_blocks, int k, int n) {
+  for (int c : preference(m_blocks)) {
+    if (k % kTileConfigs[c].tile_k() == 0 && n % kTileConfigs[c].tile_n() == 0) return c;
+  }
+  return -1;
+}
+
+}  // namespace
+
+size_t workspace_floats(int m, int n) {
+  const int rows = m < kMaxRows ? (m + 15) / 16 * 16 : kMaxRows;
+  return static_cast<size_t>(rows) * n;
+}
+
+size_t lock_count(int m, int n) {
+  return static_cast<size_t>((m + kMaxRows - 1) / kMaxRows) * (n / kWarpCols);
+}
+
+const char* unsupported_reason(int m, int k, int n, int group_size) {
+  if (m < 1) return "the kernel needs at least one row of x";
+  if (k <= 0 || k % 64 != 0) return "K must be a positive multiple of 64";
+  if (n <= 0 || n % 64 != 0) return "N must be a positive multiple of 64";
+  if (group_size != k && group_size != 32 && group_size != 64 && group_size != 128)
+    return "group size must be 32, 64, 128 or K (per-channel)";
+  return nullptr;
+}
+
+cudaError_t marlin_matmul(const MarlinProblem& pr, cudaStream_t stream) {
+  if (unsupported_reason(pr.m, pr.k, pr.n, pr.group_size) != nullptr) return cudaErrorInvalidValue;
+  // FFI buffers arrive uninitialised: every call starts from zeroed locks.
+  cudaError_t err = cudaMemsetAsync(pr.locks, 0, lock_count(pr.m, pr.n) * sizeof(int), stream);
+  if (err != cudaSuccess) return err;
+  const bool grouped = pr.group_size != pr.k;
+  const int locks_per_chunk = pr.n / kWarpCols;
+  for (int row0 = 0, chunk = 0; row0 < pr.m; row0 += kMaxRows, ++chunk) {
+    const int rows = pr.m - row0 < kMaxRows ? pr.m - row0 : kMaxRows;
+    const int m_blocks = (rows + 15) / 16;
+    const int config = pick_config(m_blocks, pr.k, pr.n);
+    if (config < 0) return cudaErrorInvalidValue;
+    err = kLaunchers[table_index(pr.dtype, grouped, m_blocks, config)](
+        pr, row0, rows, pr.locks + chunk * locks_per_chunk, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace jax_marlin::cuda

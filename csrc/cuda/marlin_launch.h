@@ -1,0 +1,37 @@
+// Framework-free entry point of the CUDA Marlin kernel: raw device pointers,
+// sizes and a stream. The XLA FFI handler is the only caller.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+namespace jax_marlin::cuda {
+
+enum class ActDtype { kFloat16, kBFloat16 };
+
+struct MarlinProblem {
+  ActDtype dtype;
+  const void* x;       // (m, k) activations
+  const void* packed;  // (k / 16, 2 n) int32, Marlin layout
+  const void* scales;  // (k / group_size, n) permuted scales, same dtype as x
+  void* y;             // (m, n) output, same dtype as x
+  float* workspace;    // workspace_floats(m, n) floats, any contents
+  int* locks;          // lock_count(m, n) ints, any contents (zeroed here)
+  int m, k, n;
+  int group_size;      // 32, 64, 128, or k (per-channel)
+};
+
+// Scratch sizes the caller must provide.
+size_t workspace_floats(int m, int n);
+size_t lock_count(int m, int n);
+
+// nullptr if the kernel supports the shapes, else a message saying why not.
+const char* unsupported_reason(int m, int k, int n, int group_size);
+
+// Enqueues the whole product on `stream` (a lock reset and one launch per
+// 64-row chunk of x). Returns the first CUDA error met. Capturable in a CUDA
+// graph: no host synchronisation, no allocation.
+cudaError_t marlin_matmul(const MarlinProblem& problem, cudaStream_t stream);
+
+}  // namespace jax_marlin::cuda

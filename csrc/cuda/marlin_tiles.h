@@ -1,0 +1,57 @@
+// Tile geometry of the Marlin kernel: every size the kernel and its launcher
+// derive from a tile configuration lives here, as compile-time constants.
+#pragma once
+
+namespace jax_marlin::cuda {
+
+// Fixed by the packed format: one 16-byte load per lane covers a 16 x 64
+// (k x n) slab, i.e. one warp owns 64 output columns.
+inline constexpr int kWarpCols = 64;
+// Rows of activations handled by one launch; larger M is split into chunks.
+inline constexpr int kMaxRows = 64;
+// Shared-memory budget per block. 160 KiB fits every sm_80+ part that has
+// the 164 KiB carve-out (A100, H100); the pipeline takes as many stages as fit.
+inline constexpr int kSmemBudget = 160 * 1024;
+inline constexpr int kMaxStages = 8;
+
+// kMBlocks: 16-row blocks of activations (1..4); kNBlocks / kKBlocks: 16-wide
+// blocks of the output / reduction dimension per tile; kWarps: warps per block.
+template <int kMBlocks_, int kNBlocks_, int kKBlocks_, int kWarps_, bool kGrouped_>
+struct TileShape {
+  static constexpr int kMBlocks = kMBlocks_, kNBlocks = kNBlocks_, kKBlocks = kKBlocks_;
+  static constexpr int kWarps = kWarps_;
+  static constexpr bool kGrouped = kGrouped_;
+
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kTileM = 16 * kMBlocks, kTileN = 16 * kNBlocks, kTileK = 16 * kKBlocks;
+  // Warps tile the block's output columns; the rest split K and are reduced
+  // through shared memory at the end of each tile.
+  static constexpr int kWarpsN = kTileN / kWarpCols;
+  static constexpr int kWarpsK = kWarps / kWarpsN;
+  static constexpr int kKBlocksPerWarp = kKBlocks / kWarpsK;
+
+  // Shared memory per pipeline stage, in 16-byte units.
+  static constexpr int kAChunksPerRow = kTileK / 8;
+  static constexpr int kAStage = kTileM * kAChunksPerRow;
+  static constexpr int kBStage = kKBlocks * kWarpsN * 32;
+  // Scale rows a stage may need: one per group of 32 (the smallest group).
+  static constexpr int kScaleRowsMax = kGrouped ? kTileK / 32 : 0;
+  static constexpr int kSStage = kScaleRowsMax * kTileN / 8;
+  static constexpr int kStage = kAStage + kBStage + kSStage;
+  // Reduction scratch: one m16 x 64 fp32 fragment set (32 floats a lane) for
+  // each warp in the upper half of the K split.
+  static constexpr int kRed = (kWarpsK / 2) * kWarpsN * 32 * 8;
+  static constexpr int kStages = (kSmemBudget / 16 - kRed) / kStage < kMaxStages
+                                     ? (kSmemBudget / 16 - kRed) / kStage
+                                     : kMaxStages;
+  static constexpr int kSmemBytes = 16 * (kStages * kStage + kRed);
+
+  static_assert(kNBlocks % 4 == 0, "a warp owns 64 output columns");
+  static_assert(kWarps % kWarpsN == 0 && kWarpsK >= 1, "warps must tile N evenly");
+  static_assert(kKBlocks % kWarpsK == 0, "K split must divide the k-tile");
+  static_assert((kWarpsK & (kWarpsK - 1)) == 0, "tree reduction needs a power-of-two K split");
+  static_assert(kAChunksPerRow >= 8, "the A swizzle permutes groups of 8 chunks");
+  static_assert(kStages >= 3, "pipeline needs at least 3 stages");
+};
+
+}  // namespace jax_marlin::cuda

@@ -1,0 +1,165 @@
+// Standalone check of the CUDA launcher, independent of JAX: packs random
+// codes with the host-side layout tables, runs marlin_matmul and compares with
+// an fp64 host reference. Small enough to run under compute-sanitizer.
+//
+//   nvcc -std=c++17 -O2 -arch=sm_90 -Icsrc tests/cuda/marlin_selftest.cu \
+//        csrc/cuda/marlin_dispatch.cu -o selftest && ./selftest
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "common/float16.h"
+#include "common/marlin_layout.h"
+#include "cuda/marlin_launch.h"
+
+using namespace jax_marlin;
+
+#define CHECK_CUDA(call)                                                              \
+  do {                                                                                \
+    cudaError_t e_ = (call);                                                          \
+    if (e_ != cudaSuccess) {                                                          \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                   \
+    }                                                                                 \
+  } while (0)
+
+struct Case {
+  int m, k, n, group;  // group == k: per-channel
+  bool bf16;
+};
+
+static uint16_t to_bits(float v, bool bf16) { return bf16 ? FloatToBf16(v) : FloatToHalf(v); }
+static float from_bits(uint16_t b, bool bf16) { return bf16 ? Bf16ToFloat(b) : HalfToFloat(b); }
+
+// Returns relative error ||y - ref|| / ||ref||, or a large value on NaN.
+static double run_case(const Case& c, std::mt19937& rng, int repeats) {
+  const bool bf16 = c.bf16;
+  const int groups = c.k / c.group;
+  std::uniform_int_distribution<int> code_dist(0, 15);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::uniform_real_distribution<float> scale_dist(0.002f, 0.02f);
+
+  std::vector<uint8_t> codes(static_cast<size_t>(c.k) * c.n);
+  for (auto& v : codes) v = static_cast<uint8_t>(code_dist(rng));
+  std::vector<uint16_t> scales(static_cast<size_t>(groups) * c.n);  // unpermuted
+  for (auto& v : scales) v = to_bits(scale_dist(rng), bf16);
+  std::vector<uint16_t> x(static_cast<size_t>(c.m) * c.k);
+  for (auto& v : x) v = to_bits(normal(rng), bf16);
+
+  // Pack (FORMAT.md): per band of 16 rows and run of 64 columns, packed value
+  // i is the code at band-tile position dest[i].
+  const auto dest = MarlinWeightUnpermute();
+  std::vector<uint32_t> packed(static_cast<size_t>(c.k / 16) * 2 * c.n, 0u);
+  for (int band = 0; band < c.k / 16; ++band)
+    for (int run = 0; run < c.n / 64; ++run)
+      for (int i = 0; i < kRunValues; ++i) {
+        const int r = dest[i] / 64, col = dest[i] % 64;
+        const uint32_t code = codes[static_cast<size_t>(band * 16 + r) * c.n + run * 64 + col];
+        packed[static_cast<size_t>(band) * 2 * c.n + run * 128 + i / 8] |= code << (4 * (i % 8));
+      }
+  std::vector<uint16_t> scales_perm(scales.size());
+  const bool per_channel = groups == 1;
+  const int run_len = per_channel ? 32 : 64;
+  const auto gi = MarlinGroupedScaleInverse();
+  const auto pi = MarlinPerChannelScaleInverse();
+  for (size_t base = 0; base < scales.size(); base += run_len)
+    for (int b = 0; b < run_len; ++b)
+      scales_perm[base + (per_channel ? pi[b] : gi[b])] = scales[base + b];
+
+  // fp64 reference on W_hat rounded to the activation dtype.
+  std::vector<double> ref(static_cast<size_t>(c.m) * c.n, 0.0);
+  std::vector<float> wrow(c.n);
+  for (int kk = 0; kk < c.k; ++kk) {
+    for (int nn = 0; nn < c.n; ++nn) {
+      const float s = from_bits(scales[static_cast<size_t>(kk / c.group) * c.n + nn], bf16);
+      wrow[nn] = from_bits(to_bits((codes[static_cast<size_t>(kk) * c.n + nn] - 8) * s, bf16), bf16);
+    }
+    for (int mm = 0; mm < c.m; ++mm) {
+      const double xv = from_bits(x[static_cast<size_t>(mm) * c.k + kk], bf16);
+      double* r = &ref[static_cast<size_t>(mm) * c.n];
+      for (int nn = 0; nn < c.n; ++nn) r[nn] += xv * wrow[nn];
+    }
+  }
+
+  void *dx, *dp, *ds, *dy;
+  float* dws;
+  int* dlocks;
+  CHECK_CUDA(cudaMalloc(&dx, x.size() * 2));
+  CHECK_CUDA(cudaMalloc(&dp, packed.size() * 4));
+  CHECK_CUDA(cudaMalloc(&ds, scales_perm.size() * 2));
+  CHECK_CUDA(cudaMalloc(&dy, static_cast<size_t>(c.m) * c.n * 2));
+  CHECK_CUDA(cudaMalloc(&dws, cuda::workspace_floats(c.m, c.n) * 4));
+  CHECK_CUDA(cudaMalloc(&dlocks, cuda::lock_count(c.m, c.n) * 4));
+  CHECK_CUDA(cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(dp, packed.data(), packed.size() * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(ds, scales_perm.data(), scales_perm.size() * 2, cudaMemcpyHostToDevice));
+  // Poison output, workspace and locks: the launcher must not rely on zeros.
+  CHECK_CUDA(cudaMemset(dy, 0xff, static_cast<size_t>(c.m) * c.n * 2));
+  CHECK_CUDA(cudaMemset(dws, 0x7f, cuda::workspace_floats(c.m, c.n) * 4));
+  CHECK_CUDA(cudaMemset(dlocks, 0x55, cuda::lock_count(c.m, c.n) * 4));
+
+  cuda::MarlinProblem p{bf16 ? cuda::ActDtype::kBFloat16 : cuda::ActDtype::kFloat16, dx, dp, ds, dy,
+                        dws, dlocks, c.m, c.k, c.n, c.group};
+  std::vector<uint16_t> y(static_cast<size_t>(c.m) * c.n), first;
+  double worst = 0;
+  for (int rep = 0; rep < repeats; ++rep) {
+    CHECK_CUDA(cuda::marlin_matmul(p, nullptr));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    CHECK_CUDA(cudaMemcpy(y.data(), dy, y.size() * 2, cudaMemcpyDeviceToHost));
+    double num = 0, den = 0;
+    for (size_t i = 0; i < y.size(); ++i) {
+      const double v = from_bits(y[i], bf16);
+      if (!std::isfinite(v)) return 1e9;
+      num += (v - ref[i]) * (v - ref[i]);
+      den += ref[i] * ref[i];
+    }
+    worst = std::fmax(worst, std::sqrt(num / den));
+    if (rep == 0) first = y;
+    else if (std::memcmp(first.data(), y.data(), y.size() * 2) != 0) return 2e9;  // nondeterministic
+  }
+  cudaFree(dx), cudaFree(dp), cudaFree(ds), cudaFree(dy), cudaFree(dws), cudaFree(dlocks);
+  return worst;
+}
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  std::mt19937 rng(1234);
+  std::vector<Case> cases;
+  const int ms_full[] = {1, 5, 16, 17, 33, 64, 65, 130};
+  const int ms_quick[] = {1, 33, 70};
+  const int shapes_full[][2] = {{64, 64}, {128, 192}, {256, 256}, {384, 320}, {1024, 768}, {4096, 512}};
+  const int shapes_quick[][2] = {{256, 192}, {512, 512}};
+  for (bool bf16 : {false, true}) {
+    if (quick) {
+      for (auto& s : shapes_quick)
+        for (int m : ms_quick)
+          for (int g : {64, s[0]}) cases.push_back({m, s[0], s[1], g, bf16});
+    } else {
+      for (auto& s : shapes_full)
+        for (int m : ms_full)
+          for (int g : {32, 64, 128, s[0]})
+            if (s[0] % g == 0) cases.push_back({m, s[0], s[1], g, bf16});
+    }
+  }
+  int failures = 0;
+  double worst[2] = {0, 0};
+  for (const Case& c : cases) {
+    const double err = run_case(c, rng, quick ? 1 : 3);
+    const double tol = c.bf16 ? 1e-2 : 2e-3;
+    worst[c.bf16] = std::fmax(worst[c.bf16], err);
+    if (!(err <= tol)) {
+      ++failures;
+      std::printf("FAIL m=%d k=%d n=%d g=%d %s rel_err=%.3g\n", c.m, c.k, c.n, c.group,
+                  c.bf16 ? "bf16" : "fp16", err);
+    }
+  }
+  std::printf("selftest: %zu cases, %d failures; max rel err fp16 %.3g, bf16 %.3g\n", cases.size(),
+              failures, worst[0], worst[1]);
+  return failures ? 1 : 0;
+}
