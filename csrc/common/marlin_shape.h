@@ -1,0 +1,115 @@
+// Operand checks for the "jax_marlin_matmul" FFI target, shared by every
+// backend so that all of them accept and reject exactly the same problems
+// with the same messages (CONTRACT.md, "FFI target").
+//
+// Header-only; needs only the XLA FFI headers (works under nvcc too).
+#ifndef JAX_MARLIN_COMMON_MARLIN_SHAPE_H_
+#define JAX_MARLIN_COMMON_MARLIN_SHAPE_H_
+
+#include <cstdint>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_marlin {
+
+// Tile sizes fixed by the Marlin layout (FORMAT.md): packed weights come in
+// bands of 16 rows, one permutation run covers 64 output columns, and the
+// kernel wants K in whole 64-row steps.
+inline constexpr int64_t kBandRows = 16;
+inline constexpr int64_t kChunkCols = 64;
+inline constexpr int64_t kKMultiple = 64;
+
+// The sizes of one matmul problem, read off validated operands.
+struct MarlinShape {
+  int64_t m = 0;           // rows of x (leading dims already folded by Python)
+  int64_t k = 0;           // reduction size
+  int64_t n = 0;           // output columns
+  int64_t groups = 0;      // rows of scales, G
+  int64_t group_size = 0;  // K / G
+  bool per_channel = false;  // G == 1: per-channel scale permutation
+  xla::ffi::DataType dtype = xla::ffi::DataType::F16;  // of x, scales and y
+};
+
+namespace shape_internal {
+
+inline std::string Dims(xla::ffi::Span<const int64_t> dims) {
+  std::string s = "(";
+  for (size_t i = 0; i < dims.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(dims[i]);
+  }
+  return s + (dims.size() == 1 ? ",)" : ")");
+}
+
+inline xla::ffi::Error Invalid(const std::string& what) {
+  return xla::ffi::Error::InvalidArgument("jax_marlin_matmul: " + what);
+}
+
+}  // namespace shape_internal
+
+// Checks x (M, K), packed (K/16, 2N) int32, scales (G, N) and the result
+// y (M, N) against the contract; fills *shape on success.
+inline xla::ffi::Error CheckMarlinOperands(
+    xla::ffi::DataType x_type, xla::ffi::Span<const int64_t> x_dims,
+    xla::ffi::DataType packed_type, xla::ffi::Span<const int64_t> packed_dims,
+    xla::ffi::DataType scales_type, xla::ffi::Span<const int64_t> scales_dims,
+    xla::ffi::DataType y_type, xla::ffi::Span<const int64_t> y_dims, MarlinShape* shape) {
+  using shape_internal::Dims;
+  using shape_internal::Invalid;
+  using xla::ffi::DataType;
+
+  if (x_type != DataType::F16 && x_type != DataType::BF16) {
+    return Invalid("x must be float16 or bfloat16");
+  }
+  if (scales_type != x_type) return Invalid("scales must have the same dtype as x");
+  if (y_type != x_type) return Invalid("the result must have the same dtype as x");
+  if (packed_type != DataType::S32) return Invalid("packed weights must be int32");
+  if (x_dims.size() != 2) return Invalid("x must have rank 2 (M, K), got " + Dims(x_dims));
+  if (packed_dims.size() != 2) {
+    return Invalid("packed weights must have rank 2 (K/16, 2N), got " + Dims(packed_dims));
+  }
+  if (scales_dims.size() != 2) {
+    return Invalid("scales must have rank 2 (G, N), got " + Dims(scales_dims));
+  }
+
+  const int64_t m = x_dims[0], k = x_dims[1];
+  const int64_t n = scales_dims[1], groups = scales_dims[0];
+  if (k <= 0 || k % kKMultiple != 0) {
+    return Invalid("K = " + std::to_string(k) + " must be a positive multiple of 64");
+  }
+  if (n <= 0 || n % kChunkCols != 0) {
+    return Invalid("N = " + std::to_string(n) + " must be a positive multiple of 64");
+  }
+  if (packed_dims[0] != k / kBandRows || packed_dims[1] != 2 * n) {
+    return Invalid("packed weights have shape " + Dims(packed_dims) + ", expected (K/16, 2N) = (" +
+                   std::to_string(k / kBandRows) + ", " + std::to_string(2 * n) + ")");
+  }
+  if (groups <= 0 || k % groups != 0) {
+    return Invalid("scales have " + std::to_string(groups) + " rows, which must divide K = " +
+                   std::to_string(k));
+  }
+  const int64_t group_size = k / groups;
+  const bool per_channel = groups == 1;
+  if (!per_channel && group_size != 32 && group_size != 64 && group_size != 128) {
+    return Invalid("group size K/G = " + std::to_string(group_size) +
+                   " is unsupported; use 32, 64, 128 or per-channel (G == 1)");
+  }
+  if (y_dims.size() != 2 || y_dims[0] != m || y_dims[1] != n) {
+    return Invalid("the result has shape " + Dims(y_dims) + ", expected (M, N) = (" +
+                   std::to_string(m) + ", " + std::to_string(n) + ")");
+  }
+
+  shape->m = m;
+  shape->k = k;
+  shape->n = n;
+  shape->groups = groups;
+  shape->group_size = group_size;
+  shape->per_channel = per_channel;
+  shape->dtype = x_type;
+  return xla::ffi::Error::Success();
+}
+
+}  // namespace jax_marlin
+
+#endif  // JAX_MARLIN_COMMON_MARLIN_SHAPE_H_

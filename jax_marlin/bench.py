@@ -1,0 +1,376 @@
+"""Benchmark of marlin_matmul against the memory roofline and XLA baselines.
+
+    python -m jax_marlin.bench [--quick] [--sets llama2-7b,llama2-70b,16k] [--out DIR]
+
+For every layer (K, N), batch M, dtype and group size it times, on the device:
+  * marlin    ``marlin_matmul(x, qw)`` (4-bit Marlin weight),
+  * dense     ``jnp.dot(x, w)`` with a 16-bit weight (cuBLAS through XLA),
+  * xla_int4  ``jnp.int4`` weight dequantized then dotted, jitted (XLA's own path),
+and reports the speedups and the share of the memory roofline: the bytes the
+Marlin call must move (packed weight + scales + x + y) over the copy bandwidth
+measured in the same run.
+
+Timing: each program runs ``calls`` independent products (own x, own weight
+copy, rotating through more memory than L2) and is timed by the JAX profiler
+(sum of the GPU kernel durations, i.e. device time, per call; median over
+repetitions). ``--check-timing`` also times one row by wall clock over the
+unrolled program, to show the two agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import gzip
+import json
+import math
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_marlin as jm
+
+LAYER_SETS = {
+    "llama2-7b": [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)],
+    "llama2-70b": [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)],
+    "16k": [(16384, 16384)],
+}
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+PREFILL = 2048
+L2_BYTES = 50 * 2**20
+DTYPES = {"fp16": jnp.float16, "bf16": jnp.bfloat16}
+
+
+# --------------------------------------------------------------------------
+# Device timing through the profiler
+# --------------------------------------------------------------------------
+
+
+def _load_trace(trace_dir: str) -> dict:
+    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise RuntimeError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(max(paths, key=os.path.getmtime), "rt") as f:
+        return json.load(f)
+
+
+def _gpu_and_host_events(trace: dict):
+    """Kernel events on GPU stream threads, and all host complete events."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    proc, thread = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            proc[e["pid"]] = e.get("args", {}).get("name", "")
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            thread[(e["pid"], e["tid"])] = e.get("args", {}).get("name", "")
+    gpu, host = [], []
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        pname = proc.get(e["pid"], "")
+        tname = thread.get((e["pid"], e["tid"]), "")
+        if "GPU" in pname.upper() and tname.startswith("Stream"):
+            gpu.append(e)
+        else:
+            host.append(e)
+    return gpu, host
+
+
+class DeviceTimer:
+    """Collects programs, then times them all inside one profiler trace."""
+
+    def __init__(self, reps: int):
+        self.reps = reps
+        self.jobs = []  # (key, fn, args, calls)
+
+    def add(self, key, fn, args, calls):
+        jax.block_until_ready(fn(*args))  # compile + warm up outside the trace
+        jax.block_until_ready(fn(*args))
+        self.jobs.append((key, fn, args, calls))
+
+    def run(self) -> dict:
+        """Median device time per call (seconds) for every job key."""
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                for j, (key, fn, args, _) in enumerate(self.jobs):
+                    for r in range(self.reps):
+                        with jax.profiler.TraceAnnotation(f"bench_job{j}_rep{r}"):
+                            jax.block_until_ready(fn(*args))
+            gpu, host = _gpu_and_host_events(_load_trace(d))
+        windows = {}
+        for e in host:
+            name = e.get("name", "")
+            if name.startswith("bench_job"):
+                j, r = name[len("bench_job"):].split("_rep")
+                windows[(int(j), int(r))] = (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+        gpu.sort(key=lambda e: float(e["ts"]))
+        starts = np.array([float(e["ts"]) for e in gpu])
+        durs = np.array([float(e["dur"]) for e in gpu])
+        out = {}
+        for j, (key, _, _, calls) in enumerate(self.jobs):
+            per_rep = []
+            for r in range(self.reps):
+                lo, hi = windows[(j, r)]
+                sel = (starts >= lo) & (starts <= hi)
+                per_rep.append(durs[sel].sum() * 1e-6 / calls)
+            out[key] = statistics.median(per_rep)
+        self.jobs = []
+        return out
+
+
+def wall_time_per_call(fn, args, calls: int, reps: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) / calls)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------
+# Problems
+# --------------------------------------------------------------------------
+
+
+def copies_for(nbytes: int) -> int:
+    """Weight copies to rotate so that the working set is 4x the L2."""
+    return int(min(64, max(2, math.ceil(4 * L2_BYTES / nbytes))))
+
+
+def unrolled(fn):
+    """One jitted program running fn on each (x_i, w_i) pair: every call has
+    its own x, so XLA cannot merge calls that share an operand."""
+    return jax.jit(lambda xs, ws: tuple(fn(x, w) for x, w in zip(xs, ws)))
+
+
+def marlin_weights(key, K, N, group, dtype, copies):
+    out = []
+    G = 1 if group is None else K // group
+    for i in range(copies):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+        # Any 32-bit pattern is a valid packed word (eight 4-bit codes).
+        packed = jax.lax.bitcast_convert_type(
+            jax.random.bits(k1, (K // 16, 2 * N), jnp.uint32), jnp.int32)
+        scales = jax.random.uniform(k2, (G, N), jnp.float32, 1e-3, 1e-2).astype(dtype)
+        out.append(jm.QuantizedWeight(packed=packed, scales=scales))
+    return out
+
+
+def dense_weights(key, K, N, dtype, copies):
+    return [jax.random.normal(jax.random.fold_in(key, i), (K, N), dtype) * 0.02
+            for i in range(copies)]
+
+
+def int4_weights(key, K, N, group, dtype, copies):
+    G = 1 if group is None else K // group
+    out = []
+    for i in range(copies):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+        w = jax.random.randint(k1, (K, N), -8, 8, jnp.int32).astype(jnp.int4)
+        s = jax.random.uniform(k2, (G, N), jnp.float32, 1e-3, 1e-2).astype(dtype)
+        out.append((w, s))
+    return out
+
+
+def xla_int4_matmul(x, ws):
+    w, s = ws
+    K, N = w.shape
+    G = s.shape[0]
+    w_hat = (w.astype(x.dtype).reshape(G, K // G, N) * s[:, None, :]).reshape(K, N)
+    return jnp.dot(x, w_hat)
+
+
+def activations(key, M, K, dtype, copies):
+    return [jax.random.normal(jax.random.fold_in(key, 1000 + i), (M, K), dtype)
+            for i in range(copies)]
+
+
+def marlin_bytes(M, K, N, group, itemsize=2):
+    G = 1 if group is None else K // group
+    return K * N // 2 + G * N * itemsize + M * K * itemsize + M * N * itemsize
+
+
+def measure_copy_bandwidth(reps: int = 10) -> float:
+    """Bytes read + written per second by a large device-to-device pass."""
+    n = 2**28  # 1 GiB of float32
+    a = jnp.arange(n, dtype=jnp.float32)
+    fn = jax.jit(lambda a: a + 1.0)
+    timer = DeviceTimer(reps)
+    timer.add("copy", fn, (a,), 1)
+    t = timer.run()["copy"]
+    return 2 * n * 4 / t
+
+
+# --------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------
+
+
+def bench_layer(K, N, dtype_name, batches, reps, with_baselines=True):
+    dtype = DTYPES[dtype_name]
+    key = jax.random.PRNGKey(K * 7 + N)
+    rows = []
+    timer = DeviceTimer(reps)
+    groups = (128, None)
+    mw = {g: marlin_weights(key, K, N, g, dtype, copies_for(marlin_bytes(0, K, N, g)))
+          for g in groups}
+    dw = dense_weights(key, K, N, dtype, copies_for(2 * K * N)) if with_baselines else None
+    iw = int4_weights(key, K, N, 128, dtype, copies_for(K * N // 2)) if with_baselines else None
+    for M in batches:
+        for g in groups:
+            ws = mw[g]
+            xs = activations(key, M, K, dtype, len(ws))
+            timer.add(("marlin", M, g), unrolled(jm.marlin_matmul), (xs, ws), len(ws))
+        if with_baselines:
+            xs = activations(key, M, K, dtype, len(dw))
+            timer.add(("dense", M), unrolled(jnp.dot), (xs, dw), len(dw))
+            xs = activations(key, M, K, dtype, len(iw))
+            timer.add(("xla_int4", M), unrolled(xla_int4_matmul), (xs, iw), len(iw))
+    t = timer.run()
+    for M in batches:
+        for g in groups:
+            row = dict(K=K, N=N, M=M, dtype=dtype_name, group=g or "channel",
+                       marlin_s=t[("marlin", M, g)], bytes=marlin_bytes(M, K, N, g))
+            if with_baselines:
+                row["dense_s"] = t[("dense", M)]
+                row["xla_int4_s"] = t[("xla_int4", M)]
+            rows.append(row)
+    return rows
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.check_output(["git", "-C", here, "rev-parse", "--short", "HEAD"],
+                                       text=True, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return os.environ.get("JAX_MARLIN_COMMIT", "unknown")
+
+
+def summarize(rows, bw):
+    for r in rows:
+        r["roofline_s"] = r["bytes"] / bw
+        r["roofline_frac"] = r["roofline_s"] / r["marlin_s"]
+        if "dense_s" in r:
+            r["speedup_vs_dense"] = r["dense_s"] / r["marlin_s"]
+            r["speedup_vs_xla_int4"] = r["xla_int4_s"] / r["marlin_s"]
+    return rows
+
+
+def print_table(rows):
+    print(f"{'set':<11}{'K':>6}{'N':>6}{'M':>5} {'dt':<5}{'grp':>7} {'marlin_us':>10}"
+          f"{'roof%':>7}{'dense_us':>10}{'x_dense':>8}{'int4_us':>9}{'x_int4':>7}")
+    for r in rows:
+        print(f"{r.get('set', ''):<11}{r['K']:>6}{r['N']:>6}{r['M']:>5} {r['dtype']:<5}"
+              f"{str(r['group']):>7} {r['marlin_s'] * 1e6:>10.1f}{100 * r['roofline_frac']:>6.0f}%"
+              + (f"{r['dense_s'] * 1e6:>10.1f}{r['speedup_vs_dense']:>8.2f}"
+                 f"{r['xla_int4_s'] * 1e6:>9.1f}{r['speedup_vs_xla_int4']:>7.2f}"
+                 if "dense_s" in r else ""))
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = sorted({r["set"] for r in rows})
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
+    for ax, s in zip(axes[0], sets):
+        for dt in sorted({r["dtype"] for r in rows}):
+            sel = [r for r in rows if r["set"] == s and r["dtype"] == dt and r["group"] == 128
+                   and "speedup_vs_dense" in r]
+            Ms = sorted({r["M"] for r in sel})
+            # Per set: total dense time over total marlin time across its layers.
+            sp = [sum(r["dense_s"] for r in sel if r["M"] == m) /
+                  sum(r["marlin_s"] for r in sel if r["M"] == m) for m in Ms]
+            ax.plot(Ms, sp, marker="o", label=f"marlin {dt}, g128")
+        ax.axhline(4.0, color="gray", linestyle="--", label="4x ideal")
+        ax.axhline(1.0, color="black", linewidth=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch M")
+        ax.set_ylabel("speedup over 16-bit jnp.dot")
+        ax.set_title(s)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", default=",".join(LAYER_SETS), help="comma-separated layer sets")
+    ap.add_argument("--dtypes", default="fp16,bf16")
+    ap.add_argument("--quick", action="store_true",
+                    help="one 70B layer, M in {1, 16, 64}, fp16+bf16: a few minutes")
+    ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--check-timing", action="store_true",
+                    help="also time one row by wall clock over the unrolled program")
+    ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    args = ap.parse_args(argv)
+
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}", flush=True)
+    bw = measure_copy_bandwidth()
+    print(f"copy bandwidth (read + write): {bw / 1e12:.3f} TB/s", flush=True)
+
+    if args.quick:
+        plan = {"llama2-70b": [(8192, 8192)]}
+        batches = (1, 16, 64)
+    else:
+        plan = {s: LAYER_SETS[s] for s in args.sets.split(",")}
+        batches = BATCHES + (() if args.no_prefill else (PREFILL,))
+    rows = []
+    for set_name, layers in plan.items():
+        for K, N in layers:
+            for dt in args.dtypes.split(","):
+                t0 = time.time()
+                new = bench_layer(K, N, dt, batches, args.reps)
+                for r in new:
+                    r["set"] = set_name
+                rows += summarize(new, bw)
+                print(f"  {set_name} {K}x{N} {dt}: {time.time() - t0:.0f}s", flush=True)
+
+    check = None
+    if args.check_timing:
+        K, N, M = 8192, 8192, 16
+        ws = marlin_weights(jax.random.PRNGKey(0), K, N, 128, jnp.float16,
+                            copies_for(marlin_bytes(0, K, N, 128)))
+        xs = activations(jax.random.PRNGKey(1), M, K, jnp.float16, len(ws))
+        fn = unrolled(jm.marlin_matmul)
+        timer = DeviceTimer(args.reps)
+        timer.add("x", fn, (xs, ws), len(ws))
+        t_dev = timer.run()["x"]
+        t_wall = wall_time_per_call(fn, (xs, ws), len(ws), args.reps)
+        check = dict(K=K, N=N, M=M, device_s=t_dev, wall_s=t_wall, ratio=t_wall / t_dev)
+        print(f"timing check {K}x{N} M={M}: profiler {t_dev * 1e6:.1f} us, "
+              f"wall/unrolled {t_wall * 1e6:.1f} us (ratio {t_wall / t_dev:.3f})")
+
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    tag = "quick" if args.quick else "full"
+    result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                  commit=git_commit(), date=stamp, copy_bandwidth_Bps=bw,
+                  timing="JAX profiler: sum of GPU kernel durations per call, median of reps",
+                  timing_check=check, rows=rows)
+    json_path = os.path.join(args.out, f"bench_{tag}_{stamp}.json")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+    try:
+        plot(rows, os.path.join(args.out, f"bench_{tag}_{stamp}.png"))
+    except ImportError:
+        print("matplotlib not installed: no plot")
+    print_table(rows)
+    print(f"wrote {json_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""marlin_matmul: x @ W for a 4-bit Marlin-packed W, through the XLA FFI target.
+
+The FFI target (CONTRACT.md) takes x as (M, K); this module checks operands,
+folds leading dimensions into M, picks the CPU or CUDA call with
+``jax.lax.platform_dependent``, and batches ``jax.vmap`` over x into M.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jax_marlin import layout
+from jax_marlin.quantize import dequantize
+from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight
+
+# Device.platform / jax.default_backend() name -> lowering platform of our targets.
+_LOWERING_PLATFORM = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}
+
+
+def _ffi():
+    # Imported on first use so that pack/quantize work without the extension.
+    from jax_marlin import _ffi
+
+    _ffi.ensure_registered()
+    return _ffi
+
+
+def _check_operands(x, qw) -> None:
+    """All Python-side checks of marlin_matmul's operands; messages say what to change."""
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(
+            f"marlin_matmul: qw must be a jax_marlin.QuantizedWeight, got "
+            f"{type(qw).__name__}; build one with jax_marlin.quantize(w) or pack(codes, scales)."
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"marlin_matmul: x must be float16 or bfloat16, got {x.dtype}; cast it, "
+            f"e.g. x.astype(qw.dtype) (qw.dtype is {qw.dtype})."
+        )
+    if x.dtype != qw.dtype:
+        raise TypeError(
+            f"marlin_matmul: x is {x.dtype} but the weight's scales are {qw.dtype}; "
+            f"they must match. Use qw.astype(x.dtype) (or cast x to {qw.dtype})."
+        )
+    if x.ndim < 1:
+        raise ValueError("marlin_matmul: x must have at least 1 dimension (..., K); got a scalar.")
+    if qw.packed.ndim != 2:
+        raise ValueError(
+            f"marlin_matmul: qw is a stack of weights (packed shape "
+            f"{tuple(qw.packed.shape)}); pass one weight at a time, e.g. with "
+            f"jax.lax.scan or jax.lax.map over the stack."
+        )
+    K, N = qw.shape
+    if x.shape[-1] != K:
+        raise ValueError(
+            f"marlin_matmul: x's last dimension is {x.shape[-1]} but the weight "
+            f"has K = {K} input rows (weight shape (K, N) = {qw.shape}); x must be (..., {K})."
+        )
+
+
+def _check_backend(x) -> None:
+    """Raise RuntimeError if this build has no kernel for the platform x will run on."""
+    try:
+        platform = next(iter(x.devices())).platform
+    except jax.errors.ConcretizationTypeError:
+        # Traced: the default backend is the best guess before lowering.
+        platform = jax.default_backend()
+    target = _LOWERING_PLATFORM.get(platform, platform)
+    backends = _ffi().BACKENDS
+    if target not in backends:
+        hint = (
+            "Rebuild jax_marlin with CUDA (pip install . on a machine with nvcc; "
+            "JAX_MARLIN_DISABLE_CUDA must not be set)."
+            if target == "cuda"
+            else "jax_marlin supports only CPU and CUDA."
+        )
+        raise RuntimeError(
+            f"marlin_matmul: no jax_marlin kernel for platform {platform!r}; this "
+            f"build has kernels for {sorted(backends)}. {hint}"
+        )
+
+
+def _cpu_call(x2, packed, scales):
+    M, N = x2.shape[0], scales.shape[1]
+    out = jax.ShapeDtypeStruct((M, N), x2.dtype)
+    return jax.ffi.ffi_call(_ffi().TARGET, out)(x2, packed, scales)
+
+
+def _cuda_call(x2, packed, scales):
+    M, N = x2.shape[0], scales.shape[1]
+    # Scratch for the kernel's cross-block reduction, sized by the kernel's
+    # own launcher (discarded here).
+    ws_floats, lock_ints = _ffi().cuda_scratch_sizes(M, N)
+    outs = (
+        jax.ShapeDtypeStruct((M, N), x2.dtype),
+        jax.ShapeDtypeStruct((ws_floats,), jnp.float32),
+        jax.ShapeDtypeStruct((lock_ints,), jnp.int32),
+    )
+    y, _, _ = jax.ffi.ffi_call(_ffi().TARGET, outs)(x2, packed, scales)
+    return y
+
+
+_CALLS = {"cpu": _cpu_call, "cuda": _cuda_call}
+
+
+@jax.custom_batching.custom_vmap
+def _matmul(x, packed, scales):
+    """x (..., K) @ W -> (..., N), one kernel call with M = prod(leading dims)."""
+    K, N = x.shape[-1], scales.shape[-1]
+    lead = x.shape[:-1]
+    M = math.prod(lead)
+    if M == 0:  # nothing to compute; the kernel needs M >= 1
+        return jnp.zeros((*lead, N), x.dtype)
+    calls = {p: _CALLS[p] for p in _ffi().BACKENDS}
+    y = jax.lax.platform_dependent(x.reshape(M, K), packed, scales, **calls)
+    return y.reshape(*lead, N)
+
+
+@_matmul.def_vmap
+def _matmul_vmap(axis_size, in_batched, x, packed, scales):
+    _, packed_batched, scales_batched = in_batched
+    if packed_batched or scales_batched:
+        raise NotImplementedError(
+            "marlin_matmul: vmap over the quantized weight is not supported (the "
+            "kernel takes one weight); loop over weights with jax.lax.map instead, "
+            "e.g. jax.lax.map(lambda qw: marlin_matmul(x, qw), stacked_qw)."
+        )
+    # custom_vmap has moved x's batch axis to the front: fold it into M.
+    return _matmul(x, packed, scales), True
+
+
+_matmul_jit = jax.jit(_matmul)
+
+
+def marlin_matmul(x, qw: QuantizedWeight) -> jax.Array:
+    """y = x @ W, W the (K, N) 4-bit weight in ``qw``, via the Marlin kernel.
+
+    Args:
+      x: (..., K) float16 or bfloat16; must match ``qw.dtype`` (use
+        ``qw.astype(x.dtype)`` to switch a weight's dtype).
+      qw: a QuantizedWeight.
+
+    Returns:
+      (..., N) in x's dtype; accumulation is in float32.
+
+    Leading dimensions of x are folded into one kernel call. ``jax.vmap`` over
+    x is supported (its batch axis is folded in too); ``jax.vmap`` over the
+    weight raises NotImplementedError: use ``jax.lax.map`` over the weights.
+    Differentiation is not supported.
+    """
+    x = x if isinstance(x, jax.Array) else jnp.asarray(x)
+    _check_operands(x, qw)
+    _check_backend(x)
+    return _matmul_jit(x, qw.packed, qw.scales)
+
+
+def marlin_matmul_reference(x, qw: QuantizedWeight) -> jax.Array:
+    """Pure-jnp reference: float32 ``x @ dequantize(qw)``, cast to x's dtype."""
+    x = x if isinstance(x, jax.Array) else jnp.asarray(x)
+    _check_operands(x, qw)
+    w = dequantize(qw).astype(jnp.float32)
+    y = jnp.matmul(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    return y.astype(x.dtype)

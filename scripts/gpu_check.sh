@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# GPU machine check: build + install, tests, compute-sanitizer, benchmark.
+#
+#   scripts/gpu_check.sh [STEP...]      STEP in: build selftest tests sanitize bench (default: all)
+#
+# Offline-safe: builds with the machine's own scikit-build-core/nanobind/jax
+# (--no-build-isolation --no-deps). Logs go to $OUT (default ./gpu_check_out):
+# build.log, tests.log, sanitize_memcheck.log, sanitize_racecheck.log,
+# bench.log (+ the benchmark's own files). Every step runs even if an earlier
+# one failed; the exit status is non-zero if any failed; a summary comes last.
+# Steps can be split over several calls (each must follow a build on the same
+# machine): e.g. `gpu_check.sh build tests`, then `gpu_check.sh sanitize bench`.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+export PYTHONUNBUFFERED=1
+# ptxas register/spill statistics for every kernel end up in build.log.
+export JAX_MARLIN_PTXAS_VERBOSE="${JAX_MARLIN_PTXAS_VERBOSE:-1}"
+steps=("$@")
+[[ ${#steps[@]} -eq 0 ]] && steps=(build selftest tests sanitize bench)
+
+# Run Python from an empty directory so that `import jax_marlin` is the
+# installed package, not the source tree (whose jax_marlin/ has no _ext).
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+
+summary=()
+failed=0
+# step NAME LOG CMD...: run CMD (in $scratch) with output to LOG and the
+# terminal; record ok/FAILED and the time taken, never abort the script.
+step() {
+  local name="$1" log="$2" start=$SECONDS rc=0
+  shift 2
+  echo "=== $name: $*"
+  (cd "$scratch" && "$@") 2>&1 | tee "$log" || rc=$?
+  if [[ $rc -eq 0 ]]; then
+    summary+=("ok      $name ($((SECONDS - start)) s)")
+  else
+    summary+=("FAILED  $name (exit $rc, $((SECONDS - start)) s; see $(basename "$log"))")
+    failed=1
+  fi
+}
+
+sanitizer="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+# Instrument only our kernels (names contain "marlin"): XLA's and cuBLAS's
+# own kernels would make the run many times slower and are not ours to fix.
+sanitize() {
+  XLA_PYTHON_CLIENT_PREALLOCATE=false "$sanitizer" --tool "$1" --error-exitcode 1 \
+    --kernel-name kns=marlin python3 "$repo/scripts/sanitize_smoke.py"
+}
+
+# The kernel's standalone self-test (no JAX): many shapes and M values, fp16
+# and bf16, every group size, run three times each to catch nondeterminism;
+# then its quick subset under the sanitizers.
+selftest_bin="$scratch/marlin_selftest"
+build_selftest() {
+  nvcc -std=c++17 -O2 -gencode=arch=compute_90,code=sm_90 -I"$repo/csrc" \
+    "$repo/tests/cuda/marlin_selftest.cu" "$repo/csrc/cuda/marlin_dispatch.cu" -o "$selftest_bin"
+}
+sanitize_selftest() {
+  "$sanitizer" --tool "$1" --error-exitcode 1 "$selftest_bin" --quick
+}
+
+# The GPU tests alone first (a clear verdict on the kernel), then everything.
+run_tests() {
+  local rc=0 gpu_rc=0
+  python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests" || gpu_rc=$?
+  [[ $gpu_rc -eq 5 ]] && echo "(no test marked gpu was collected)"
+  python3 -m pytest -q -p no:cacheprovider "$repo/tests" || rc=$?
+  return $((gpu_rc || rc))
+}
+
+for s in "${steps[@]}"; do
+  case "$s" in
+    build)
+      step "build + install" "$OUT/build.log" \
+        python3 -m pip install --no-build-isolation --no-deps -v "$repo" ;;
+    tests)
+      step "tests (-m gpu, then the full suite)" "$OUT/tests.log" run_tests ;;
+    selftest)
+      step "build CUDA self-test" "$OUT/selftest_build.log" build_selftest
+      step "CUDA self-test" "$OUT/selftest.log" "$selftest_bin"
+      step "self-test under memcheck" "$OUT/selftest_memcheck.log" sanitize_selftest memcheck
+      step "self-test under racecheck" "$OUT/selftest_racecheck.log" sanitize_selftest racecheck ;;
+    sanitize)
+      step "compute-sanitizer memcheck" "$OUT/sanitize_memcheck.log" sanitize memcheck
+      step "compute-sanitizer racecheck" "$OUT/sanitize_racecheck.log" sanitize racecheck ;;
+    bench)
+      if [[ -f "$repo/jax_marlin/bench.py" ]]; then
+        step "benchmark (--quick)" "$OUT/bench.log" python3 -m jax_marlin.bench --quick --check-timing --out "$OUT"
+      else
+        summary+=("skipped benchmark (no jax_marlin/bench.py)")
+      fi ;;
+    *)
+      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, sanitize, bench)")
+      failed=1 ;;
+  esac
+done
+
+echo
+echo "=== gpu_check summary (logs in $OUT)"
+printf '  %s\n' "${summary[@]}"
+exit "$failed"

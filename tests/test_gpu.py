@@ -1,0 +1,139 @@
+"""The CUDA kernel at Llama shapes (marked `gpu`: skipped where jax.devices() has no GPU)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_marlin as jm
+
+pytestmark = pytest.mark.gpu
+
+# (K, N) of Llama projections: attention qkv (7B), mlp down (7B), mlp up (70B).
+LLAMA_SHAPES = [(4096, 12288), (11008, 4096), (8192, 28672)]
+ALL_M = [1, 7, 16, 33, 64, 128, 1000]
+FEW_M = [1, 33, 1000]  # for the other dtype/group combinations: keeps the run short
+
+CASES = [(K, N, M, jnp.float16, 128) for K, N in LLAMA_SHAPES for M in ALL_M] + [
+    (K, N, M, dtype, g)
+    for dtype, g in [(jnp.float16, None), (jnp.bfloat16, 128), (jnp.bfloat16, None)]
+    for K, N in LLAMA_SHAPES
+    for M in FEW_M
+]
+
+
+def _case_id(case):
+    K, N, M, dtype, g = case
+    return f"K{K}-N{N}-M{M}-{np.dtype(dtype).name}-{'ch' if g is None else f'g{g}'}"
+
+
+@pytest.fixture(scope="module")
+def weights(util):
+    """Weights built once per (K, N, group, dtype) and kept on the GPU."""
+    return functools.lru_cache(maxsize=None)(
+        lambda K, N, g, dtype: util.random_weight(K * 7 + N, K, N, g, dtype)
+    )
+
+
+def test_cuda_kernel_is_built():
+    assert jax.default_backend() == "gpu"
+    assert "cuda" in jm.backends(), "this build has no CUDA kernel: rebuild with nvcc on PATH"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_llama_shapes(case, weights, util):
+    K, N, M, dtype, g = case
+    qw = weights(K, N, g, dtype)
+    x = util.random_x(M, (M, K), dtype)
+    y = jax.jit(jm.marlin_matmul)(x, qw)
+    util.assert_close(y, x, qw)
+
+
+@pytest.mark.parametrize("M", FEW_M)
+def test_deterministic(M, weights, util):
+    qw = weights(8192, 28672, 128, jnp.float16)
+    x = util.random_x(100 + M, (M, 8192), jnp.float16)
+    a = np.asarray(jm.marlin_matmul(x, qw))
+    b = np.asarray(jm.marlin_matmul(x, qw))
+    np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
+
+
+@pytest.mark.parametrize("M", [1, 33, 1000])
+def test_output_fully_written(M, weights, util):
+    """Run right after freeing a NaN-filled buffer of the output's size, so a
+    kernel that skips part of y would leave NaN (the allocator reuses memory)."""
+    K, N = 4096, 12288
+    qw = weights(K, N, 128, jnp.float16)
+    x = util.random_x(200 + M, (M, K), jnp.float16)
+    poison = jnp.full((M, N), jnp.nan, jnp.float16).block_until_ready()
+    poison.delete()
+    y = jm.marlin_matmul(x, qw)
+    assert not np.any(np.isnan(np.asarray(y, np.float32)))
+    util.assert_close(y, x, qw)
+
+
+def test_jit_inside_scan(weights, util):
+    """Many kernel calls in one program (XLA's default flags: command buffers on)."""
+    qw = weights(4096, 12288, 128, jnp.float16)
+    xs = util.random_x(300, (6, 16, 4096), jnp.float16)
+
+    @jax.jit
+    def run(xs, qw):
+        def body(total, x):
+            y = jm.marlin_matmul(x, qw)
+            return total + jnp.sum(y, dtype=jnp.float32), y
+
+        return jax.lax.scan(body, jnp.float32(0), xs)
+
+    total, ys = run(xs, qw)
+    for i in range(xs.shape[0]):
+        util.assert_close(ys[i], xs[i], qw)
+        np.testing.assert_array_equal(ys[i], jm.marlin_matmul(xs[i], qw))
+    assert np.isfinite(total)
+
+
+def test_chained_scan(weights, util):
+    """Each step's input is the previous step's output: ordering between calls matters."""
+    qw = weights(4096, 4096, 128, jnp.float16)
+    x = util.random_x(401, (33, 4096), jnp.float16)
+    steps = 4
+    ys = jax.jit(
+        lambda x, qw: jax.lax.scan(lambda h, _: (jm.marlin_matmul(h, qw),) * 2, x, None, length=steps)[1]
+    )(x, qw)
+    h = x
+    for i in range(steps):
+        h_next = jm.marlin_matmul(h, qw)
+        util.assert_close(h_next, h, qw)
+        np.testing.assert_array_equal(ys[i], h_next)
+        h = h_next
+
+
+def test_same_result_without_command_buffers(weights, util, tmp_path):
+    """The scan above again in a fresh process with command buffers off; same bits."""
+    qw = weights(4096, 12288, 128, jnp.float16)
+    x = util.random_x(500, (64, 4096), jnp.float16)
+    np.savez(tmp_path / "in.npz", x=np.asarray(x), packed=np.asarray(qw.packed), scales=np.asarray(qw.scales))
+    script = textwrap.dedent(
+        f"""
+        import jax, numpy as np, jax_marlin as jm
+        d = np.load({str(tmp_path / "in.npz")!r})
+        qw = jm.QuantizedWeight(packed=jax.numpy.asarray(d["packed"]), scales=jax.numpy.asarray(d["scales"]))
+        f = jax.jit(lambda x, qw: jax.lax.scan(lambda c, _: (c, jm.marlin_matmul(x, qw)), 0, None, length=3)[1])
+        np.save({str(tmp_path / "out.npy")!r}, np.asarray(f(jax.numpy.asarray(d["x"]), qw)))
+        """
+    )
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    out = np.load(tmp_path / "out.npy")
+    expected = np.asarray(jm.marlin_matmul(x, qw))
+    for i in range(3):
+        np.testing.assert_array_equal(out[i].view(np.uint16), expected.view(np.uint16))
