@@ -84,7 +84,12 @@ def _gpu_and_host_events(trace: dict):
 
 
 class DeviceTimer:
-    """Collects programs, then times them all inside one profiler trace."""
+    """Times programs by the GPU kernel durations the profiler records.
+
+    Each program gets its own trace, run ``reps`` times with a sync between
+    runs; a program launches the same kernels every run, so the sorted
+    kernel events split evenly into runs.
+    """
 
     def __init__(self, reps: int):
         self.reps = reps
@@ -95,32 +100,27 @@ class DeviceTimer:
         jax.block_until_ready(fn(*args))
         self.jobs.append((key, fn, args, calls))
 
-    def run(self) -> dict:
-        """Median device time per call (seconds) for every job key."""
+    def _time_job(self, fn, args, calls) -> float:
         with tempfile.TemporaryDirectory() as d:
             with jax.profiler.trace(d, create_perfetto_trace=True):
-                for j, (key, fn, args, _) in enumerate(self.jobs):
-                    for r in range(self.reps):
-                        with jax.profiler.TraceAnnotation(f"bench_job{j}_rep{r}"):
-                            jax.block_until_ready(fn(*args))
-            gpu, host = _gpu_and_host_events(_load_trace(d))
-        windows = {}
-        for e in host:
-            name = e.get("name", "")
-            if name.startswith("bench_job"):
-                j, r = name[len("bench_job"):].split("_rep")
-                windows[(int(j), int(r))] = (float(e["ts"]), float(e["ts"]) + float(e["dur"]))
+                for _ in range(self.reps):
+                    jax.block_until_ready(fn(*args))
+            trace = _load_trace(d)
+        gpu, _ = _gpu_and_host_events(trace)
+        if not gpu or len(gpu) % self.reps:
+            names = sorted({str(e.get("args", {}).get("name")) for e in trace["traceEvents"]
+                            if e.get("ph") == "M"})
+            raise RuntimeError(f"{len(gpu)} GPU kernel events for {self.reps} runs; "
+                               f"trace processes/threads: {names[:40]}")
         gpu.sort(key=lambda e: float(e["ts"]))
-        starts = np.array([float(e["ts"]) for e in gpu])
-        durs = np.array([float(e["dur"]) for e in gpu])
-        out = {}
-        for j, (key, _, _, calls) in enumerate(self.jobs):
-            per_rep = []
-            for r in range(self.reps):
-                lo, hi = windows[(j, r)]
-                sel = (starts >= lo) & (starts <= hi)
-                per_rep.append(durs[sel].sum() * 1e-6 / calls)
-            out[key] = statistics.median(per_rep)
+        per_run = len(gpu) // self.reps
+        totals = [sum(float(e["dur"]) for e in gpu[r * per_run:(r + 1) * per_run])
+                  for r in range(self.reps)]
+        return statistics.median(totals) * 1e-6 / calls
+
+    def run(self) -> dict:
+        """Median device time per call (seconds) for every job key."""
+        out = {key: self._time_job(fn, args, calls) for key, fn, args, calls in self.jobs}
         self.jobs = []
         return out
 

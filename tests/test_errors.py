@@ -183,5 +183,7 @@ def test_matmul_without_kernel_for_platform(qw, monkeypatch):
     from jax_marlin import _ffi
 
     monkeypatch.setattr(_ffi, "BACKENDS", frozenset({"cuda"}))
+    cpu = jax.devices("cpu")[0]  # x on the CPU, whatever the default backend
+    x = jax.device_put(jnp.ones((2, K), jnp.float16), cpu)
     with pytest.raises(RuntimeError, match=r"no jax_marlin kernel for platform 'cpu'"):
-        jm.marlin_matmul(jnp.ones((2, K), jnp.float16), qw)
+        jm.marlin_matmul(x, jax.device_put(qw, cpu))
