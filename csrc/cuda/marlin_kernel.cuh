@@ -5,7 +5,7 @@
 // (n-tile, k-tile) iterations, k fastest, are dealt out to the blocks as
 // contiguous stripes of near-equal length, one block per SM. A stripe may end
 // in the middle of one n-tile and continue into the next, so several blocks
-// can share an n-tile; they add their partial sums in k order through an fp32
+// can share an n-tile; they add their partial sums in a fixed order through an fp32
 // workspace, taking turns on a per-tile lock, and the last one writes y.
 // Every block streams its weights through one cp.async pipeline that runs
 // across n-tile boundaries, so a block never drains its loads mid-stripe.
@@ -247,14 +247,21 @@ class MarlinBlock {
   }
 
   // End of this block's share of n-tile `n_tile`: reduce over the block's K
-  // split, then over the blocks sharing the tile (in k order, through the
-  // workspace), and let the last of them write the output.
+  // split, then over the blocks sharing the tile (through the workspace), and
+  // let the last of them write the output.
+  //
+  // Turn order runs from the highest block index down. The highest block met
+  // this tile at the start of its stripe, the lowest meets it at the end of
+  // its own: in that order nobody waits on a block that is itself still
+  // waiting, so waits never chain across stripes. (Ascending order would make
+  // each block wait, after its first tile, for the whole stripe before it.)
+  // The order is fixed, so results are deterministic.
   __device__ void finish_tile(int n_tile, int total) {
     reduce_within_block();
 
     const int first = stripe_of(n_tile * k_tiles_, total, p_.stripes);
     const int last = stripe_of((n_tile + 1) * k_tiles_ - 1, total, p_.stripes);
-    const int turn = blockIdx.x - first;
+    const int turn = last - static_cast<int>(blockIdx.x);
     const bool owner = warp_k_ == 0;
     // Partial sums kept in fragment order: each lane reads back exactly what
     // it wrote, as coalesced float4s.
@@ -278,7 +285,7 @@ class MarlinBlock {
             }
         }
       }
-      if (blockIdx.x != last) {
+      if (static_cast<int>(blockIdx.x) != first) {
         if (owner) {
 #pragma unroll
           for (int mb = 0; mb < kMB; ++mb)
