@@ -4,10 +4,15 @@
 //
 //   nvcc -std=c++17 -O2 -arch=sm_90 -Icsrc tests/cuda/marlin_selftest.cu \
 //        csrc/cuda/marlin_dispatch.cu -o selftest && ./selftest
+//
+// `./selftest --bench` instead times the launcher alone (CUDA events, weights
+// rotated through 4x the L2) against a device-to-device copy: the quickest
+// loop for kernel tuning, with no JAX in the way.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -127,7 +132,89 @@ static double run_case(const Case& c, std::mt19937& rng, int repeats) {
   return worst;
 }
 
+// --- kernel-only timing -----------------------------------------------------
+
+// Median time of `calls` back-to-back launcher calls, per call, over `reps`.
+template <typename Fn>
+static float time_per_call(Fn&& launch, int calls, int reps) {
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  for (int i = 0; i < calls; ++i) launch(i);  // warm-up
+  std::vector<float> ms(reps);
+  for (int r = 0; r < reps; ++r) {
+    CHECK_CUDA(cudaEventRecord(start));
+    for (int i = 0; i < calls; ++i) launch(i);
+    CHECK_CUDA(cudaEventRecord(stop));
+    CHECK_CUDA(cudaEventSynchronize(stop));
+    CHECK_CUDA(cudaEventElapsedTime(&ms[r], start, stop));
+  }
+  CHECK_CUDA(cudaEventDestroy(start));
+  CHECK_CUDA(cudaEventDestroy(stop));
+  std::sort(ms.begin(), ms.end());
+  return ms[reps / 2] / calls;
+}
+
+static int bench() {
+  constexpr size_t kRotateBytes = size_t{200} << 20;  // 4x the 50 MB L2
+  // Copy bandwidth (read + write) on a 1 GiB buffer.
+  const size_t copy_bytes = size_t{1} << 30;
+  void *src, *dst;
+  CHECK_CUDA(cudaMalloc(&src, copy_bytes));
+  CHECK_CUDA(cudaMalloc(&dst, copy_bytes));
+  CHECK_CUDA(cudaMemset(src, 1, copy_bytes));
+  const float copy_ms = time_per_call(
+      [&](int) { CHECK_CUDA(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice)); }, 4, 9);
+  const double bw = 2.0 * copy_bytes / (copy_ms * 1e-3);
+  CHECK_CUDA(cudaFree(src));
+  CHECK_CUDA(cudaFree(dst));
+  std::printf("copy bandwidth (read + write): %.3f TB/s\n", bw / 1e12);
+  std::printf("%6s %6s %5s %5s %10s %10s %7s\n", "K", "N", "M", "group", "us/call", "roof_us", "roof%");
+
+  const int shapes[][2] = {{4096, 4096}, {4096, 12288}, {8192, 8192}, {8192, 28672}, {28672, 8192}};
+  const int ms[] = {1, 16, 32, 64, 128};
+  for (auto& sh : shapes) {
+    const int k = sh[0], n = sh[1];
+    for (int group : {128, k}) {
+      const size_t w_bytes = static_cast<size_t>(k) * n / 2, s_bytes = static_cast<size_t>(k / group) * n * 2;
+      const int copies = static_cast<int>(std::max<size_t>(2, (kRotateBytes + w_bytes - 1) / w_bytes));
+      std::vector<void*> w(copies), s(copies);
+      for (int c = 0; c < copies; ++c) {
+        CHECK_CUDA(cudaMalloc(&w[c], w_bytes));
+        CHECK_CUDA(cudaMalloc(&s[c], s_bytes));
+        CHECK_CUDA(cudaMemset(w[c], 0x5a + c, w_bytes));  // any bits are valid codes
+        CHECK_CUDA(cudaMemset(s[c], 0x1c, s_bytes));      // fp16 0x1c1c ~ 0.004
+      }
+      for (int m : ms) {
+        void *x, *y;
+        float* ws;
+        int* locks;
+        CHECK_CUDA(cudaMalloc(&x, static_cast<size_t>(m) * k * 2));
+        CHECK_CUDA(cudaMalloc(&y, static_cast<size_t>(m) * n * 2));
+        CHECK_CUDA(cudaMalloc(&ws, cuda::workspace_floats(m, n) * 4));
+        CHECK_CUDA(cudaMalloc(&locks, cuda::lock_count(m, n) * 4));
+        CHECK_CUDA(cudaMemset(x, 0x3c, static_cast<size_t>(m) * k * 2));
+        const float ms_call = time_per_call(
+            [&](int i) {
+              const int c = i % copies;
+              cuda::MarlinProblem p{cuda::ActDtype::kFloat16, x, w[c], s[c], y, ws, locks, m, k, n, group};
+              CHECK_CUDA(cuda::marlin_matmul(p, nullptr));
+            },
+            4 * copies, 9);
+        const double bytes = double(w_bytes) + s_bytes + 2.0 * m * (k + n);
+        const double roof_us = bytes / bw * 1e6;
+        std::printf("%6d %6d %5d %5s %10.2f %10.2f %6.0f%%\n", k, n, m, group == k ? "ch" : "128",
+                    ms_call * 1e3, roof_us, 100 * roof_us / (ms_call * 1e3));
+        cudaFree(x), cudaFree(y), cudaFree(ws), cudaFree(locks);
+      }
+      for (int c = 0; c < copies; ++c) cudaFree(w[c]), cudaFree(s[c]);
+    }
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "--bench") == 0) return bench();
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   std::mt19937 rng(1234);
   std::vector<Case> cases;
