@@ -10,11 +10,13 @@ and reports the speedups and the share of the memory roofline: the bytes the
 Marlin call must move (packed weight + scales + x + y) over the copy bandwidth
 measured in the same run.
 
-Timing: each program runs ``calls`` independent products (own x, own weight
-copy, rotating through more memory than L2) and is timed by the JAX profiler
-(sum of the GPU kernel durations, i.e. device time, per call; median over
-repetitions). ``--check-timing`` also times one row by wall clock over the
-unrolled program, to show the two agree.
+Timing: each program runs ``calls`` independent products (own x, weight copies
+rotating through 4x the L2), enough of them for ~0.5 ms of device work. By
+default a program is timed by the host clock around many back-to-back
+asynchronous runs with one sync at the end (dispatch overlaps execution, so
+this is device throughput; median over repetitions). ``--timer profiler``
+instead sums the GPU kernel durations the JAX profiler records (kernel time
+only, no gaps between kernels). ``--check-timing`` times one row both ways.
 """
 
 from __future__ import annotations
@@ -125,14 +127,40 @@ class DeviceTimer:
         return out
 
 
-def wall_time_per_call(fn, args, calls: int, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
+class WallTimer:
+    """Host clock around ``runs`` back-to-back runs of a program (one sync at
+    the end), divided by runs x calls: device throughput, as long as a run
+    takes longer on the device than its dispatch on the host."""
+
+    def __init__(self, reps: int, min_total_s: float = 0.02):
+        self.reps = reps
+        self.min_total_s = min_total_s
+        self.jobs = []
+
+    def add(self, key, fn, args, calls):
+        jax.block_until_ready(fn(*args))  # compile + warm up
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) / calls)
-    return statistics.median(times)
+        once = time.perf_counter() - t0
+        runs = int(min(200, max(3, math.ceil(self.min_total_s / max(once, 1e-6)))))
+        self.jobs.append((key, fn, args, calls, runs))
+
+    def run(self) -> dict:
+        out = {}
+        for key, fn, args, calls, runs in self.jobs:
+            times = []
+            for _ in range(self.reps):
+                t0 = time.perf_counter()
+                for _ in range(runs):
+                    result = fn(*args)
+                jax.block_until_ready(result)
+                times.append((time.perf_counter() - t0) / (runs * calls))
+            out[key] = statistics.median(times)
+        self.jobs = []
+        return out
+
+
+TIMERS = {"wall": WallTimer, "profiler": DeviceTimer}
 
 
 # --------------------------------------------------------------------------
@@ -143,6 +171,17 @@ def wall_time_per_call(fn, args, calls: int, reps: int) -> float:
 def copies_for(nbytes: int) -> int:
     """Weight copies to rotate so that the working set is 4x the L2."""
     return int(min(64, max(2, math.ceil(4 * L2_BYTES / nbytes))))
+
+
+def calls_for(copies: int, nbytes: float, flops: float, target_s: float = 5e-4) -> int:
+    """Calls a program makes: at least one per weight copy, and enough for
+    about ``target_s`` of device work (estimated at 2.5 TB/s, 400 TFLOP/s)."""
+    est = max(nbytes / 2.5e12, flops / 4e14)
+    return int(min(512, max(copies, math.ceil(target_s / est))))
+
+
+def rotate(items, calls):
+    return [items[i % len(items)] for i in range(calls)]
 
 
 def unrolled(fn):
@@ -198,12 +237,12 @@ def marlin_bytes(M, K, N, group, itemsize=2):
     return K * N // 2 + G * N * itemsize + M * K * itemsize + M * N * itemsize
 
 
-def measure_copy_bandwidth(reps: int = 10) -> float:
-    """Bytes read + written per second by a large device-to-device pass."""
-    n = 2**28  # 1 GiB of float32
+def measure_copy_bandwidth(timer_cls, reps: int = 7, n: int = 2**28) -> float:
+    """Bytes read + written per second by a large device-to-device pass
+    (default 1 GiB of float32), timed like the products."""
     a = jnp.arange(n, dtype=jnp.float32)
     fn = jax.jit(lambda a: a + 1.0)
-    timer = DeviceTimer(reps)
+    timer = timer_cls(reps)
     timer.add("copy", fn, (a,), 1)
     t = timer.run()["copy"]
     return 2 * n * 4 / t
@@ -214,35 +253,34 @@ def measure_copy_bandwidth(reps: int = 10) -> float:
 # --------------------------------------------------------------------------
 
 
-def bench_layer(K, N, dtype_name, batches, reps, with_baselines=True):
+def bench_layer(K, N, dtype_name, batches, reps, timer_cls):
     dtype = DTYPES[dtype_name]
     key = jax.random.PRNGKey(K * 7 + N)
-    rows = []
-    timer = DeviceTimer(reps)
+    timer = timer_cls(reps)
     groups = (128, None)
     mw = {g: marlin_weights(key, K, N, g, dtype, copies_for(marlin_bytes(0, K, N, g)))
           for g in groups}
-    dw = dense_weights(key, K, N, dtype, copies_for(2 * K * N)) if with_baselines else None
-    iw = int4_weights(key, K, N, 128, dtype, copies_for(K * N // 2)) if with_baselines else None
+    dw = dense_weights(key, K, N, dtype, copies_for(2 * K * N))
+    iw = int4_weights(key, K, N, 128, dtype, copies_for(K * N // 2))
     for M in batches:
+        flops = 2 * M * K * N
         for g in groups:
-            ws = mw[g]
-            xs = activations(key, M, K, dtype, len(ws))
-            timer.add(("marlin", M, g), unrolled(jm.marlin_matmul), (xs, ws), len(ws))
-        if with_baselines:
-            xs = activations(key, M, K, dtype, len(dw))
-            timer.add(("dense", M), unrolled(jnp.dot), (xs, dw), len(dw))
-            xs = activations(key, M, K, dtype, len(iw))
-            timer.add(("xla_int4", M), unrolled(xla_int4_matmul), (xs, iw), len(iw))
+            calls = calls_for(len(mw[g]), marlin_bytes(M, K, N, g), flops)
+            xs = activations(key, M, K, dtype, calls)
+            timer.add(("marlin", M, g), unrolled(jm.marlin_matmul), (xs, rotate(mw[g], calls)), calls)
+        calls = calls_for(len(dw), 2 * (K * N + M * K + M * N), flops)
+        xs = activations(key, M, K, dtype, calls)
+        timer.add(("dense", M), unrolled(jnp.dot), (xs, rotate(dw, calls)), calls)
+        calls = calls_for(len(iw), K * N // 2 + 2 * (M * K + M * N), flops)
+        xs = activations(key, M, K, dtype, calls)
+        timer.add(("xla_int4", M), unrolled(xla_int4_matmul), (xs, rotate(iw, calls)), calls)
     t = timer.run()
+    rows = []
     for M in batches:
         for g in groups:
-            row = dict(K=K, N=N, M=M, dtype=dtype_name, group=g or "channel",
-                       marlin_s=t[("marlin", M, g)], bytes=marlin_bytes(M, K, N, g))
-            if with_baselines:
-                row["dense_s"] = t[("dense", M)]
-                row["xla_int4_s"] = t[("xla_int4", M)]
-            rows.append(row)
+            rows.append(dict(K=K, N=N, M=M, dtype=dtype_name, group=g or "channel",
+                             marlin_s=t[("marlin", M, g)], bytes=marlin_bytes(M, K, N, g),
+                             dense_s=t[("dense", M)], xla_int4_s=t[("xla_int4", M)]))
     return rows
 
 
@@ -259,9 +297,8 @@ def summarize(rows, bw):
     for r in rows:
         r["roofline_s"] = r["bytes"] / bw
         r["roofline_frac"] = r["roofline_s"] / r["marlin_s"]
-        if "dense_s" in r:
-            r["speedup_vs_dense"] = r["dense_s"] / r["marlin_s"]
-            r["speedup_vs_xla_int4"] = r["xla_int4_s"] / r["marlin_s"]
+        r["speedup_vs_dense"] = r["dense_s"] / r["marlin_s"]
+        r["speedup_vs_xla_int4"] = r["xla_int4_s"] / r["marlin_s"]
     return rows
 
 
@@ -271,9 +308,8 @@ def print_table(rows):
     for r in rows:
         print(f"{r.get('set', ''):<11}{r['K']:>6}{r['N']:>6}{r['M']:>5} {r['dtype']:<5}"
               f"{str(r['group']):>7} {r['marlin_s'] * 1e6:>10.1f}{100 * r['roofline_frac']:>6.0f}%"
-              + (f"{r['dense_s'] * 1e6:>10.1f}{r['speedup_vs_dense']:>8.2f}"
-                 f"{r['xla_int4_s'] * 1e6:>9.1f}{r['speedup_vs_xla_int4']:>7.2f}"
-                 if "dense_s" in r else ""))
+              + f"{r['dense_s'] * 1e6:>10.1f}{r['speedup_vs_dense']:>8.2f}"
+              f"{r['xla_int4_s'] * 1e6:>9.1f}{r['speedup_vs_xla_int4']:>7.2f}")
 
 
 def plot(rows, path):
@@ -286,8 +322,7 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
     for ax, s in zip(axes[0], sets):
         for dt in sorted({r["dtype"] for r in rows}):
-            sel = [r for r in rows if r["set"] == s and r["dtype"] == dt and r["group"] == 128
-                   and "speedup_vs_dense" in r]
+            sel = [r for r in rows if r["set"] == s and r["dtype"] == dt and r["group"] == 128]
             Ms = sorted({r["M"] for r in sel})
             # Per set: total dense time over total marlin time across its layers.
             sp = [sum(r["dense_s"] for r in sel if r["M"] == m) /
@@ -310,10 +345,13 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--quick", action="store_true",
                     help="one 70B layer, M in {1, 16, 64}, fp16+bf16: a few minutes")
-    ap.add_argument("--no-prefill", action="store_true")
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--batches", default=None,
+                    help="comma-separated M values (default 1..128 and the prefill 2048)")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--timer", choices=sorted(TIMERS), default="wall",
+                    help="wall: host clock over many async runs; profiler: kernel durations")
     ap.add_argument("--check-timing", action="store_true",
-                    help="also time one row by wall clock over the unrolled program")
+                    help="also time one row both ways (profiler and wall clock) to show they agree")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
     ap.add_argument("--commit", default=None,
                     help="commit id to record (default: git rev-parse HEAD, if available)")
@@ -321,7 +359,7 @@ def main(argv=None):
 
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}", flush=True)
-    bw = measure_copy_bandwidth()
+    bw = measure_copy_bandwidth(TIMERS[args.timer])
     print(f"copy bandwidth (read + write): {bw / 1e12:.3f} TB/s", flush=True)
 
     if args.quick:
@@ -329,13 +367,14 @@ def main(argv=None):
         batches = (1, 16, 64)
     else:
         plan = {s: LAYER_SETS[s] for s in args.sets.split(",")}
-        batches = BATCHES + (() if args.no_prefill else (PREFILL,))
+        batches = (tuple(int(m) for m in args.batches.split(",")) if args.batches
+                   else BATCHES + (PREFILL,))
     rows = []
     for set_name, layers in plan.items():
         for K, N in layers:
             for dt in args.dtypes.split(","):
                 t0 = time.time()
-                new = bench_layer(K, N, dt, batches, args.reps)
+                new = bench_layer(K, N, dt, batches, args.reps, TIMERS[args.timer])
                 for r in new:
                     r["set"] = set_name
                 rows += summarize(new, bw)
@@ -343,23 +382,22 @@ def main(argv=None):
 
     check = None
     if args.check_timing:
-        # Wall clock over one program includes its dispatch and final sync
-        # (~0.1-0.3 ms): run enough calls (weights rotating, each call its
-        # own x) that this fixed cost is a few percent of the total.
         K, N, M, calls = 8192, 8192, 16, 256
         ws = marlin_weights(jax.random.PRNGKey(0), K, N, 128, jnp.float16,
                             copies_for(marlin_bytes(0, K, N, 128)))
         ws = [ws[i % len(ws)] for i in range(calls)]
         xs = activations(jax.random.PRNGKey(1), M, K, jnp.float16, calls)
         fn = unrolled(jm.marlin_matmul)
-        timer = DeviceTimer(args.reps)
-        timer.add("x", fn, (xs, ws), calls)
-        t_dev = timer.run()["x"]
-        t_wall = wall_time_per_call(fn, (xs, ws), calls, args.reps)
+        times = {}
+        for name, timer_cls in TIMERS.items():
+            timer = timer_cls(args.reps)
+            timer.add("x", fn, (xs, ws), calls)
+            times[name] = timer.run()["x"]
+        t_dev, t_wall = times["profiler"], times["wall"]
         check = dict(K=K, N=N, M=M, calls_per_program=calls, device_s=t_dev, wall_s=t_wall,
                      ratio=t_wall / t_dev)
-        print(f"timing check {K}x{N} M={M}, {calls} calls a program: profiler "
-              f"{t_dev * 1e6:.1f} us, wall clock {t_wall * 1e6:.1f} us a call "
+        print(f"timing check {K}x{N} M={M}, {calls} calls a program: profiler (kernel time) "
+              f"{t_dev * 1e6:.1f} us, wall clock over async runs {t_wall * 1e6:.1f} us a call "
               f"(ratio {t_wall / t_dev:.3f})")
 
     os.makedirs(args.out, exist_ok=True)
@@ -367,7 +405,7 @@ def main(argv=None):
     tag = "quick" if args.quick else "full"
     result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                   commit=args.commit or git_commit(), date=stamp, copy_bandwidth_Bps=bw,
-                  timing="JAX profiler: sum of GPU kernel durations per call, median of reps",
+                  timing=args.timer, timing_doc=TIMERS[args.timer].__doc__.split("\n")[0],
                   timing_check=check, rows=rows)
     json_path = os.path.join(args.out, f"bench_{tag}_{stamp}.json")
     with open(json_path, "w") as f:
