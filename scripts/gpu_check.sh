@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU machine check: build + install, tests, compute-sanitizer, benchmark.
 #
-#   scripts/gpu_check.sh [STEP...]      STEP in: build selftest tests sanitize bench (default: all)
+#   scripts/gpu_check.sh [STEP...]      STEP in: build selftest tests sanitize bench
+#                                       (the default), or the tuning aids sweep, profile
 #
 # The device copy of the tree has no .git: pass the commit being checked as
 # JAX_MARLIN_COMMIT=<hash> so that benchmark results name it.
@@ -62,6 +63,18 @@ build_selftest() {
   nvcc -std=c++17 -O2 -gencode=arch=compute_90,code=sm_90 -I"$repo/csrc" \
     "$repo/tests/cuda/marlin_selftest.cu" "$repo/csrc/cuda/marlin_dispatch.cu" -o "$selftest_bin"
 }
+# Tuning aids (not in the default steps): candidate tile shapes timed
+# directly, and an Nsight Compute report of the current M = 1 tile.
+sweep_bin="$scratch/marlin_tile_sweep"
+build_sweep() {
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -I"$repo/csrc" \
+    "$repo/tests/cuda/marlin_tile_sweep.cu" -o "$sweep_bin"
+}
+profile_m1() {
+  ncu -k regex:marlin_kernel --launch-skip 20 --launch-count 1 --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \
+    --section Occupancy "$sweep_bin" 8192 8192
+}
 sanitize_selftest() {
   "$sanitizer" --tool "$1" --error-exitcode 1 "$selftest_bin" --quick
 }
@@ -88,6 +101,12 @@ for s in "${steps[@]}"; do
       step "CUDA self-test" "$OUT/selftest.log" "$selftest_bin"
       step "self-test under memcheck" "$OUT/selftest_memcheck.log" sanitize_selftest memcheck
       step "self-test under racecheck" "$OUT/selftest_racecheck.log" sanitize_selftest racecheck ;;
+    sweep)
+      step "build tile sweep" "$OUT/sweep_build.log" build_sweep
+      step "tile sweep" "$OUT/sweep.log" "$sweep_bin" ;;
+    profile)
+      [[ -x "$sweep_bin" ]] || step "build tile sweep" "$OUT/sweep_build.log" build_sweep
+      step "ncu: 8192x8192, M = 1" "$OUT/ncu_m1.log" profile_m1 ;;
     sanitize)
       step "compute-sanitizer memcheck" "$OUT/sanitize_memcheck.log" sanitize memcheck
       step "compute-sanitizer racecheck" "$OUT/sanitize_racecheck.log" sanitize racecheck ;;
@@ -98,7 +117,7 @@ for s in "${steps[@]}"; do
         summary+=("skipped benchmark (no jax_marlin/bench.py)")
       fi ;;
     *)
-      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, sanitize, bench)")
+      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, sanitize, bench, sweep, profile)")
       failed=1 ;;
   esac
 done

@@ -1,0 +1,158 @@
+// Tuning tool: times candidate tile shapes of the Marlin kernel directly,
+// bypassing the dispatch table, on Llama-sized layers (fp16, group 128), and
+// the per-call lock memset on its own. Its output is what the dispatch table
+// in csrc/cuda/marlin_dispatch.cu should be chosen from.
+//
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc \
+//        tests/cuda/marlin_tile_sweep.cu -o sweep && ./sweep [K N]
+//
+// With K N, only that layer (e.g. under ncu: `ncu -k regex:marlin_kernel
+// --launch-skip 20 --launch-count 1 ./sweep 8192 8192` profiles the first
+// candidate, the current small-batch tile, at M = 1).
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "cuda/marlin_kernel.cuh"
+
+using namespace jax_marlin::cuda;
+
+#define CHECK_CUDA(call)                                                                        \
+  do {                                                                                          \
+    cudaError_t e_ = (call);                                                                    \
+    if (e_ != cudaSuccess) {                                                                    \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                             \
+    }                                                                                           \
+  } while (0)
+
+struct Layer {
+  int k, n;
+  std::vector<void*> packed, scales;  // copies rotated through 4x the L2
+};
+
+struct Buffers {
+  void* x;
+  void* y;
+  float* workspace;
+  int* locks;
+};
+
+static int g_sms = 0;
+
+template <typename Fn>
+static float median_us_per_call(Fn&& launch, int calls) {
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  for (int i = 0; i < calls; ++i) launch(i);
+  std::vector<float> ms(9);
+  for (float& t : ms) {
+    CHECK_CUDA(cudaEventRecord(start));
+    for (int i = 0; i < calls; ++i) launch(i);
+    CHECK_CUDA(cudaEventRecord(stop));
+    CHECK_CUDA(cudaEventSynchronize(stop));
+    CHECK_CUDA(cudaEventElapsedTime(&t, start, stop));
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2] * 1e3f / calls;
+}
+
+// Kernel only (locks zeroed by a memset that is timed separately).
+template <typename Tile>
+static void time_tile(const char* name, Layer& layer, const Buffers& b, int m) {
+  if (layer.k % Tile::kTileK || layer.n % Tile::kTileN) return;
+  CHECK_CUDA(cudaFuncSetAttribute(marlin_kernel<half, Tile>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  const int total = (layer.k / Tile::kTileK) * (layer.n / Tile::kTileN);
+  const int copies = static_cast<int>(layer.packed.size());
+  const float us = median_us_per_call(
+      [&](int i) {
+        MarlinParams<half> p;
+        p.x = static_cast<const half*>(b.x);
+        p.packed = static_cast<const int4*>(layer.packed[i % copies]);
+        p.scales = static_cast<const half*>(layer.scales[i % copies]);
+        p.y = static_cast<half*>(b.y);
+        p.workspace = b.workspace;
+        p.locks = b.locks + (i % 2) * 4096;  // alternate halves: one zeroing per call
+        p.rows = m;
+        p.k = layer.k;
+        p.n = layer.n;
+        p.group_shift = 7;
+        p.stripes = std::min(total, g_sms);
+        CHECK_CUDA(cudaMemsetAsync(p.locks, 0, layer.n / 64 * sizeof(int)));
+        marlin_kernel<half, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes>>>(p);
+        CHECK_CUDA(cudaGetLastError());
+      },
+      4 * copies);
+  const double bytes = layer.k * double(layer.n) / 2 + layer.k / 128.0 * layer.n * 2 +
+                       2.0 * m * (layer.k + layer.n);
+  std::printf("%6d %6d %4d  %-28s stages=%d smem=%3dKB  %8.2f us  %6.1f%% of 3.0 TB/s\n", layer.k,
+              layer.n, m, name, Tile::kStages, Tile::kSmemBytes / 1024, us,
+              100.0 * bytes / 3.0e12 / (us * 1e-6));
+}
+
+#define SWEEP(MB, NB, KB, W) \
+  time_tile<TileShape<MB, NB, KB, W, true>>("m" #MB " n" #NB " k" #KB " w" #W, layer, b, m)
+
+int main(int argc, char** argv) {
+  CHECK_CUDA(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
+  const int shapes[][2] = {{4096, 4096}, {8192, 8192}, {8192, 28672}, {28672, 8192}};
+  Buffers b;
+  CHECK_CUDA(cudaMalloc(&b.x, size_t{64} * 28672 * 2));
+  CHECK_CUDA(cudaMalloc(&b.y, size_t{64} * 28672 * 2));
+  CHECK_CUDA(cudaMalloc(&b.workspace, size_t{64} * 28672 * 4));
+  CHECK_CUDA(cudaMalloc(&b.locks, 2 * 4096 * sizeof(int)));
+  CHECK_CUDA(cudaMemset(b.x, 0x3c, size_t{64} * 28672 * 2));  // fp16 ~1.06
+
+  // The lock memset alone, as launched before every call.
+  const float memset_us = median_us_per_call(
+      [&](int) { CHECK_CUDA(cudaMemsetAsync(b.locks, 0, 128 * sizeof(int))); }, 200);
+  std::printf("lock memset alone: %.2f us a call (included in every row below)\n", memset_us);
+
+  for (auto& s : shapes) {
+    if (argc == 3 && (std::atoi(argv[1]) != s[0] || std::atoi(argv[2]) != s[1])) continue;
+    Layer layer{s[0], s[1], {}, {}};
+    const size_t w_bytes = size_t(layer.k) * layer.n / 2, s_bytes = size_t(layer.k / 128) * layer.n * 2;
+    const int copies = static_cast<int>(std::max<size_t>(2, ((size_t{200} << 20) + w_bytes - 1) / w_bytes));
+    for (int c = 0; c < copies; ++c) {
+      void *w, *sc;
+      CHECK_CUDA(cudaMalloc(&w, w_bytes));
+      CHECK_CUDA(cudaMalloc(&sc, s_bytes));
+      CHECK_CUDA(cudaMemset(w, 0x5a + c, w_bytes));
+      CHECK_CUDA(cudaMemset(sc, 0x1c, s_bytes));
+      layer.packed.push_back(w);
+      layer.scales.push_back(sc);
+    }
+    for (int m : {1, 16}) {
+      SWEEP(1, 8, 8, 8);   // 128x128, the current small-batch choice
+      SWEEP(1, 8, 8, 4);
+      SWEEP(1, 16, 4, 8);  // 64x256
+      SWEEP(1, 16, 8, 8);  // 128x256
+      SWEEP(1, 4, 16, 8);  // 256x64
+      SWEEP(1, 8, 16, 8);  // 256x128
+      SWEEP(1, 4, 4, 4);   // 64x64
+    }
+    for (int m : {32}) {
+      SWEEP(2, 8, 8, 8);
+      SWEEP(2, 16, 4, 8);
+      SWEEP(2, 16, 8, 8);
+      SWEEP(2, 8, 16, 8);
+    }
+    for (int m : {64}) {
+      SWEEP(4, 8, 8, 8);
+      SWEEP(4, 16, 4, 8);
+      SWEEP(4, 8, 4, 4);
+      SWEEP(4, 16, 8, 8);
+    }
+    for (void* p : layer.packed) cudaFree(p);
+    for (void* p : layer.scales) cudaFree(p);
+  }
+  return 0;
+}
