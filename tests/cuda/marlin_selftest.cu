@@ -22,17 +22,9 @@
 #include "common/float16.h"
 #include "common/marlin_layout.h"
 #include "cuda/marlin_launch.h"
+#include "cuda_test_util.h"
 
 using namespace jax_marlin;
-
-#define CHECK_CUDA(call)                                                              \
-  do {                                                                                \
-    cudaError_t e_ = (call);                                                          \
-    if (e_ != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                   \
-    }                                                                                 \
-  } while (0)
 
 struct Case {
   int m, k, n, group;  // group == k: per-channel
@@ -134,27 +126,6 @@ static double run_case(const Case& c, std::mt19937& rng, int repeats) {
 
 // --- kernel-only timing -----------------------------------------------------
 
-// Median time of `calls` back-to-back launcher calls, per call, over `reps`.
-template <typename Fn>
-static float time_per_call(Fn&& launch, int calls, int reps) {
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  for (int i = 0; i < calls; ++i) launch(i);  // warm-up
-  std::vector<float> ms(reps);
-  for (int r = 0; r < reps; ++r) {
-    CHECK_CUDA(cudaEventRecord(start));
-    for (int i = 0; i < calls; ++i) launch(i);
-    CHECK_CUDA(cudaEventRecord(stop));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    CHECK_CUDA(cudaEventElapsedTime(&ms[r], start, stop));
-  }
-  CHECK_CUDA(cudaEventDestroy(start));
-  CHECK_CUDA(cudaEventDestroy(stop));
-  std::sort(ms.begin(), ms.end());
-  return ms[reps / 2] / calls;
-}
-
 static int bench() {
   constexpr size_t kRotateBytes = size_t{200} << 20;  // 4x the 50 MB L2
   // Copy bandwidth (read + write) on a 1 GiB buffer.
@@ -163,9 +134,9 @@ static int bench() {
   CHECK_CUDA(cudaMalloc(&src, copy_bytes));
   CHECK_CUDA(cudaMalloc(&dst, copy_bytes));
   CHECK_CUDA(cudaMemset(src, 1, copy_bytes));
-  const float copy_ms = time_per_call(
-      [&](int) { CHECK_CUDA(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice)); }, 4, 9);
-  const double bw = 2.0 * copy_bytes / (copy_ms * 1e-3);
+  const float copy_us = median_us_per_call(
+      [&](int) { CHECK_CUDA(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice)); }, 4);
+  const double bw = 2.0 * copy_bytes / (copy_us * 1e-6);
   CHECK_CUDA(cudaFree(src));
   CHECK_CUDA(cudaFree(dst));
   std::printf("copy bandwidth (read + write): %.3f TB/s\n", bw / 1e12);
@@ -194,17 +165,17 @@ static int bench() {
         CHECK_CUDA(cudaMalloc(&ws, cuda::workspace_floats(m, n) * 4));
         CHECK_CUDA(cudaMalloc(&locks, cuda::lock_count(m, n) * 4));
         CHECK_CUDA(cudaMemset(x, 0x3c, static_cast<size_t>(m) * k * 2));
-        const float ms_call = time_per_call(
+        const float us_call = median_us_per_call(
             [&](int i) {
               const int c = i % copies;
               cuda::MarlinProblem p{cuda::ActDtype::kFloat16, x, w[c], s[c], y, ws, locks, m, k, n, group};
               CHECK_CUDA(cuda::marlin_matmul(p, nullptr));
             },
-            4 * copies, 9);
+            4 * copies);
         const double bytes = double(w_bytes) + s_bytes + 2.0 * m * (k + n);
         const double roof_us = bytes / bw * 1e6;
         std::printf("%6d %6d %5d %5s %10.2f %10.2f %6.0f%%\n", k, n, m, group == k ? "ch" : "128",
-                    ms_call * 1e3, roof_us, 100 * roof_us / (ms_call * 1e3));
+                    us_call, roof_us, 100 * roof_us / us_call);
         cudaFree(x), cudaFree(y), cudaFree(ws), cudaFree(locks);
       }
       for (int c = 0; c < copies; ++c) cudaFree(w[c]), cudaFree(s[c]);

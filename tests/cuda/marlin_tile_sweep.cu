@@ -13,22 +13,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cstdlib>
 #include <vector>
 
 #include "cuda/marlin_kernel.cuh"
+#include "cuda_test_util.h"
 
 using namespace jax_marlin::cuda;
-
-#define CHECK_CUDA(call)                                                                        \
-  do {                                                                                          \
-    cudaError_t e_ = (call);                                                                    \
-    if (e_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                             \
-    }                                                                                           \
-  } while (0)
 
 struct Layer {
   int k, n;
@@ -43,26 +34,6 @@ struct Buffers {
 };
 
 static int g_sms = 0;
-
-template <typename Fn>
-static float median_us_per_call(Fn&& launch, int calls) {
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  for (int i = 0; i < calls; ++i) launch(i);
-  std::vector<float> ms(9);
-  for (float& t : ms) {
-    CHECK_CUDA(cudaEventRecord(start));
-    for (int i = 0; i < calls; ++i) launch(i);
-    CHECK_CUDA(cudaEventRecord(stop));
-    CHECK_CUDA(cudaEventSynchronize(stop));
-    CHECK_CUDA(cudaEventElapsedTime(&t, start, stop));
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2] * 1e3f / calls;
-}
 
 // Kernel only (locks zeroed by a memset that is timed separately).
 template <typename Tile>
