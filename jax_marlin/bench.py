@@ -312,6 +312,33 @@ def print_table(rows):
               f"{r['xla_int4_s'] * 1e6:>9.1f}{r['speedup_vs_xla_int4']:>7.2f}")
 
 
+def by_set(rows, group=128):
+    """Per (set, dtype, M): layer-set totals, as a model runs them all:
+    roofline share = sum of roofline times / sum of kernel times; speedups =
+    sum of baseline times / sum of kernel times."""
+    out = {}
+    for r in rows:
+        if r["group"] != group:
+            continue
+        a = out.setdefault((r["set"], r["dtype"], r["M"]), dict(marlin=0.0, roof=0.0, dense=0.0, int4=0.0))
+        a["marlin"] += r["marlin_s"]
+        a["roof"] += r["roofline_s"]
+        a["dense"] += r["dense_s"]
+        a["int4"] += r["xla_int4_s"]
+    return {k: dict(roofline_frac=a["roof"] / a["marlin"], speedup_vs_dense=a["dense"] / a["marlin"],
+                    speedup_vs_xla_int4=a["int4"] / a["marlin"])
+            for k, a in sorted(out.items())}
+
+
+def markdown_table(rows, group=128) -> str:
+    lines = ["| layer set | dtype | M | % of roofline | x `jnp.dot` 16-bit | x XLA int4 |",
+             "|---|---|---|---|---|---|"]
+    for (s, dt, m), v in by_set(rows, group).items():
+        lines.append(f"| {s} | {dt} | {m} | {100 * v['roofline_frac']:.0f}% | "
+                     f"{v['speedup_vs_dense']:.2f} | {v['speedup_vs_xla_int4']:.2f} |")
+    return "\n".join(lines)
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -321,12 +348,10 @@ def plot(rows, path):
     sets = sorted({r["set"] for r in rows})
     fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 4), squeeze=False)
     for ax, s in zip(axes[0], sets):
+        summary = by_set(rows)
         for dt in sorted({r["dtype"] for r in rows}):
-            sel = [r for r in rows if r["set"] == s and r["dtype"] == dt and r["group"] == 128]
-            Ms = sorted({r["M"] for r in sel})
-            # Per set: total dense time over total marlin time across its layers.
-            sp = [sum(r["dense_s"] for r in sel if r["M"] == m) /
-                  sum(r["marlin_s"] for r in sel if r["M"] == m) for m in Ms]
+            Ms = sorted(m for (s_, d_, m) in summary if s_ == s and d_ == dt)
+            sp = [summary[(s, dt, m)]["speedup_vs_dense"] for m in Ms]
             ax.plot(Ms, sp, marker="o", label=f"marlin {dt}, g128")
         ax.axhline(4.0, color="gray", linestyle="--", label="4x ideal")
         ax.axhline(1.0, color="black", linewidth=0.5)
@@ -337,6 +362,40 @@ def plot(rows, path):
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def write_results(result: dict, out_dir: str, tag: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, f"bench_{tag}_{result['date']}.json")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+    try:
+        plot(result["rows"], json_path[:-len(".json")] + ".png")
+    except ImportError:
+        print("matplotlib not installed: no plot")
+    print_table(result["rows"])
+    print()
+    print(markdown_table(result["rows"]))
+    print(f"wrote {json_path}")
+    return json_path
+
+
+def combine(paths, out_dir) -> str:
+    """Merge result files of one device (e.g. a full run split over several
+    invocations by --sets/--dtypes) into one file with one plot."""
+    results = [json.load(open(p)) for p in paths]
+    devices = {r["device"] for r in results}
+    if len(devices) != 1:
+        raise SystemExit(f"--combine: results come from different devices: {sorted(devices)}")
+    stamp = max(r["date"] for r in results)
+    merged = dict(device=devices.pop(), platform=results[0]["platform"], jax=results[0]["jax"],
+                  commit=",".join(sorted({r["commit"] for r in results})), date=stamp,
+                  combined_from=[os.path.basename(p) for p in paths],
+                  copy_bandwidth_Bps=[r["copy_bandwidth_Bps"] for r in results],
+                  timing=sorted({r["timing"] for r in results}),
+                  timing_check=next((r["timing_check"] for r in results if r.get("timing_check")), None),
+                  rows=[row for r in results for row in r["rows"]])
+    return write_results(merged, out_dir, "combined")
 
 
 def main(argv=None):
@@ -355,7 +414,12 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
     ap.add_argument("--commit", default=None,
                     help="commit id to record (default: git rev-parse HEAD, if available)")
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="merge earlier result files into one (no measuring)")
     args = ap.parse_args(argv)
+    if args.combine:
+        combine(args.combine, args.out)
+        return
 
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}", flush=True)
@@ -400,22 +464,12 @@ def main(argv=None):
               f"{t_dev * 1e6:.1f} us, wall clock over async runs {t_wall * 1e6:.1f} us a call "
               f"(ratio {t_wall / t_dev:.3f})")
 
-    os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    tag = "quick" if args.quick else "full"
     result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                   commit=args.commit or git_commit(), date=stamp, copy_bandwidth_Bps=bw,
                   timing=args.timer, timing_doc=TIMERS[args.timer].__doc__.split("\n")[0],
                   timing_check=check, rows=rows)
-    json_path = os.path.join(args.out, f"bench_{tag}_{stamp}.json")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=1)
-    try:
-        plot(rows, os.path.join(args.out, f"bench_{tag}_{stamp}.png"))
-    except ImportError:
-        print("matplotlib not installed: no plot")
-    print_table(rows)
-    print(f"wrote {json_path}")
+    write_results(result, args.out, "quick" if args.quick else "full")
 
 
 if __name__ == "__main__":
