@@ -85,8 +85,11 @@ cudaError_t launch_chunk(const MarlinProblem& pr, int row0, int rows, int* locks
   p.k = pr.k;
   p.n = pr.n;
   p.group_shift = Tile::kGrouped ? log2_exact(pr.group_size) : 0;
+  // One stripe per resident block: the ordered reduction needs every block
+  // of the grid resident at once (a block may wait on another).
   const int total = (pr.k / Tile::kTileK) * (pr.n / Tile::kTileN);
-  p.stripes = total < multiprocessor_count() ? total : multiprocessor_count();
+  const int resident = multiprocessor_count() * Tile::kBlocksPerSM;
+  p.stripes = total < resident ? total : resident;
 
   marlin_kernel<T, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
   return cudaGetLastError();

@@ -352,7 +352,8 @@ class MarlinBlock {
 };
 
 template <typename T, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, 1) marlin_kernel(const MarlinParams<T> p) {
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
+    marlin_kernel(const MarlinParams<T> p) {
   extern __shared__ int4 smem[];
   MarlinBlock<T, Tile> block(p, smem);
   block.run();

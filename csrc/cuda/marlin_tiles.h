@@ -15,12 +15,16 @@ inline constexpr int kSmemBudget = 160 * 1024;
 inline constexpr int kMaxStages = 8;
 
 // kMBlocks: 16-row blocks of activations (1..4); kNBlocks / kKBlocks: 16-wide
-// blocks of the output / reduction dimension per tile; kWarps: warps per block.
-template <int kMBlocks_, int kNBlocks_, int kKBlocks_, int kWarps_, bool kGrouped_>
+// blocks of the output / reduction dimension per tile; kWarps: warps per block;
+// kBlocksPerSM: resident blocks per SM the tile is built for (they split the
+// shared-memory budget, and registers are capped to fit them).
+template <int kMBlocks_, int kNBlocks_, int kKBlocks_, int kWarps_, bool kGrouped_,
+          int kBlocksPerSM_ = 1>
 struct TileShape {
   static constexpr int kMBlocks = kMBlocks_, kNBlocks = kNBlocks_, kKBlocks = kKBlocks_;
   static constexpr int kWarps = kWarps_;
   static constexpr bool kGrouped = kGrouped_;
+  static constexpr int kBlocksPerSM = kBlocksPerSM_;
 
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTileM = 16 * kMBlocks, kTileN = 16 * kNBlocks, kTileK = 16 * kKBlocks;
@@ -41,8 +45,9 @@ struct TileShape {
   // Reduction scratch: one m16 x 64 fp32 fragment set (32 floats a lane) for
   // each warp in the upper half of the K split.
   static constexpr int kRed = (kWarpsK / 2) * kWarpsN * 32 * 8;
-  static constexpr int kStages = (kSmemBudget / 16 - kRed) / kStage < kMaxStages
-                                     ? (kSmemBudget / 16 - kRed) / kStage
+  static constexpr int kBlockBudget = kSmemBudget / 16 / kBlocksPerSM;  // 16-byte units
+  static constexpr int kStages = (kBlockBudget - kRed) / kStage < kMaxStages
+                                     ? (kBlockBudget - kRed) / kStage
                                      : kMaxStages;
   static constexpr int kSmemBytes = 16 * (kStages * kStage + kRed);
 

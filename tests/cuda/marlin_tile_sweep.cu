@@ -41,6 +41,16 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m) {
   if (layer.k % Tile::kTileK || layer.n % Tile::kTileN) return;
   CHECK_CUDA(cudaFuncSetAttribute(marlin_kernel<half, Tile>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  // Every block must be resident (the ordered reduction waits across
+  // blocks): skip a tile that does not get the blocks per SM it was built for.
+  int resident = 0;
+  CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, marlin_kernel<half, Tile>,
+                                                           Tile::kThreads, Tile::kSmemBytes));
+  if (resident < Tile::kBlocksPerSM) {
+    std::printf("%6d %6d %4d  %-28s only %d resident block(s) per SM: skipped\n", layer.k, layer.n,
+                m, name, resident);
+    return;
+  }
   const int total = (layer.k / Tile::kTileK) * (layer.n / Tile::kTileN);
   const int copies = static_cast<int>(layer.packed.size());
   const float us = median_us_per_call(
@@ -56,7 +66,7 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m) {
         p.k = layer.k;
         p.n = layer.n;
         p.group_shift = 7;
-        p.stripes = std::min(total, g_sms);
+        p.stripes = std::min(total, g_sms * Tile::kBlocksPerSM);
         CHECK_CUDA(cudaMemsetAsync(p.locks, 0, layer.n / 64 * sizeof(int)));
         marlin_kernel<half, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes>>>(p);
         CHECK_CUDA(cudaGetLastError());
@@ -71,6 +81,10 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m) {
 
 #define SWEEP(MB, NB, KB, W) \
   time_tile<TileShape<MB, NB, KB, W, true>>("m" #MB " n" #NB " k" #KB " w" #W, layer, b, m)
+// Two resident blocks per SM: twice the warps to hide the dequantization's
+// latency, half the shared memory (fewer stages) each.
+#define SWEEP2(MB, NB, KB, W) \
+  time_tile<TileShape<MB, NB, KB, W, true, 2>>("m" #MB " n" #NB " k" #KB " w" #W " x2/SM", layer, b, m)
 
 int main(int argc, char** argv) {
   CHECK_CUDA(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
@@ -109,12 +123,16 @@ int main(int argc, char** argv) {
       SWEEP(1, 4, 16, 8);  // 256x64
       SWEEP(1, 8, 16, 8);  // 256x128
       SWEEP(1, 4, 4, 4);   // 64x64
+      SWEEP2(1, 8, 8, 8);
+      SWEEP2(1, 16, 4, 8);
+      SWEEP2(1, 8, 8, 4);
     }
     for (int m : {32}) {
       SWEEP(2, 8, 8, 8);
       SWEEP(2, 16, 4, 8);
       SWEEP(2, 16, 8, 8);
       SWEEP(2, 8, 16, 8);
+      SWEEP2(2, 8, 8, 8);
     }
     for (int m : {64}) {
       SWEEP(4, 8, 8, 8);
