@@ -96,11 +96,24 @@ def rel_err(y, ref) -> float:
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
+# Largest relative error seen per (backend, dtype), reported after the run.
+WORST_ERROR: dict = {}
+
+
 def assert_close(y, x, qw):
     """y (marlin_matmul(x, qw)) matches the float32 reference within the dtype's tolerance."""
     assert y.shape == x.shape[:-1] + (qw.shape[1],) and y.dtype == x.dtype
     err = rel_err(y, reference_f32(x, qw))
+    key = (jax.default_backend(), np.dtype(x.dtype).name)
+    WORST_ERROR[key] = max(err, WORST_ERROR.get(key, 0.0))
     assert err <= TOLERANCE[np.dtype(x.dtype)], f"relative error {err:.3g}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    if WORST_ERROR:
+        terminalreporter.write_sep("-", "max relative error vs the float32 reference")
+        for (backend, dtype), err in sorted(WORST_ERROR.items()):
+            terminalreporter.write_line(f"{backend} {dtype}: {err:.3g}")
 
 
 @pytest.fixture(scope="session")
