@@ -35,15 +35,17 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, b
 }
 
 // Weight tiles are streamed exactly once per call: mark them evict-first so
-// they do not push the (re-read by every block) activations out of L2.
-__device__ __forceinline__ void cp_async16_stream(void* smem, const void* gmem) {
-  asm volatile(
-      "{\n"
-      "  .reg .b64 policy;\n"
-      "  createpolicy.fractional.L2::evict_first.b64 policy, 1.0;\n"
-      "  cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, policy;\n"
-      "}\n" ::"r"(smem_addr(smem)),
-      "l"(gmem));
+// they do not push the (re-read by every block) activations out of L2. The
+// policy is made once per thread (make_evict_first_policy) and reused.
+__device__ __forceinline__ uint64_t make_evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+__device__ __forceinline__ void cp_async16_stream(void* smem, const void* gmem, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
+               "l"(gmem), "l"(policy));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }

@@ -52,7 +52,8 @@ class MarlinBlock {
         warp_n_(warp_ % Tile::kWarpsN),
         warp_k_(warp_ / Tile::kWarpsN),
         k_tiles_(p.k / Tile::kTileK),
-        n_tiles_(p.n / Tile::kTileN) {}
+        n_tiles_(p.n / Tile::kTileN),
+        evict_first_(make_evict_first_policy()) {}
 
   __device__ void run() {
     const int total = k_tiles_ * n_tiles_;
@@ -60,12 +61,20 @@ class MarlinBlock {
     const int end = static_cast<int>(static_cast<long long>(blockIdx.x + 1) * total / p_.stripes);
     const int count = end - begin;
 
+    // Two cursors walk the stripe: one kStages - 1 iterations ahead issuing
+    // loads, one consuming. Stepped, not recomputed: no divisions per tile.
+    Cursor load{begin / k_tiles_, begin % k_tiles_};
+    Cursor use = load;
+
     // Prologue: fill all but one stage. Every iteration commits exactly one
     // group (possibly empty) so that wait_group<kStages - 2> always means
     // "the stage about to be consumed has landed".
 #pragma unroll
     for (int s = 0; s < Tile::kStages - 1; ++s) {
-      if (s < count) load_stage(s, begin + s);
+      if (s < count) {
+        load_stage(s, load);
+        load.step(k_tiles_);
+      }
       cp_async_commit();
     }
 
@@ -75,16 +84,18 @@ class MarlinBlock {
       cp_async_wait<Tile::kStages - 2>();
       // Also guarantees every warp is done with the slot refilled below.
       __syncthreads();
-      if (i + Tile::kStages - 1 < count) load_stage(write_slot, begin + i + Tile::kStages - 1);
+      if (i + Tile::kStages - 1 < count) {
+        load_stage(write_slot, load);
+        load.step(k_tiles_);
+      }
       cp_async_commit();
 
-      const int it = begin + i;
       compute_stage(read_slot);
-      const int k_tile = it % k_tiles_;
-      if (k_tile == k_tiles_ - 1 || i == count - 1) {
-        finish_tile(it / k_tiles_, total);
+      if (use.k_tile == k_tiles_ - 1 || i == count - 1) {
+        finish_tile(use.n_tile, total);
         zero_accumulators();
       }
+      use.step(k_tiles_);
       read_slot = read_slot == Tile::kStages - 1 ? 0 : read_slot + 1;
       write_slot = write_slot == Tile::kStages - 1 ? 0 : write_slot + 1;
     }
@@ -92,6 +103,17 @@ class MarlinBlock {
   }
 
  private:
+  // Position in the (n-tile, k-tile) iteration space, k fastest.
+  struct Cursor {
+    int n_tile, k_tile;
+    __device__ void step(int k_tiles) {
+      if (++k_tile == k_tiles) {
+        k_tile = 0;
+        ++n_tile;
+      }
+    }
+  };
+
   __device__ int4* stage_a(int slot) const { return smem_ + slot * Tile::kStage; }
   __device__ int4* stage_b(int slot) const { return stage_a(slot) + Tile::kAStage; }
   __device__ int4* stage_s(int slot) const { return stage_b(slot) + Tile::kBStage; }
@@ -103,8 +125,8 @@ class MarlinBlock {
     return row * Tile::kAChunksPerRow + (chunk ^ (row & 7));
   }
 
-  __device__ void load_stage(int slot, int it) {
-    const int n_tile = it / k_tiles_, k_tile = it % k_tiles_;
+  __device__ void load_stage(int slot, Cursor at) {
+    const int n_tile = at.n_tile, k_tile = at.k_tile;
     const int tid = threadIdx.x;
 
     // Activations: kTileM rows x kTileK columns; rows past M are zero-filled.
@@ -133,7 +155,7 @@ class MarlinBlock {
     for (int c0 = 0; c0 < Tile::kBStage; c0 += Tile::kThreads) {
       const int c = c0 + tid;
       if (Tile::kBStage % Tile::kThreads == 0 || c < Tile::kBStage) {
-        cp_async16_stream(b_dst + c, b_src + (c / kBRow) * b_row_stride + c % kBRow);
+        cp_async16_stream(b_dst + c, b_src + (c / kBRow) * b_row_stride + c % kBRow, evict_first_);
       }
     }
 
@@ -348,6 +370,7 @@ class MarlinBlock {
   int4* red_;
   const int warp_, lane_, warp_n_, warp_k_;
   const int k_tiles_, n_tiles_;
+  const uint64_t evict_first_;
   float acc_[kMB][8][4];
 };
 
