@@ -61,17 +61,24 @@ template <typename T, typename Tile>
 cudaError_t launch_chunk(const MarlinProblem& pr, int row0, int rows, int* locks,
                          cudaStream_t stream) {
   // Raising the dynamic shared-memory limit is a per-device, per-kernel
-  // setting: do it once per device.
-  static std::atomic<uint64_t> configured{0};
+  // setting: do it once per device, and read how many blocks of this kernel
+  // an SM then holds (the grid must never exceed what is resident at once).
+  static std::atomic<int> blocks_per_sm[64];
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  const uint64_t bit = uint64_t{1} << (device % 64);
-  if (!(configured.load(std::memory_order_acquire) & bit)) {
+  std::atomic<int>* cached = device < 64 ? &blocks_per_sm[device] : nullptr;
+  int resident_per_sm = cached ? cached->load(std::memory_order_acquire) : 0;
+  if (resident_per_sm == 0) {
     err = cudaFuncSetAttribute(marlin_kernel<T, Tile>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                Tile::kSmemBytes);
     if (err != cudaSuccess) return err;
-    configured.fetch_or(bit, std::memory_order_acq_rel);
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident_per_sm, marlin_kernel<T, Tile>,
+                                                        Tile::kThreads, Tile::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    if (resident_per_sm == 0) return cudaErrorInvalidConfiguration;
+    if (resident_per_sm > Tile::kBlocksPerSM) resident_per_sm = Tile::kBlocksPerSM;
+    if (cached) cached->store(resident_per_sm, std::memory_order_release);
   }
 
   MarlinParams<T> p;
@@ -88,7 +95,7 @@ cudaError_t launch_chunk(const MarlinProblem& pr, int row0, int rows, int* locks
   // One stripe per resident block: the ordered reduction needs every block
   // of the grid resident at once (a block may wait on another).
   const int total = (pr.k / Tile::kTileK) * (pr.n / Tile::kTileN);
-  const int resident = multiprocessor_count() * Tile::kBlocksPerSM;
+  const int resident = multiprocessor_count() * resident_per_sm;
   p.stripes = total < resident ? total : resident;
 
   marlin_kernel<T, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
