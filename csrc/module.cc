@@ -29,8 +29,28 @@ nb::dict Registrations() {
   cpu[kTarget] = Capsule(MarlinMatmulCpu);
   out["cpu"] = cpu;
 #ifdef JAX_MARLIN_WITH_CUDA
+  // A stateful handler: one capsule per FFI execution stage.
+  nb::dict stages;
+  stages["instantiate"] = Capsule(MarlinMatmulCudaInstantiate);
+  stages["execute"] = Capsule(MarlinMatmulCuda);
   nb::dict cuda;
-  cuda[kTarget] = Capsule(MarlinMatmulCuda);
+  cuda[kTarget] = stages;
+  out["CUDA"] = cuda;
+#endif
+  return out;
+}
+
+// platform -> {type name: {"type_id": capsule, "type_info": capsule}}: the
+// FFI types the handlers' states use (jax.ffi.register_ffi_type).
+nb::dict Types() {
+  nb::dict out;
+#ifdef JAX_MARLIN_WITH_CUDA
+  nb::dict lock_buffer;
+  lock_buffer["type_id"] = nb::capsule(static_cast<void*>(jax_marlin::cuda::lock_buffer_type_id()));
+  lock_buffer["type_info"] = nb::capsule(
+      const_cast<void*>(static_cast<const void*>(jax_marlin::cuda::lock_buffer_type_info())));
+  nb::dict cuda;
+  cuda["jax_marlin_lock_buffer"] = lock_buffer;
   out["CUDA"] = cuda;
 #endif
   return out;
@@ -41,7 +61,10 @@ nb::dict Registrations() {
 NB_MODULE(_ext, m) {
   m.doc() = "XLA FFI handlers of jax_marlin (use jax_marlin._ffi, not this module).";
   m.def("registrations", &Registrations,
-        "Map platform ('cpu', 'CUDA') -> {target name: PyCapsule of the FFI handler}.");
+        "Map platform ('cpu', 'CUDA') -> {target name: PyCapsule of the FFI handler, or a dict "
+        "of them by execution stage}.");
+  m.def("types", &Types,
+        "Map platform -> {type name: {'type_id', 'type_info'}}: FFI types to register first.");
   m.def("has_cuda", []() {
 #ifdef JAX_MARLIN_WITH_CUDA
     return true;
@@ -50,10 +73,9 @@ NB_MODULE(_ext, m) {
 #endif
   }, "Whether this build contains the CUDA handler.");
 #ifdef JAX_MARLIN_WITH_CUDA
-  m.def("cuda_scratch_sizes", [](int m_rows, int n) {
-    return nb::make_tuple(jax_marlin::cuda::workspace_floats(m_rows, n),
-                          jax_marlin::cuda::lock_count(m_rows, n));
+  m.def("cuda_workspace_floats", [](int m_rows, int n) {
+    return jax_marlin::cuda::workspace_floats(m_rows, n);
   }, nb::arg("m"), nb::arg("n"),
-  "(workspace float32 count, lock int32 count) the CUDA handler needs for an (m, n) output.");
+  "float32 workspace the CUDA handler needs for an (m, n) output.");
 #endif
 }

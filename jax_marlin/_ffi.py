@@ -58,9 +58,9 @@ BACKENDS: frozenset[str] = frozenset(p.lower() for p in _REGISTRATIONS)
 
 
 
-def cuda_scratch_sizes(m: int, n: int) -> tuple[int, int]:
-    """(workspace float32 count, lock int32 count) the CUDA kernel needs."""
-    return tuple(_ext.cuda_scratch_sizes(m, n))
+def cuda_workspace_floats(m: int, n: int) -> int:
+    """float32 workspace the CUDA kernel needs for an (m, n) output."""
+    return int(_ext.cuda_workspace_floats(m, n))
 
 
 _lock = threading.Lock()
@@ -68,12 +68,21 @@ _registered = False
 
 
 def ensure_registered() -> None:
-    """Register every handler of this build with JAX; later calls do nothing."""
+    """Register every handler of this build with JAX; later calls do nothing.
+
+    Stateful handlers' types must be known before their handler, and a type
+    registered before JAX starts its backends makes their start fail; so the
+    backends are started first (this runs at the first trace of a call).
+    """
     global _registered
     with _lock:
         if _registered:
             return
+        jax.devices()
+        for platform, types in _ext.types().items():
+            for name, registration in types.items():
+                jax.ffi.register_ffi_type(name, registration, platform=platform)
         for platform, targets in _REGISTRATIONS.items():
-            for name, capsule in targets.items():
-                jax.ffi.register_ffi_target(name, capsule, platform=platform)
+            for name, handler in targets.items():
+                jax.ffi.register_ffi_target(name, handler, platform=platform)
         _registered = True

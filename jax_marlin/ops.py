@@ -11,8 +11,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jax_marlin import layout
 from jax_marlin.quantize import dequantize
 from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight
 
@@ -91,15 +91,14 @@ def _cpu_call(x2, packed, scales):
 
 def _cuda_call(x2, packed, scales):
     M, N = x2.shape[0], scales.shape[1]
-    # Scratch for the kernel's cross-block reduction, sized by the kernel's
-    # own launcher (discarded here).
-    ws_floats, lock_ints = _ffi().cuda_scratch_sizes(M, N)
     outs = (
         jax.ShapeDtypeStruct((M, N), x2.dtype),
-        jax.ShapeDtypeStruct((ws_floats,), jnp.float32),
-        jax.ShapeDtypeStruct((lock_ints,), jnp.int32),
+        # Scratch for the kernel's cross-block partial sums (discarded here).
+        jax.ShapeDtypeStruct((_ffi().cuda_workspace_floats(M, N),), jnp.float32),
     )
-    y, _, _ = jax.ffi.ffi_call(_ffi().TARGET, outs)(x2, packed, scales)
+    # rows/cols size the call's lock buffer, made once when XLA instantiates it.
+    y, _ = jax.ffi.ffi_call(_ffi().TARGET, outs)(
+        x2, packed, scales, rows=np.int64(M), cols=np.int64(N))
     return y
 
 

@@ -2,6 +2,7 @@
 // checks every backend shares, then hands raw pointers to the launcher.
 #include <cuda_runtime.h>
 
+#include <memory>
 #include <string>
 
 #include "common/marlin_shape.h"
@@ -13,10 +14,57 @@ namespace ffi = xla::ffi;
 namespace jax_marlin::cuda {
 namespace {
 
-ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> packed,
-                                ffi::AnyBuffer scales, ffi::Result<ffi::AnyBuffer> y,
-                                ffi::Result<ffi::Buffer<ffi::F32>> workspace,
-                                ffi::Result<ffi::Buffer<ffi::S32>> locks) {
+// The lock counters of one compiled call, on that call's device.
+struct LockBuffer {
+  static ffi::TypeId id;
+  int* locks = nullptr;
+  size_t count = 0;
+  int device = 0;
+
+  ~LockBuffer() {
+    if (locks == nullptr) return;
+    int current = 0;
+    if (cudaGetDevice(&current) != cudaSuccess) return;
+    cudaSetDevice(device);
+    cudaFree(locks);
+    cudaSetDevice(current);
+  }
+};
+ffi::TypeId LockBuffer::id = {};
+const XLA_FFI_TypeInfo kLockBufferInfo = ffi::MakeTypeInfo<LockBuffer>();
+
+ffi::ErrorOr<std::unique_ptr<LockBuffer>> InstantiateLocks(int32_t device, int64_t rows,
+                                                           int64_t cols) {
+  if (rows < 0 || cols <= 0 || cols % 64 != 0) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "jax_marlin_matmul (CUDA): bad rows/cols attributes " + std::to_string(rows) + ", " +
+        std::to_string(cols)));
+  }
+  auto buffer = std::make_unique<LockBuffer>();
+  buffer->device = device;
+  buffer->count = rows == 0 ? 0 : lock_count(static_cast<int>(rows), static_cast<int>(cols));
+  if (buffer->count == 0) return std::move(buffer);
+
+  int current = 0;
+  cudaError_t err = cudaGetDevice(&current);
+  if (err == cudaSuccess) err = cudaSetDevice(device);
+  if (err == cudaSuccess) err = cudaMalloc(&buffer->locks, buffer->count * sizeof(int));
+  if (err == cudaSuccess) err = cudaMemset(buffer->locks, 0, buffer->count * sizeof(int));
+  // XLA's streams do not wait on the legacy stream the memset ran on.
+  if (err == cudaSuccess) err = cudaDeviceSynchronize();
+  cudaSetDevice(current);
+  if (err != cudaSuccess) {
+    return ffi::Unexpected(ffi::Error::Internal(
+        std::string("jax_marlin_matmul (CUDA): lock buffer: ") + cudaGetErrorString(err)));
+  }
+  return std::move(buffer);
+}
+
+ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::AnyBuffer x,
+                                ffi::Buffer<ffi::S32> packed, ffi::AnyBuffer scales,
+                                ffi::Result<ffi::AnyBuffer> y,
+                                ffi::Result<ffi::Buffer<ffi::F32>> workspace, int64_t rows,
+                                int64_t cols) {
   MarlinShape shape;
   if (ffi::Error err = CheckMarlinOperands(x.element_type(), x.dimensions(), packed.element_type(),
                                            packed.dimensions(), scales.element_type(),
@@ -32,11 +80,16 @@ ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buff
   if (const char* why = unsupported_reason(m, k, n, group)) {
     return ffi::Error::InvalidArgument(std::string("jax_marlin_matmul (CUDA): ") + why);
   }
-  if (workspace->element_count() < workspace_floats(m, n) || locks->element_count() < lock_count(m, n)) {
+  if (rows != shape.m || cols != shape.n || locks->count < lock_count(m, n)) {
+    return ffi::Error::InvalidArgument(
+        "jax_marlin_matmul (CUDA): the call was instantiated for (rows, cols) = (" +
+        std::to_string(rows) + ", " + std::to_string(cols) + ") but got y of shape (" +
+        std::to_string(shape.m) + ", " + std::to_string(shape.n) + ")");
+  }
+  if (workspace->element_count() < workspace_floats(m, n)) {
     return ffi::Error::InvalidArgument(
         "jax_marlin_matmul (CUDA): workspace needs " + std::to_string(workspace_floats(m, n)) +
-        " floats and locks " + std::to_string(lock_count(m, n)) + " ints, got " +
-        std::to_string(workspace->element_count()) + " and " + std::to_string(locks->element_count()));
+        " floats, got " + std::to_string(workspace->element_count()));
   }
 
   MarlinProblem problem;
@@ -46,7 +99,8 @@ ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buff
   problem.scales = scales.untyped_data();
   problem.y = y->untyped_data();
   problem.workspace = workspace->typed_data();
-  problem.locks = locks->typed_data();
+  problem.locks = locks->locks;
+  problem.locks_zeroed = true;
   problem.m = m;
   problem.k = k;
   problem.n = n;
@@ -60,18 +114,30 @@ ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buff
 }
 
 }  // namespace
+
+XLA_FFI_TypeId* lock_buffer_type_id() { return &LockBuffer::id; }
+const XLA_FFI_TypeInfo* lock_buffer_type_info() { return &kLockBufferInfo; }
+
 }  // namespace jax_marlin::cuda
 
-// Command-buffer compatible: the handler only enqueues a memset and kernel
-// launches on the given stream (no host sync, no allocation, no host reads of
-// device data), so XLA may capture it into a CUDA graph.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinMatmulCudaInstantiate, jax_marlin::cuda::InstantiateLocks,
+                              xla::ffi::Ffi::BindInstantiate()
+                                  .Ctx<xla::ffi::DeviceOrdinal>()
+                                  .Attr<int64_t>("rows")
+                                  .Attr<int64_t>("cols"));
+
+// Command-buffer compatible: the handler only enqueues kernel launches on the
+// given stream (no host sync, no allocation, no host reads of device data),
+// and the lock buffer it hands them outlives any recorded graph.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinMatmulCuda, jax_marlin::cuda::MarlinMatmulCudaImpl,
                               xla::ffi::Ffi::Bind()
                                   .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<xla::ffi::State<jax_marlin::cuda::LockBuffer>>()
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Ret<xla::ffi::AnyBuffer>()
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
-                                  .Ret<xla::ffi::Buffer<xla::ffi::S32>>(),
+                                  .Attr<int64_t>("rows")
+                                  .Attr<int64_t>("cols"),
                               {xla::ffi::Traits::kCmdBufferCompatible});

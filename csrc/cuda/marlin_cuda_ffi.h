@@ -3,7 +3,20 @@
 
 #include "xla/ffi/api/ffi.h"
 
-// Operands: x (M, K) f16/bf16, packed (K/16, 2N) s32, scales (K/g, N) x's dtype.
-// Results: y (M, N) x's dtype, workspace f32 (>= workspace_floats(M, N)),
-// locks s32 (>= lock_count(M, N)). Command-buffer (CUDA graph) compatible.
+// A stateful target: the instantiate stage (attributes `rows` = M, `cols` =
+// N) allocates and zeroes the kernel's lock counters once on the call's
+// device; the kernel leaves them zeroed, so no call pays for a reset.
+// Execute operands: x (M, K) f16/bf16, packed (K/16, 2N) s32, scales (K/g, N)
+// in x's dtype; results: y (M, N) in x's dtype, workspace f32
+// (>= workspace_floats(M, N)). Command-buffer (CUDA graph) compatible.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(MarlinMatmulCudaInstantiate);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MarlinMatmulCuda);
+
+namespace jax_marlin::cuda {
+
+// The per-call state's type, for jax.ffi.register_ffi_type (it must be
+// registered, after the backend starts, before the handler).
+XLA_FFI_TypeId* lock_buffer_type_id();
+const XLA_FFI_TypeInfo* lock_buffer_type_info();
+
+}  // namespace jax_marlin::cuda

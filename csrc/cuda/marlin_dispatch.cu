@@ -157,9 +157,13 @@ const char* unsupported_reason(int m, int k, int n, int group_size) {
 
 cudaError_t marlin_matmul(const MarlinProblem& pr, cudaStream_t stream) {
   if (unsupported_reason(pr.m, pr.k, pr.n, pr.group_size) != nullptr) return cudaErrorInvalidValue;
-  // FFI buffers arrive uninitialised: every call starts from zeroed locks.
-  cudaError_t err = cudaMemsetAsync(pr.locks, 0, lock_count(pr.m, pr.n) * sizeof(int), stream);
-  if (err != cudaSuccess) return err;
+  // Every launch needs zeroed locks; the kernel leaves them zeroed, so only
+  // a buffer of unknown contents (e.g. fresh scratch) needs this reset.
+  cudaError_t err = cudaSuccess;
+  if (!pr.locks_zeroed) {
+    err = cudaMemsetAsync(pr.locks, 0, lock_count(pr.m, pr.n) * sizeof(int), stream);
+    if (err != cudaSuccess) return err;
+  }
   const bool grouped = pr.group_size != pr.k;
   const int locks_per_chunk = pr.n / kWarpCols;
   for (int row0 = 0, chunk = 0; row0 < pr.m; row0 += kMaxRows, ++chunk) {

@@ -294,6 +294,9 @@ class MarlinBlock {
     if (first != last) {
       if (turn > 0) {
         wait_for_turn(lock, turn);
+        // The final writer is the last to look at this lock: leave it at 0,
+        // so that a persistent lock buffer needs zeroing only once.
+        if (static_cast<int>(blockIdx.x) == first && threadIdx.x == 0) *lock = 0;
         if (owner) {
 #pragma unroll
           for (int mb = 0; mb < kMB; ++mb)

@@ -17,7 +17,8 @@ struct MarlinProblem {
   const void* scales;  // (k / group_size, n) permuted scales, same dtype as x
   void* y;             // (m, n) output, same dtype as x
   float* workspace;    // workspace_floats(m, n) floats, any contents
-  int* locks;          // lock_count(m, n) ints, any contents (zeroed here)
+  int* locks;          // lock_count(m, n) ints: zeroed here, unless locks_zeroed
+  bool locks_zeroed;   // locks are all 0 on entry (they are 0 again on exit)
   int m, k, n;
   int group_size;      // 32, 64, 128, or k (per-channel)
 };
@@ -29,8 +30,8 @@ size_t lock_count(int m, int n);
 // nullptr if the kernel supports the shapes, else a message saying why not.
 const char* unsupported_reason(int m, int k, int n, int group_size);
 
-// Enqueues the whole product on `stream` (a lock reset and one launch per
-// 64-row chunk of x). Returns the first CUDA error met. Capturable in a CUDA
+// Enqueues the whole product on `stream` (a lock reset unless locks_zeroed,
+// then one launch per 64-row chunk of x). Returns the first CUDA error met. Capturable in a CUDA
 // graph: no host synchronisation, no allocation.
 cudaError_t marlin_matmul(const MarlinProblem& problem, cudaStream_t stream);
 
