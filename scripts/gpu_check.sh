@@ -68,7 +68,7 @@ build_selftest() {
 sweep_bin="$scratch/marlin_tile_sweep"
 build_sweep() {
   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -I"$repo/csrc" \
-    "$repo/tests/cuda/marlin_tile_sweep.cu" -o "$sweep_bin"
+    "$repo/tests/cuda/marlin_tile_sweep.cu" "$repo/csrc/cuda/marlin_dispatch.cu" -o "$sweep_bin"
 }
 profile_m1() {
   ncu -k regex:marlin_kernel --launch-skip 20 --launch-count 1 --section SpeedOfLight \

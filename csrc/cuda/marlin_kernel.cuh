@@ -40,7 +40,8 @@ __device__ __forceinline__ int stripe_of(int it, int total, int stripes) {
 template <typename T, typename Tile>
 class MarlinBlock {
   using T2 = typename Dtype<T>::T2;
-  static constexpr int kMB = Tile::kMBlocks;
+  // m-blocks this warp owns: kMB of them, from m_block0_.
+  static constexpr int kMB = Tile::kMBlocksPerWarp;
 
  public:
   __device__ MarlinBlock(const MarlinParams<T>& p, int4* smem)
@@ -50,7 +51,9 @@ class MarlinBlock {
         warp_(threadIdx.x / 32),
         lane_(threadIdx.x % 32),
         warp_n_(warp_ % Tile::kWarpsN),
-        warp_k_(warp_ / Tile::kWarpsN),
+        warp_mn_(warp_ % Tile::kWarpsMN),
+        warp_k_(warp_ / Tile::kWarpsMN),
+        m_block0_(warp_ / Tile::kWarpsN % Tile::kWarpsM * Tile::kMBlocksPerWarp),
         k_tiles_(p.k / Tile::kTileK),
         n_tiles_(p.n / Tile::kTileN),
         evict_first_(make_evict_first_policy()) {}
@@ -197,7 +200,7 @@ class MarlinBlock {
       uint32_t afrag[kMB][4];
 #pragma unroll
       for (int mb = 0; mb < kMB; ++mb) {
-        const int row = mb * 16 + lane_ % 16;
+        const int row = (m_block0_ + mb) * 16 + lane_ % 16;
         ldmatrix_x4(afrag[mb], a + a_offset(row, kb * 2 + lane_ / 16));
       }
 
@@ -244,7 +247,7 @@ class MarlinBlock {
           // Slot layout [slot][j][lane]: each warp touches 512 contiguous bytes
           // per j, so the float4 accesses are bank-conflict free.
           if (warp_k_ >= half && warp_k_ < 2 * half) {
-            const int slot = (warp_k_ - half) * Tile::kWarpsN + warp_n_;
+            const int slot = (warp_k_ - half) * Tile::kWarpsMN + warp_mn_;
 #pragma unroll
             for (int j = 0; j < 8; ++j)
               red[(slot * 8 + j) * 32 + lane_] =
@@ -252,7 +255,7 @@ class MarlinBlock {
           }
           __syncthreads();
           if (warp_k_ < half) {
-            const int slot = warp_k_ * Tile::kWarpsN + warp_n_;
+            const int slot = warp_k_ * Tile::kWarpsMN + warp_mn_;
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
               const float4 v = red[(slot * 8 + j) * 32 + lane_];
@@ -327,7 +330,7 @@ class MarlinBlock {
   }
 
   __device__ int workspace_index(int mb, int j) const {
-    return ((mb * 8 + j) * Tile::kWarpsN + warp_n_) * 32 + lane_;
+    return (((m_block0_ + mb) * 8 + j) * Tile::kWarpsN + warp_n_) * 32 + lane_;
   }
 
   // Accumulator layout of m16n8: lane holds rows lane/4 and lane/4 + 8,
@@ -349,7 +352,7 @@ class MarlinBlock {
       for (int mb = 0; mb < kMB; ++mb) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int row = mb * 16 + lane_ / 4 + 8 * half;
+          const int row = (m_block0_ + mb) * 16 + lane_ / 4 + 8 * half;
           if (row >= p_.rows) continue;
           T* out = p_.y + static_cast<size_t>(row) * p_.n + col0 + 2 * (lane_ % 4);
 #pragma unroll
@@ -371,7 +374,7 @@ class MarlinBlock {
   const MarlinParams<T> p_;
   int4* smem_;
   int4* red_;
-  const int warp_, lane_, warp_n_, warp_k_;
+  const int warp_, lane_, warp_n_, warp_mn_, warp_k_, m_block0_;
   const int k_tiles_, n_tiles_;
   const uint64_t evict_first_;
   float acc_[kMB][8][4];

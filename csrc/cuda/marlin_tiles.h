@@ -17,21 +17,26 @@ inline constexpr int kMaxStages = 8;
 // kMBlocks: 16-row blocks of activations (1..4); kNBlocks / kKBlocks: 16-wide
 // blocks of the output / reduction dimension per tile; kWarps: warps per block;
 // kBlocksPerSM: resident blocks per SM the tile is built for (they split the
-// shared-memory budget, and registers are capped to fit them).
+// shared-memory budget, and registers are capped to fit them); kWarpsM: warps
+// that share a 64-column slab, each taking kMBlocks / kWarpsM of the m-blocks
+// (at 4 m-blocks one warp's 128 accumulators would not fit its registers).
 template <int kMBlocks_, int kNBlocks_, int kKBlocks_, int kWarps_, bool kGrouped_,
-          int kBlocksPerSM_ = 1>
+          int kBlocksPerSM_ = 1, int kWarpsM_ = 1>
 struct TileShape {
   static constexpr int kMBlocks = kMBlocks_, kNBlocks = kNBlocks_, kKBlocks = kKBlocks_;
   static constexpr int kWarps = kWarps_;
   static constexpr bool kGrouped = kGrouped_;
   static constexpr int kBlocksPerSM = kBlocksPerSM_;
+  static constexpr int kWarpsM = kWarpsM_;
+  static constexpr int kMBlocksPerWarp = kMBlocks / kWarpsM;
 
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTileM = 16 * kMBlocks, kTileN = 16 * kNBlocks, kTileK = 16 * kKBlocks;
-  // Warps tile the block's output columns; the rest split K and are reduced
-  // through shared memory at the end of each tile.
+  // Warps tile the block's output columns (and, with kWarpsM > 1, its rows);
+  // the rest split K and are reduced through shared memory after each tile.
   static constexpr int kWarpsN = kTileN / kWarpCols;
-  static constexpr int kWarpsK = kWarps / kWarpsN;
+  static constexpr int kWarpsMN = kWarpsM * kWarpsN;
+  static constexpr int kWarpsK = kWarps / kWarpsMN;
   static constexpr int kKBlocksPerWarp = kKBlocks / kWarpsK;
 
   // Shared memory per pipeline stage, in 16-byte units.
@@ -44,7 +49,7 @@ struct TileShape {
   static constexpr int kStage = kAStage + kBStage + kSStage;
   // Reduction scratch: one m16 x 64 fp32 fragment set (32 floats a lane) for
   // each warp in the upper half of the K split.
-  static constexpr int kRed = (kWarpsK / 2) * kWarpsN * 32 * 8;
+  static constexpr int kRed = (kWarpsK / 2) * kWarpsMN * 32 * 8;
   static constexpr int kBlockBudget = kSmemBudget / 16 / kBlocksPerSM;  // 16-byte units
   static constexpr int kStages = (kBlockBudget - kRed) / kStage < kMaxStages
                                      ? (kBlockBudget - kRed) / kStage
@@ -52,7 +57,8 @@ struct TileShape {
   static constexpr int kSmemBytes = 16 * (kStages * kStage + kRed);
 
   static_assert(kNBlocks % 4 == 0, "a warp owns 64 output columns");
-  static_assert(kWarps % kWarpsN == 0 && kWarpsK >= 1, "warps must tile N evenly");
+  static_assert(kMBlocks % kWarpsM == 0, "the M split must divide the m-blocks");
+  static_assert(kWarps % kWarpsMN == 0 && kWarpsK >= 1, "warps must tile M and N evenly");
   static_assert(kKBlocks % kWarpsK == 0, "K split must divide the k-tile");
   static_assert((kWarpsK & (kWarpsK - 1)) == 0, "tree reduction needs a power-of-two K split");
   static_assert(kAChunksPerRow >= 8, "the A swizzle permutes groups of 8 chunks");

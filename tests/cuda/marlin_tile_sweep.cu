@@ -4,7 +4,10 @@
 // in csrc/cuda/marlin_dispatch.cu should be chosen from.
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -Icsrc \
-//        tests/cuda/marlin_tile_sweep.cu -o sweep && ./sweep [K N]
+//        tests/cuda/marlin_tile_sweep.cu csrc/cuda/marlin_dispatch.cu -o sweep && ./sweep [K N]
+//
+// Each row also checks the candidate's output against the production
+// launcher's on the same (pseudo-random) operands: "same" or "MISMATCH".
 //
 // With K N, only that layer (e.g. under ncu: `ncu -k regex:marlin_kernel
 // --launch-skip 20 --launch-count 1 ./sweep 8192 8192` profiles the first
@@ -13,10 +16,12 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <vector>
 
 #include "cuda/marlin_kernel.cuh"
+#include "cuda/marlin_launch.h"
 #include "cuda_test_util.h"
 
 using namespace jax_marlin::cuda;
@@ -29,9 +34,43 @@ struct Layer {
 struct Buffers {
   void* x;
   void* y;
+  void* y_ref;  // the production launcher's result, to check candidates against
   float* workspace;
   int* locks;
+  int* ref_locks;
 };
+
+// Deterministic pseudo-random fill (an integer hash of the index), so that a
+// candidate that reads the wrong element gives a different answer.
+__device__ uint32_t hash_u32(uint32_t v) {
+  v ^= v >> 16;
+  v *= 0x7feb352d;
+  v ^= v >> 15;
+  v *= 0x846ca68b;
+  return v ^ (v >> 16);
+}
+__global__ void fill_words(uint32_t* out, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x)
+    out[i] = hash_u32(static_cast<uint32_t>(i) * 2654435761u + seed);
+}
+__global__ void fill_halves(half* out, size_t n, float lo, float hi, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x)
+    out[i] = __float2half(lo + (hi - lo) * (hash_u32(static_cast<uint32_t>(i) + seed) % 4096) / 4096.f);
+}
+
+// max |y - y_ref| / max |y_ref| over the first m rows.
+static double max_rel_diff(const Buffers& b, int m, int n) {
+  std::vector<half> y(static_cast<size_t>(m) * n), ref(y.size());
+  CHECK_CUDA(cudaMemcpy(y.data(), b.y, y.size() * 2, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(ref.data(), b.y_ref, ref.size() * 2, cudaMemcpyDeviceToHost));
+  double diff = 0, scale = 0;
+  for (size_t i = 0; i < y.size(); ++i) {
+    const double a = __half2float(y[i]), r = __half2float(ref[i]);
+    if (!(std::abs(a - r) <= diff)) diff = std::abs(a - r);  // NaN-propagating max
+    scale = std::max(scale, std::abs(r));
+  }
+  return diff / scale;
+}
 
 static int g_sms = 0;
 
@@ -72,17 +111,28 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m) {
         CHECK_CUDA(cudaGetLastError());
       },
       4 * copies);
+  // The last timed launch used copy (4 copies - 1) % copies = copies - 1:
+  // compare with the production launcher on the same operands.
+  MarlinProblem ref{ActDtype::kFloat16, b.x, layer.packed[copies - 1], layer.scales[copies - 1],
+                    b.y_ref, b.workspace, b.ref_locks, false, m, layer.k, layer.n, 128};
+  CHECK_CUDA(marlin_matmul(ref, nullptr));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const double diff = max_rel_diff(b, m, layer.n);
   const double bytes = layer.k * double(layer.n) / 2 + layer.k / 128.0 * layer.n * 2 +
                        2.0 * m * (layer.k + layer.n);
-  std::printf("%6d %6d %4d  %-28s stages=%d smem=%3dKB  %8.2f us  %6.1f%% of 3.0 TB/s\n", layer.k,
-              layer.n, m, name, Tile::kStages, Tile::kSmemBytes / 1024, us,
-              100.0 * bytes / 3.0e12 / (us * 1e-6));
+  std::printf("%6d %6d %4d  %-28s stages=%d smem=%3dKB  %8.2f us  %6.1f%% of 3.0 TB/s  %s (%.1e)\n",
+              layer.k, layer.n, m, name, Tile::kStages, Tile::kSmemBytes / 1024, us,
+              100.0 * bytes / 3.0e12 / (us * 1e-6), diff <= 1e-2 ? "same" : "MISMATCH", diff);
 }
 
 #define SWEEP(MB, NB, KB, W) \
   time_tile<TileShape<MB, NB, KB, W, true>>("m" #MB " n" #NB " k" #KB " w" #W, layer, b, m)
 // Two resident blocks per SM: twice the warps to hide the dequantization's
 // latency, half the shared memory (fewer stages) each.
+// Two warps share each 64-column slab, half the m-blocks each (64 instead of
+// 128 accumulators a thread at 4 m-blocks).
+#define SWEEPM2(MB, NB, KB, W) \
+  time_tile<TileShape<MB, NB, KB, W, true, 1, 2>>("m" #MB " n" #NB " k" #KB " w" #W " msplit2", layer, b, m)
 #define SWEEP2(MB, NB, KB, W) \
   time_tile<TileShape<MB, NB, KB, W, true, 2>>("m" #MB " n" #NB " k" #KB " w" #W " x2/SM", layer, b, m)
 
@@ -92,10 +142,12 @@ int main(int argc, char** argv) {
   Buffers b;
   CHECK_CUDA(cudaMalloc(&b.x, size_t{64} * 28672 * 2));
   CHECK_CUDA(cudaMalloc(&b.y, size_t{64} * 28672 * 2));
+  CHECK_CUDA(cudaMalloc(&b.y_ref, size_t{64} * 28672 * 2));
+  CHECK_CUDA(cudaMalloc(&b.ref_locks, 4096 * sizeof(int)));
   CHECK_CUDA(cudaMalloc(&b.workspace, size_t{64} * 28672 * 4));
   CHECK_CUDA(cudaMalloc(&b.locks, 4096 * sizeof(int)));
   CHECK_CUDA(cudaMemset(b.locks, 0, 4096 * sizeof(int)));
-  CHECK_CUDA(cudaMemset(b.x, 0x3c, size_t{64} * 28672 * 2));  // fp16 ~1.06
+  fill_halves<<<1024, 256>>>(static_cast<half*>(b.x), size_t{64} * 28672, -1.f, 1.f, 1);
 
   // The lock memset alone, as launched before every call.
   const float memset_us = median_us_per_call(
@@ -111,8 +163,9 @@ int main(int argc, char** argv) {
       void *w, *sc;
       CHECK_CUDA(cudaMalloc(&w, w_bytes));
       CHECK_CUDA(cudaMalloc(&sc, s_bytes));
-      CHECK_CUDA(cudaMemset(w, 0x5a + c, w_bytes));
-      CHECK_CUDA(cudaMemset(sc, 0x1c, s_bytes));
+      fill_words<<<1024, 256>>>(static_cast<uint32_t*>(w), w_bytes / 4, 77 + c);
+      fill_halves<<<1024, 256>>>(static_cast<half*>(sc), s_bytes / 2, 1e-3f, 1e-2f, 99 + c);
+      CHECK_CUDA(cudaGetLastError());
       layer.packed.push_back(w);
       layer.scales.push_back(sc);
     }
@@ -140,6 +193,10 @@ int main(int argc, char** argv) {
       SWEEP(4, 16, 4, 8);
       SWEEP(4, 8, 4, 4);
       SWEEP(4, 16, 8, 8);
+      SWEEPM2(4, 8, 8, 8);
+      SWEEPM2(4, 16, 4, 8);
+      SWEEPM2(4, 8, 4, 4);
+      SWEEPM2(4, 16, 8, 8);
     }
     for (void* p : layer.packed) cudaFree(p);
     for (void* p : layer.scales) cudaFree(p);
