@@ -178,6 +178,7 @@ class MarlinBlock {
   }
 
   __device__ void compute_stage(int slot) {
+    if constexpr (Tile::kLoadsOnly) return;
     const int4* a = stage_a(slot);
     const int4* b = stage_b(slot);
     // With 3-4 m-blocks the accumulators fill most of the register file:

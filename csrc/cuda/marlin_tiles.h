@@ -20,14 +20,18 @@ inline constexpr int kMaxStages = 8;
 // shared-memory budget, and registers are capped to fit them); kWarpsM: warps
 // that share a 64-column slab, each taking kMBlocks / kWarpsM of the m-blocks
 // (at 4 m-blocks one warp's 128 accumulators would not fit its registers).
+// kLoadsOnly is a measuring probe for the tuning tools, never dispatched: the
+// kernel streams its tiles through the pipeline but skips the math, which
+// shows what the memory pipeline alone reaches.
 template <int kMBlocks_, int kNBlocks_, int kKBlocks_, int kWarps_, bool kGrouped_,
-          int kBlocksPerSM_ = 1, int kWarpsM_ = 1>
+          int kBlocksPerSM_ = 1, int kWarpsM_ = 1, bool kLoadsOnly_ = false>
 struct TileShape {
   static constexpr int kMBlocks = kMBlocks_, kNBlocks = kNBlocks_, kKBlocks = kKBlocks_;
   static constexpr int kWarps = kWarps_;
   static constexpr bool kGrouped = kGrouped_;
   static constexpr int kBlocksPerSM = kBlocksPerSM_;
   static constexpr int kWarpsM = kWarpsM_;
+  static constexpr bool kLoadsOnly = kLoadsOnly_;
   static constexpr int kMBlocksPerWarp = kMBlocks / kWarpsM;
 
   static constexpr int kThreads = kWarps * 32;
