@@ -60,11 +60,11 @@ __device__ __forceinline__ void cp_async_wait() {
 // Tensor cores
 // ---------------------------------------------------------------------------
 
-// Four 8x8 b16 matrices from shared memory: exactly one m16k16 A fragment when
-// lane i points at row (i % 16), 8-column half (i / 16) of the tile.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&frag)[4], const void* smem) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(frag[0]), "=r"(frag[1]), "=r"(frag[2]), "=r"(frag[3])
+// Two 8x8 b16 matrices: lanes 0-7 point at the rows of the first, 8-15 at
+// the rows of the second (the other lanes' addresses are not read).
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&frag)[2], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(frag[0]), "=r"(frag[1])
                : "r"(smem_addr(smem)));
 }
 

@@ -23,12 +23,20 @@ struct TileConfig {
 // covers every K, N multiple of 64.
 constexpr std::array<TileConfig, 3> kTileConfigs = {{{8, 8, 8}, {16, 4, 8}, {4, 4, 4}}};
 constexpr int kNumConfigs = static_cast<int>(kTileConfigs.size());
-constexpr int kMaxMBlocks = kMaxRows / 16;
 
-// Order in which configurations are tried for a chunk of `m_blocks` 16-row
-// blocks; the first whose tile divides (K, N) wins.
-constexpr std::array<int, kNumConfigs> preference(int m_blocks) {
-  if (m_blocks <= 2) return {0, 1, 2};
+// A chunk of `rows` rows runs with 1, 2, 4 or 8 blocks of 8 rows (rounded up:
+// the padding rows cost MMAs, which are not the bottleneck, but no bytes).
+constexpr std::array<int, 4> kRowBlockCounts = {1, 2, 4, 8};
+constexpr int kNumRowVariants = static_cast<int>(kRowBlockCounts.size());
+constexpr int row_variant(int rows) { return rows <= 8 ? 0 : rows <= 16 ? 1 : rows <= 32 ? 2 : 3; }
+// At 8 row blocks two warps split the rows of each slab (64 instead of 128
+// accumulators a thread: no spills).
+constexpr int warps_m(int row_blocks) { return row_blocks == 8 ? 2 : 1; }
+
+// Order in which configurations are tried for a row variant; the first whose
+// tile divides (K, N) wins.
+constexpr std::array<int, kNumConfigs> preference(int variant) {
+  if (variant <= 1) return {0, 1, 2};
   return {1, 0, 2};
 }
 
@@ -102,9 +110,9 @@ cudaError_t launch_chunk(const MarlinProblem& pr, int row0, int rows, int* locks
   return cudaGetLastError();
 }
 
-// Table index = ((dtype * 2 + grouped) * kMaxMBlocks + (m_blocks - 1)) * kNumConfigs + config.
-constexpr int table_index(ActDtype dtype, bool grouped, int m_blocks, int config) {
-  return ((static_cast<int>(dtype) * 2 + (grouped ? 1 : 0)) * kMaxMBlocks + (m_blocks - 1)) *
+// Table index = ((dtype * 2 + grouped) * kNumRowVariants + variant) * kNumConfigs + config.
+constexpr int table_index(ActDtype dtype, bool grouped, int variant, int config) {
+  return ((static_cast<int>(dtype) * 2 + (grouped ? 1 : 0)) * kNumRowVariants + variant) *
              kNumConfigs +
          config;
 }
@@ -112,12 +120,13 @@ constexpr int table_index(ActDtype dtype, bool grouped, int m_blocks, int config
 template <int I>
 constexpr ChunkLauncher launcher_for() {
   constexpr int config = I % kNumConfigs;
-  constexpr int m_blocks = (I / kNumConfigs) % kMaxMBlocks + 1;
-  constexpr bool grouped = (I / (kNumConfigs * kMaxMBlocks)) % 2 == 1;
-  constexpr bool is_bf16 = I / (kNumConfigs * kMaxMBlocks * 2) == 1;
+  constexpr int row_blocks = kRowBlockCounts[(I / kNumConfigs) % kNumRowVariants];
+  constexpr bool grouped = (I / (kNumConfigs * kNumRowVariants)) % 2 == 1;
+  constexpr bool is_bf16 = I / (kNumConfigs * kNumRowVariants * 2) == 1;
   constexpr TileConfig c = kTileConfigs[config];
   using T = std::conditional_t<is_bf16, __nv_bfloat16, half>;
-  return &launch_chunk<T, TileShape<m_blocks, c.n_blocks, c.k_blocks, c.warps, grouped>>;
+  return &launch_chunk<T, TileShape<row_blocks, c.n_blocks, c.k_blocks, c.warps, grouped, 1,
+                                    warps_m(row_blocks)>>;
 }
 
 template <int... I>
@@ -126,10 +135,10 @@ constexpr auto make_table(std::integer_sequence<int, I...>) {
 }
 
 constexpr auto kLaunchers =
-    make_table(std::make_integer_sequence<int, 2 * 2 * kMaxMBlocks * kNumConfigs>{});
+    make_table(std::make_integer_sequence<int, 2 * 2 * kNumRowVariants * kNumConfigs>{});
 
-int pick_config(int m_blocks, int k, int n) {
-  for (int c : preference(m_blocks)) {
+int pick_config(int variant, int k, int n) {
+  for (int c : preference(variant)) {
     if (k % kTileConfigs[c].tile_k() == 0 && n % kTileConfigs[c].tile_n() == 0) return c;
   }
   return -1;
@@ -138,7 +147,9 @@ int pick_config(int m_blocks, int k, int n) {
 }  // namespace
 
 size_t workspace_floats(int m, int n) {
-  const int rows = m < kMaxRows ? (m + 15) / 16 * 16 : kMaxRows;
+  // One chunk's tiles at a time (chunks run one after another), padded to
+  // the chunk's row blocks.
+  const int rows = 8 * kRowBlockCounts[row_variant(m < kMaxRows ? m : kMaxRows)];
   return static_cast<size_t>(rows) * n;
 }
 
@@ -168,10 +179,10 @@ cudaError_t marlin_matmul(const MarlinProblem& pr, cudaStream_t stream) {
   const int locks_per_chunk = pr.n / kWarpCols;
   for (int row0 = 0, chunk = 0; row0 < pr.m; row0 += kMaxRows, ++chunk) {
     const int rows = pr.m - row0 < kMaxRows ? pr.m - row0 : kMaxRows;
-    const int m_blocks = (rows + 15) / 16;
-    const int config = pick_config(m_blocks, pr.k, pr.n);
+    const int variant = row_variant(rows);
+    const int config = pick_config(variant, pr.k, pr.n);
     if (config < 0) return cudaErrorInvalidValue;
-    err = kLaunchers[table_index(pr.dtype, grouped, m_blocks, config)](
+    err = kLaunchers[table_index(pr.dtype, grouped, variant, config)](
         pr, row0, rows, pr.locks + chunk * locks_per_chunk, stream);
     if (err != cudaSuccess) return err;
   }

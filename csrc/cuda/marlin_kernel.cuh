@@ -40,8 +40,8 @@ __device__ __forceinline__ int stripe_of(int it, int total, int stripes) {
 template <typename T, typename Tile>
 class MarlinBlock {
   using T2 = typename Dtype<T>::T2;
-  // m-blocks this warp owns: kMB of them, from m_block0_.
-  static constexpr int kMB = Tile::kMBlocksPerWarp;
+  // 8-row blocks of x this warp multiplies: kRB of them, from row_block0_.
+  static constexpr int kRB = Tile::kRowBlocksPerWarp;
 
  public:
   __device__ MarlinBlock(const MarlinParams<T>& p, int4* smem)
@@ -53,7 +53,7 @@ class MarlinBlock {
         warp_n_(warp_ % Tile::kWarpsN),
         warp_mn_(warp_ % Tile::kWarpsMN),
         warp_k_(warp_ / Tile::kWarpsMN),
-        m_block0_(warp_ / Tile::kWarpsN % Tile::kWarpsM * Tile::kMBlocksPerWarp),
+        row_block0_(warp_ / Tile::kWarpsN % Tile::kWarpsM * kRB),
         k_tiles_(p.k / Tile::kTileK),
         n_tiles_(p.n / Tile::kTileN),
         evict_first_(make_evict_first_policy()) {}
@@ -133,8 +133,9 @@ class MarlinBlock {
     const int tid = threadIdx.x;
 
     // Activations: kTileM rows x kTileK columns; rows past M are zero-filled.
+    // Offsets are 32-bit (x and the packed weight have < 2^31 16-byte units).
     int4* a_dst = stage_a(slot);
-    const int4* a_src = reinterpret_cast<const int4*>(p_.x + k_tile * Tile::kTileK);
+    const int4* a_src = reinterpret_cast<const int4*>(p_.x) + k_tile * Tile::kAChunksPerRow;
     const int a_row_stride = p_.k / 8;
 #pragma unroll
     for (int c0 = 0; c0 < Tile::kAStage; c0 += Tile::kThreads) {
@@ -142,7 +143,7 @@ class MarlinBlock {
       if (Tile::kAStage % Tile::kThreads == 0 || c < Tile::kAStage) {
         const int row = c / Tile::kAChunksPerRow, chunk = c % Tile::kAChunksPerRow;
         const bool valid = row < p_.rows;
-        cp_async16_zfill(a_dst + a_offset(row, chunk), a_src + (valid ? row : 0) * a_row_stride + chunk,
+        cp_async16_zfill(a_dst + a_offset(row, chunk), a_src + (valid ? row * a_row_stride : 0) + chunk,
                          valid);
       }
     }
@@ -151,14 +152,13 @@ class MarlinBlock {
     // each, contiguous in global memory and copied as they are.
     int4* b_dst = stage_b(slot);
     const int b_row_stride = p_.n / 2;  // 2 N int32 = N / 2 int4 per packed row
-    const int4* b_src = p_.packed + static_cast<size_t>(k_tile) * Tile::kKBlocks * b_row_stride +
-                        n_tile * Tile::kWarpsN * 32;
     constexpr int kBRow = Tile::kWarpsN * 32;
+    const int4* b_src = p_.packed + (k_tile * Tile::kKBlocks * b_row_stride + n_tile * kBRow);
 #pragma unroll
     for (int c0 = 0; c0 < Tile::kBStage; c0 += Tile::kThreads) {
       const int c = c0 + tid;
       if (Tile::kBStage % Tile::kThreads == 0 || c < Tile::kBStage) {
-        cp_async16_stream(b_dst + c, b_src + (c / kBRow) * b_row_stride + c % kBRow, evict_first_);
+        cp_async16_stream(b_dst + c, b_src + ((c / kBRow) * b_row_stride + c % kBRow), evict_first_);
       }
     }
 
@@ -181,16 +181,16 @@ class MarlinBlock {
     if constexpr (Tile::kLoadsOnly) return;
     const int4* a = stage_a(slot);
     const int4* b = stage_b(slot);
-    // With 3-4 m-blocks the accumulators fill most of the register file:
-    // keep the sub-blocks sequential so their fragments are not all live.
-#pragma unroll(kMB > 2 ? 1 : Tile::kKBlocksPerWarp)
+    // With 4 row blocks the accumulators fill most of the register file:
+    // keep the k16 steps sequential so their fragments are not all live.
+#pragma unroll(kRB > 2 ? 1 : Tile::kKBlocksPerWarp)
     for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
       const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
       // One 16-byte load: this lane's packed words for the warp's 4 n16 tiles.
       const int4 q = b[(kb * Tile::kWarpsN + warp_n_) * 32 + lane_];
 
-      // Group scales for the warp's 8 n8 sub-tiles: the scale permutation puts
-      // columns c, c+8, ..., c+56 (c = lane / 4) in 16 consecutive bytes.
+      // Group scales: the scale permutation puts the 8 columns a lane's
+      // words touch (c, c + 8, ..., c + 56 with c = lane / 4) in 16 bytes.
       int4 s_raw = make_int4(0, 0, 0, 0);
       if constexpr (Tile::kGrouped) {
         const int s_row = (kb * 16) >> p_.group_shift;
@@ -198,11 +198,13 @@ class MarlinBlock {
         s_raw = s[(s_row * Tile::kTileN + warp_n_ * kWarpCols) / 8 + lane_ / 4];
       }
 
-      uint32_t afrag[kMB][4];
+      // x^T fragments (k16 x n8): ldmatrix of 8 rows x 16 columns of x gives
+      // lane (g, t) x[g][2t, 2t + 1] and x[g][2t + 8, 2t + 9], the B layout.
+      uint32_t xfrag[kRB][2];
 #pragma unroll
-      for (int mb = 0; mb < kMB; ++mb) {
-        const int row = (m_block0_ + mb) * 16 + lane_ % 16;
-        ldmatrix_x4(afrag[mb], a + a_offset(row, kb * 2 + lane_ / 16));
+      for (int rb = 0; rb < kRB; ++rb) {
+        const int row = (row_block0_ + rb) * 8 + lane_ % 8;
+        ldmatrix_x2(xfrag[rb], a + a_offset(row, kb * 2 + (lane_ / 8) % 2));
       }
 
       const uint32_t words[4] = {static_cast<uint32_t>(q.x), static_cast<uint32_t>(q.y),
@@ -211,6 +213,9 @@ class MarlinBlock {
                                        static_cast<uint32_t>(s_raw.z), static_cast<uint32_t>(s_raw.w)};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
+        // The word holds the B fragments of columns 16 j + g (b0) and
+        // 16 j + 8 + g (b1); the same eight values, reordered, are the A
+        // fragment of the 16 x 16 tile W^T[16 j .. 16 j + 15][k16].
         uint32_t b0[2], b1[2];
         Dtype<T>::dequant(words[j], b0, b1);
         if constexpr (Tile::kGrouped) {
@@ -218,22 +223,20 @@ class MarlinBlock {
           scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
           scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
         }
+        const uint32_t wfrag[4] = {b0[0], b1[0], b0[1], b1[1]};
 #pragma unroll
-        for (int mb = 0; mb < kMB; ++mb) {
-          MmaOp<T>::run(afrag[mb], b0, acc_[mb][2 * j]);
-          MmaOp<T>::run(afrag[mb], b1, acc_[mb][2 * j + 1]);
-        }
+        for (int rb = 0; rb < kRB; ++rb) MmaOp<T>::run(wfrag, xfrag[rb], acc_[rb][j]);
       }
     }
   }
 
   __device__ void zero_accumulators() {
 #pragma unroll
-    for (int mb = 0; mb < kMB; ++mb)
+    for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 4; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc_[mb][j][e] = 0.f;
+        for (int e = 0; e < 4; ++e) acc_[rb][j][e] = 0.f;
   }
 
   // Sum the K-split warps' accumulators into the warps with warp_k_ == 0,
@@ -242,32 +245,33 @@ class MarlinBlock {
     if constexpr (Tile::kWarpsK > 1) {
       float4* red = reinterpret_cast<float4*>(red_);
 #pragma unroll
-      for (int mb = 0; mb < kMB; ++mb) {
+      for (int half = Tile::kWarpsK / 2; half >= 1; half /= 2) {
+        // Slot layout [slot][rb][j][lane]: each warp touches 512 contiguous
+        // bytes per (rb, j), so the float4 accesses are bank-conflict free.
+        if (warp_k_ >= half && warp_k_ < 2 * half) {
+          const int slot = (warp_k_ - half) * Tile::kWarpsMN + warp_mn_;
 #pragma unroll
-        for (int half = Tile::kWarpsK / 2; half >= 1; half /= 2) {
-          // Slot layout [slot][j][lane]: each warp touches 512 contiguous bytes
-          // per j, so the float4 accesses are bank-conflict free.
-          if (warp_k_ >= half && warp_k_ < 2 * half) {
-            const int slot = (warp_k_ - half) * Tile::kWarpsMN + warp_mn_;
+          for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-              red[(slot * 8 + j) * 32 + lane_] =
-                  make_float4(acc_[mb][j][0], acc_[mb][j][1], acc_[mb][j][2], acc_[mb][j][3]);
-          }
-          __syncthreads();
-          if (warp_k_ < half) {
-            const int slot = warp_k_ * Tile::kWarpsMN + warp_mn_;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-              const float4 v = red[(slot * 8 + j) * 32 + lane_];
-              acc_[mb][j][0] += v.x;
-              acc_[mb][j][1] += v.y;
-              acc_[mb][j][2] += v.z;
-              acc_[mb][j][3] += v.w;
-            }
-          }
-          __syncthreads();
+            for (int j = 0; j < 4; ++j)
+              red[((slot * kRB + rb) * 4 + j) * 32 + lane_] =
+                  make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]);
         }
+        __syncthreads();
+        if (warp_k_ < half) {
+          const int slot = warp_k_ * Tile::kWarpsMN + warp_mn_;
+#pragma unroll
+          for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const float4 v = red[((slot * kRB + rb) * 4 + j) * 32 + lane_];
+              acc_[rb][j][0] += v.x;
+              acc_[rb][j][1] += v.y;
+              acc_[rb][j][2] += v.z;
+              acc_[rb][j][3] += v.w;
+            }
+        }
+        __syncthreads();
       }
     }
   }
@@ -303,25 +307,25 @@ class MarlinBlock {
         if (static_cast<int>(blockIdx.x) == first && threadIdx.x == 0) *lock = 0;
         if (owner) {
 #pragma unroll
-          for (int mb = 0; mb < kMB; ++mb)
+          for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-              const float4 v = __ldcg(&ws[workspace_index(mb, j)]);
-              acc_[mb][j][0] += v.x;
-              acc_[mb][j][1] += v.y;
-              acc_[mb][j][2] += v.z;
-              acc_[mb][j][3] += v.w;
+            for (int j = 0; j < 4; ++j) {
+              const float4 v = __ldcg(&ws[workspace_index(rb, j)]);
+              acc_[rb][j][0] += v.x;
+              acc_[rb][j][1] += v.y;
+              acc_[rb][j][2] += v.z;
+              acc_[rb][j][3] += v.w;
             }
         }
       }
       if (static_cast<int>(blockIdx.x) != first) {
         if (owner) {
 #pragma unroll
-          for (int mb = 0; mb < kMB; ++mb)
+          for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-              __stcg(&ws[workspace_index(mb, j)],
-                     make_float4(acc_[mb][j][0], acc_[mb][j][1], acc_[mb][j][2], acc_[mb][j][3]));
+            for (int j = 0; j < 4; ++j)
+              __stcg(&ws[workspace_index(rb, j)],
+                     make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]));
         }
         pass_turn(lock, turn + 1);
         return;
@@ -330,55 +334,52 @@ class MarlinBlock {
     if (owner) write_output(n_tile);
   }
 
-  __device__ int workspace_index(int mb, int j) const {
-    return (((m_block0_ + mb) * 8 + j) * Tile::kWarpsN + warp_n_) * 32 + lane_;
+  __device__ int workspace_index(int rb, int j) const {
+    return (((row_block0_ + rb) * 4 + j) * Tile::kWarpsN + warp_n_) * 32 + lane_;
   }
 
-  // Accumulator layout of m16n8: lane holds rows lane/4 and lane/4 + 8,
-  // columns 2 * (lane % 4) + {0, 1} of each n8 sub-tile.
+  // Accumulator layout (m16n8, here n16 x m8): lane (g, t) holds columns
+  // 16 j + g (elements 0, 1) and 16 j + g + 8 (elements 2, 3), each for rows
+  // 2 t and 2 t + 1 of the row block.
   __device__ void write_output(int n_tile) {
     const int col0 = n_tile * Tile::kTileN + warp_n_ * kWarpCols;
-    // The warp's 64 columns as two runs of 32 (four n8 sub-tiles each): the
-    // per-channel scale permutation puts the 8 scales a lane needs from a run
-    // in 16 consecutive bytes. Per-channel scales are applied here, in fp32.
+    const int g = lane_ / 4, t = lane_ % 4;
 #pragma unroll
-    for (int run = 0; run < 2; ++run) {
-      uint32_t scale_words[4] = {0, 0, 0, 0};
-      if constexpr (!Tile::kGrouped) {
-        const int4 raw =
-            *reinterpret_cast<const int4*>(p_.scales + col0 + run * 32 + 8 * (lane_ % 4));
-        scale_words[0] = raw.x, scale_words[1] = raw.y, scale_words[2] = raw.z, scale_words[3] = raw.w;
-      }
+    for (int j = 0; j < 4; ++j) {
 #pragma unroll
-      for (int mb = 0; mb < kMB; ++mb) {
+      for (int half = 0; half < 2; ++half) {
+        const int col = col0 + 16 * j + 8 * half + g;
+        float s = 1.f;
+        if constexpr (!Tile::kGrouped) s = to_float(p_.scales[per_channel_position(col)]);
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int row = (m_block0_ + mb) * 16 + lane_ / 4 + 8 * half;
-          if (row >= p_.rows) continue;
-          T* out = p_.y + static_cast<size_t>(row) * p_.n + col0 + 2 * (lane_ % 4);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int j = run * 4 + e;
-            float v0 = acc_[mb][j][2 * half], v1 = acc_[mb][j][2 * half + 1];
-            if constexpr (!Tile::kGrouped) {
-              const float2 s = Dtype<T>::to_floats(as_t2<T2>(scale_words[e]));
-              v0 *= s.x;
-              v1 *= s.y;
-            }
-            *reinterpret_cast<T2*>(out + 8 * j) = Dtype<T>::from_floats(v0, v1);
-          }
+        for (int rb = 0; rb < kRB; ++rb) {
+          const int row = (row_block0_ + rb) * 8 + 2 * t;
+          T* out = p_.y + static_cast<size_t>(row) * p_.n + col;
+          if (row < p_.rows) out[0] = from_float(acc_[rb][j][2 * half] * s);
+          if (row + 1 < p_.rows) out[p_.n] = from_float(acc_[rb][j][2 * half + 1] * s);
         }
       }
     }
   }
 
+  // Where natural column `col` sits in the per-channel scale permutation
+  // (FORMAT.md: runs of 32, position 8 i + 2 e + b holds column 2 i + 8 e + b).
+  __device__ static int per_channel_position(int col) {
+    const int c = col % 32;
+    return col - c + 8 * ((c % 8) / 2) + 2 * (c / 8) + c % 2;
+  }
+  __device__ static float to_float(T v) { return Dtype<T>::to_floats(T2(v, v)).x; }
+  __device__ static T from_float(float v) { return Dtype<T>::from_floats(v, v).x; }
+
   const MarlinParams<T> p_;
   int4* smem_;
   int4* red_;
-  const int warp_, lane_, warp_n_, warp_mn_, warp_k_, m_block0_;
+  const int warp_, lane_, warp_n_, warp_mn_, warp_k_, row_block0_;
   const int k_tiles_, n_tiles_;
   const uint64_t evict_first_;
-  float acc_[kMB][8][4];
+  // acc_[rb][j]: the m16n8 accumulator of output columns 16 j .. 16 j + 15 of
+  // the warp's slab (as MMA rows) and rows 8 rb .. 8 rb + 7 of x (as columns).
+  float acc_[kRB][4][4];
 };
 
 template <typename T, typename Tile>

@@ -12,30 +12,36 @@ inline constexpr int kMaxRows = 64;
 // Shared-memory budget per block. 160 KiB fits every sm_80+ part that has
 // the 164 KiB carve-out (A100, H100); the pipeline takes as many stages as fit.
 inline constexpr int kSmemBudget = 160 * 1024;
-inline constexpr int kMaxStages = 8;
+inline constexpr int kMaxStages = 16;
 
-// kMBlocks: 16-row blocks of activations (1..4); kNBlocks / kKBlocks: 16-wide
-// blocks of the output / reduction dimension per tile; kWarps: warps per block;
-// kBlocksPerSM: resident blocks per SM the tile is built for (they split the
-// shared-memory budget, and registers are capped to fit them); kWarpsM: warps
-// that share a 64-column slab, each taking kMBlocks / kWarpsM of the m-blocks
-// (at 4 m-blocks one warp's 128 accumulators would not fit its registers).
+// The kernel computes y^T = W^T x^T: the dequantized weight is the 16 x 16
+// A operand of mma.m16n8k16 (16 output columns) and the activations the
+// k16 x n8 B operand (8 rows of x). At M <= 8 that is one MMA per packed word
+// instead of two with x as A (whose 16 rows would be mostly padding).
+//
+// kRowBlocks: 8-row blocks of activations (1, 2, 4 or 8); kNBlocks /
+// kKBlocks: 16-wide blocks of the output / reduction dimension per tile;
+// kWarps: warps per block; kBlocksPerSM: resident blocks per SM the tile is
+// built for (they split the shared-memory budget, and registers are capped
+// to fit them); kWarpsM: warps that share a 64-column slab, each taking
+// kRowBlocks / kWarpsM of the row blocks (at 8 row blocks one warp's 128
+// accumulators would not fit its registers).
 // kLoadsOnly is a measuring probe for the tuning tools, never dispatched: the
 // kernel streams its tiles through the pipeline but skips the math, which
 // shows what the memory pipeline alone reaches.
-template <int kMBlocks_, int kNBlocks_, int kKBlocks_, int kWarps_, bool kGrouped_,
+template <int kRowBlocks_, int kNBlocks_, int kKBlocks_, int kWarps_, bool kGrouped_,
           int kBlocksPerSM_ = 1, int kWarpsM_ = 1, bool kLoadsOnly_ = false>
 struct TileShape {
-  static constexpr int kMBlocks = kMBlocks_, kNBlocks = kNBlocks_, kKBlocks = kKBlocks_;
+  static constexpr int kRowBlocks = kRowBlocks_, kNBlocks = kNBlocks_, kKBlocks = kKBlocks_;
   static constexpr int kWarps = kWarps_;
   static constexpr bool kGrouped = kGrouped_;
   static constexpr int kBlocksPerSM = kBlocksPerSM_;
   static constexpr int kWarpsM = kWarpsM_;
   static constexpr bool kLoadsOnly = kLoadsOnly_;
-  static constexpr int kMBlocksPerWarp = kMBlocks / kWarpsM;
+  static constexpr int kRowBlocksPerWarp = kRowBlocks / kWarpsM;
 
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kTileM = 16 * kMBlocks, kTileN = 16 * kNBlocks, kTileK = 16 * kKBlocks;
+  static constexpr int kTileM = 8 * kRowBlocks, kTileN = 16 * kNBlocks, kTileK = 16 * kKBlocks;
   // Warps tile the block's output columns (and, with kWarpsM > 1, its rows);
   // the rest split K and are reduced through shared memory after each tile.
   static constexpr int kWarpsN = kTileN / kWarpCols;
@@ -51,9 +57,9 @@ struct TileShape {
   static constexpr int kScaleRowsMax = kGrouped ? kTileK / 32 : 0;
   static constexpr int kSStage = kScaleRowsMax * kTileN / 8;
   static constexpr int kStage = kAStage + kBStage + kSStage;
-  // Reduction scratch: one m16 x 64 fp32 fragment set (32 floats a lane) for
-  // each warp in the upper half of the K split.
-  static constexpr int kRed = (kWarpsK / 2) * kWarpsMN * 32 * 8;
+  // Reduction scratch: one 64-column x 8-row fp32 fragment set (16 floats a
+  // lane) per row block, for each warp in the upper half of the K split.
+  static constexpr int kRed = (kWarpsK / 2) * kWarpsMN * kRowBlocksPerWarp * 32 * 4;
   static constexpr int kBlockBudget = kSmemBudget / 16 / kBlocksPerSM;  // 16-byte units
   static constexpr int kStages = (kBlockBudget - kRed) / kStage < kMaxStages
                                      ? (kBlockBudget - kRed) / kStage
@@ -61,7 +67,7 @@ struct TileShape {
   static constexpr int kSmemBytes = 16 * (kStages * kStage + kRed);
 
   static_assert(kNBlocks % 4 == 0, "a warp owns 64 output columns");
-  static_assert(kMBlocks % kWarpsM == 0, "the M split must divide the m-blocks");
+  static_assert(kRowBlocks % kWarpsM == 0, "the M split must divide the row blocks");
   static_assert(kWarps % kWarpsMN == 0 && kWarpsK >= 1, "warps must tile M and N evenly");
   static_assert(kKBlocks % kWarpsK == 0, "K split must divide the k-tile");
   static_assert((kWarpsK & (kWarpsK - 1)) == 0, "tree reduction needs a power-of-two K split");

@@ -130,16 +130,28 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, b
               probe ? "probe" : diff <= 1e-2 ? "same" : "MISMATCH", diff);
 }
 
-#define SWEEP(MB, NB, KB, W) \
-  time_tile<TileShape<MB, NB, KB, W, true>>("m" #MB " n" #NB " k" #KB " w" #W, layer, b, m)
-// Two resident blocks per SM: twice the warps to hide the dequantization's
-// latency, half the shared memory (fewer stages) each.
-// Two warps share each 64-column slab, half the m-blocks each (64 instead of
-// 128 accumulators a thread at 4 m-blocks).
-#define SWEEPM2(MB, NB, KB, W) \
-  time_tile<TileShape<MB, NB, KB, W, true, 1, 2>>("m" #MB " n" #NB " k" #KB " w" #W " msplit2", layer, b, m)
-#define SWEEP2(MB, NB, KB, W) \
-  time_tile<TileShape<MB, NB, KB, W, true, 2>>("m" #MB " n" #NB " k" #KB " w" #W " x2/SM", layer, b, m)
+// Candidate RB x NB x KB x W: RB 8-row blocks of x, a (16 KB) x (16 NB)
+// tile of the weight, W warps. "x2/SM": two resident blocks per SM (more
+// warps to hide the dequantization's latency, half the shared memory each);
+// "msplit2": two warps share each 64-column slab, half the row blocks each.
+#define SWEEP(RB, NB, KB, W) \
+  time_tile<TileShape<RB, NB, KB, W, true>>("r" #RB " n" #NB " k" #KB " w" #W, layer, b, m)
+#define SWEEPM2(RB, NB, KB, W)                                                                   \
+  time_tile<TileShape<RB, NB, KB, W, true, 1, 2>>("r" #RB " n" #NB " k" #KB " w" #W " msplit2", \
+                                                  layer, b, m)
+#define SWEEP2(RB, NB, KB, W) \
+  time_tile<TileShape<RB, NB, KB, W, true, 2>>("r" #RB " n" #NB " k" #KB " w" #W " x2/SM", layer, b, m)
+#define SMALL_M_CANDIDATES(RB) \
+  SWEEP(RB, 8, 8, 8);          \
+  SWEEP(RB, 8, 8, 16);         \
+  SWEEP(RB, 8, 16, 8);         \
+  SWEEP(RB, 8, 16, 16);        \
+  SWEEP(RB, 16, 8, 8);         \
+  SWEEP(RB, 16, 8, 16);        \
+  SWEEP(RB, 4, 16, 8);         \
+  SWEEP(RB, 4, 8, 4);          \
+  SWEEP2(RB, 8, 8, 8);         \
+  SWEEP2(RB, 4, 8, 8)
 
 int main(int argc, char** argv) {
   CHECK_CUDA(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
@@ -174,46 +186,37 @@ int main(int argc, char** argv) {
       layer.packed.push_back(w);
       layer.scales.push_back(sc);
     }
-    for (int m : {1, 16}) {
-      SWEEP(1, 8, 8, 8);   // 128x128, the current small-batch choice
-      SWEEP(1, 8, 8, 4);
-      SWEEP(1, 16, 4, 8);  // 64x256
-      SWEEP(1, 16, 8, 8);  // 128x256
-      SWEEP(1, 4, 16, 8);  // 256x64
-      SWEEP(1, 8, 16, 8);  // 256x128
-      SWEEP(1, 4, 4, 4);   // 64x64
-      SWEEP2(1, 8, 8, 8);
-      SWEEP2(1, 16, 4, 8);
-      SWEEP2(1, 8, 8, 4);
+    for (int m : {1}) {
+      SMALL_M_CANDIDATES(1);
+    }
+    for (int m : {16}) {
+      SMALL_M_CANDIDATES(2);
     }
     for (int m : {32}) {
-      SWEEP(2, 8, 8, 8);
-      SWEEP(2, 16, 4, 8);
-      SWEEP(2, 16, 8, 8);
-      SWEEP(2, 8, 16, 8);
-      SWEEP2(2, 8, 8, 8);
+      SWEEP(4, 8, 8, 8);
+      SWEEP(4, 8, 16, 8);
+      SWEEP(4, 16, 8, 8);
+      SWEEP(4, 8, 8, 16);
+      SWEEP(4, 16, 4, 8);
     }
     for (int m : {64}) {
-      SWEEP(4, 8, 8, 8);
-      SWEEP(4, 16, 4, 8);
-      SWEEP(4, 8, 4, 4);
-      SWEEP(4, 16, 8, 8);
-      SWEEPM2(4, 8, 8, 8);
-      SWEEPM2(4, 16, 4, 8);
-      SWEEPM2(4, 8, 4, 4);
-      SWEEPM2(4, 16, 8, 8);
+      SWEEPM2(8, 8, 8, 8);
+      SWEEPM2(8, 16, 8, 8);
+      SWEEPM2(8, 8, 8, 16);
+      SWEEPM2(8, 16, 4, 8);
+      SWEEPM2(8, 4, 8, 4);
     }
-    if (layer.k == 8192 && layer.n == 8192) {
+    {
       // Where the M = 1 time goes: weights in L2 (no HBM), the pipeline
       // without the math, the math without group scales.
-      time_tile<TileShape<1, 8, 8, 8, true>>("m1 n8 k8 w8 L2-resident", layer, b, 1, false);
-      time_tile<TileShape<1, 8, 8, 8, true, 1, 1, true>>("m1 n8 k8 w8 loads-only", layer, b, 1,
+      time_tile<TileShape<1, 8, 8, 8, true>>("r1 n8 k8 w8 L2-resident", layer, b, 1, false);
+      time_tile<TileShape<1, 8, 8, 8, true, 1, 1, true>>("r1 n8 k8 w8 loads-only", layer, b, 1,
                                                          true, true);
-      time_tile<TileShape<1, 8, 8, 8, true, 2, 1, true>>("m1 n8 k8 w8 x2/SM loads-only", layer, b,
+      time_tile<TileShape<1, 8, 8, 8, true, 2, 1, true>>("r1 n8 k8 w8 x2/SM loads-only", layer, b,
                                                          1, true, true);
-      time_tile<TileShape<1, 16, 8, 8, true, 1, 1, true>>("m1 n16 k8 w8 loads-only", layer, b, 1,
+      time_tile<TileShape<1, 16, 8, 8, true, 1, 1, true>>("r1 n16 k8 w8 loads-only", layer, b, 1,
                                                           true, true);
-      time_tile<TileShape<1, 8, 8, 8, false>>("m1 n8 k8 w8 per-channel", layer, b, 1, true, true);
+      time_tile<TileShape<1, 8, 8, 8, false>>("r1 n8 k8 w8 per-channel", layer, b, 1, true, true);
     }
     for (void* p : layer.packed) cudaFree(p);
     for (void* p : layer.scales) cudaFree(p);
