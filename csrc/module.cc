@@ -73,9 +73,9 @@ NB_MODULE(_ext, m) {
 #endif
   }, "Whether this build contains the CUDA handler.");
 #ifdef JAX_MARLIN_WITH_CUDA
-  m.def("cuda_workspace_floats", [](int m_rows, int n) {
-    return jax_marlin::cuda::workspace_floats(m_rows, n);
-  }, nb::arg("m"), nb::arg("n"),
-  "float32 workspace the CUDA handler needs for an (m, n) output.");
+  m.def("cuda_workspace_floats", [](int m_rows, int k, int n) {
+    return jax_marlin::cuda::workspace_floats(m_rows, k, n);
+  }, nb::arg("m"), nb::arg("k"), nb::arg("n"),
+  "float32 workspace the CUDA handler needs for an (m, k) x (k, n) product.");
 #endif
 }

@@ -58,9 +58,9 @@ BACKENDS: frozenset[str] = frozenset(p.lower() for p in _REGISTRATIONS)
 
 
 
-def cuda_workspace_floats(m: int, n: int) -> int:
-    """float32 workspace the CUDA kernel needs for an (m, n) output."""
-    return int(_ext.cuda_workspace_floats(m, n))
+def cuda_workspace_floats(m: int, k: int, n: int) -> int:
+    """float32 workspace the CUDA kernel needs for an (m, k) x (k, n) product."""
+    return int(_ext.cuda_workspace_floats(m, k, n))
 
 
 _lock = threading.Lock()

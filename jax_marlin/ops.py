@@ -90,11 +90,11 @@ def _cpu_call(x2, packed, scales):
 
 
 def _cuda_call(x2, packed, scales):
-    M, N = x2.shape[0], scales.shape[1]
+    (M, K), N = x2.shape, scales.shape[1]
     outs = (
         jax.ShapeDtypeStruct((M, N), x2.dtype),
         # Scratch for the kernel's cross-block partial sums (discarded here).
-        jax.ShapeDtypeStruct((_ffi().cuda_workspace_floats(M, N),), jnp.float32),
+        jax.ShapeDtypeStruct((_ffi().cuda_workspace_floats(M, K, N),), jnp.float32),
     )
     # rows/cols size the call's lock buffer, made once when XLA instantiates it.
     y, _ = jax.ffi.ffi_call(_ffi().TARGET, outs)(

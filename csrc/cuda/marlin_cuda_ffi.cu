@@ -86,9 +86,9 @@ ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::Any
         std::to_string(rows) + ", " + std::to_string(cols) + ") but got y of shape (" +
         std::to_string(shape.m) + ", " + std::to_string(shape.n) + ")");
   }
-  if (workspace->element_count() < workspace_floats(m, n)) {
+  if (workspace->element_count() < workspace_floats(m, k, n)) {
     return ffi::Error::InvalidArgument(
-        "jax_marlin_matmul (CUDA): workspace needs " + std::to_string(workspace_floats(m, n)) +
+        "jax_marlin_matmul (CUDA): workspace needs " + std::to_string(workspace_floats(m, k, n)) +
         " floats, got " + std::to_string(workspace->element_count()));
   }
 

@@ -8,7 +8,7 @@
 // device; the kernel leaves them zeroed, so no call pays for a reset.
 // Execute operands: x (M, K) f16/bf16, packed (K/16, 2N) s32, scales (K/g, N)
 // in x's dtype; results: y (M, N) in x's dtype, workspace f32
-// (>= workspace_floats(M, N)). Command-buffer (CUDA graph) compatible.
+// (>= workspace_floats(M, K, N)). Command-buffer (CUDA graph) compatible.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MarlinMatmulCudaInstantiate);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MarlinMatmulCuda);
 

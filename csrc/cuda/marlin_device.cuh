@@ -197,29 +197,27 @@ __device__ __forceinline__ void scale_fragment(uint32_t (&frag)[2], typename Dty
 }
 
 // ---------------------------------------------------------------------------
-// Ordered inter-block reduction: blocks that share an output tile take turns.
+// Inter-block reduction: who completes a tile shared by several blocks
 // ---------------------------------------------------------------------------
 
-// Spin (one thread) until the tile's lock shows it is `turn`'s go, then let the
-// whole block proceed. The acquire load makes the previous block's partial
-// sums visible to the loads that follow the barrier.
-__device__ __forceinline__ void wait_for_turn(const int* lock, int turn) {
-  if (threadIdx.x == 0) {
-    int seen;
-    do {
-      asm volatile("ld.global.acquire.gpu.b32 %0, [%1];\n" : "=r"(seen) : "l"(lock));
-    } while (seen != turn);
-  }
-  __syncthreads();
-}
-
-// Publish this block's partial sums (already stored by all threads) and hand
-// the tile to the next block.
-__device__ __forceinline__ void pass_turn(int* lock, int next_turn) {
+// Call after this block stored its partial sums (every thread reaches it).
+// Counts the block in on `counter`; true in exactly one of the `parts`
+// blocks, the last to arrive, which then sees every other block's partial
+// sums and leaves the counter at 0 for the next launch. The fence before the
+// count publishes the block's stores (the barrier orders them before it);
+// the one after it makes the others' stores visible to the loads that follow.
+__device__ __forceinline__ bool last_to_arrive(int* counter, int parts) {
+  __shared__ int is_last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    asm volatile("st.global.release.gpu.b32 [%0], %1;\n" ::"l"(lock), "r"(next_turn));
+    __threadfence();
+    const bool last = atomicAdd(counter, 1) == parts - 1;
+    if (last) *counter = 0;
+    __threadfence();
+    is_last = last;
   }
+  __syncthreads();
+  return is_last;
 }
 
 }  // namespace jax_marlin::cuda

@@ -1,6 +1,7 @@
 // The dispatch table: which tile configurations exist, which one a problem
 // gets, and the launch of the chosen template instance. Instances are
 // generated from kTileConfigs by templates; nothing here is enumerated by hand.
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdint>
@@ -18,10 +19,10 @@ struct TileConfig {
   constexpr int tile_k() const { return 16 * k_blocks; }
 };
 
-// 128x128 (k x n) streams the most weight per block at small batch; 64x256
-// halves activation re-reads at larger batch; 64x64 is the fallback that
+// k x n tiles: 256x128 and 128x256 stream the most weight per barrier;
+// 128x128 where those do not divide (K, N); 64x64 is the fallback that
 // covers every K, N multiple of 64.
-constexpr std::array<TileConfig, 3> kTileConfigs = {{{8, 8, 8}, {16, 4, 8}, {4, 4, 4}}};
+constexpr std::array<TileConfig, 4> kTileConfigs = {{{8, 16, 8}, {16, 8, 8}, {8, 8, 8}, {4, 4, 4}}};
 constexpr int kNumConfigs = static_cast<int>(kTileConfigs.size());
 
 // A chunk of `rows` rows runs with 1, 2, 4 or 8 blocks of 8 rows (rounded up:
@@ -36,8 +37,8 @@ constexpr int warps_m(int row_blocks) { return row_blocks == 8 ? 2 : 1; }
 // Order in which configurations are tried for a row variant; the first whose
 // tile divides (K, N) wins.
 constexpr std::array<int, kNumConfigs> preference(int variant) {
-  if (variant <= 1) return {0, 1, 2};
-  return {1, 0, 2};
+  if (variant == 0) return {0, 1, 2, 3};
+  return {1, 0, 2, 3};
 }
 
 int multiprocessor_count() {
@@ -53,6 +54,21 @@ int multiprocessor_count() {
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (device < 64) cache[device].store(sms, std::memory_order_relaxed);
   return sms;
+}
+
+// The most SMs of any visible device (queried once).
+int max_multiprocessor_count() {
+  static const int most = [] {
+    int devices = 0, most = 1;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess) return most;
+    for (int d = 0; d < devices; ++d) {
+      int sms = 0;
+      if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d) == cudaSuccess)
+        most = std::max(most, sms);
+    }
+    return most;
+  }();
+  return most;
 }
 
 int log2_exact(int v) {
@@ -103,6 +119,7 @@ cudaError_t launch_chunk(const MarlinProblem& pr, int row0, int rows, int* locks
   // One stripe per resident block: the ordered reduction needs every block
   // of the grid resident at once (a block may wait on another).
   const int total = (pr.k / Tile::kTileK) * (pr.n / Tile::kTileN);
+  static_assert(Tile::kBlocksPerSM == 1, "workspace_floats sizes the grid at one block per SM");
   const int resident = multiprocessor_count() * resident_per_sm;
   p.stripes = total < resident ? total : resident;
 
@@ -125,8 +142,12 @@ constexpr ChunkLauncher launcher_for() {
   constexpr bool is_bf16 = I / (kNumConfigs * kNumRowVariants * 2) == 1;
   constexpr TileConfig c = kTileConfigs[config];
   using T = std::conditional_t<is_bf16, __nv_bfloat16, half>;
-  return &launch_chunk<T, TileShape<row_blocks, c.n_blocks, c.k_blocks, c.warps, grouped, 1,
-                                    warps_m(row_blocks)>>;
+  using Tile = TileShape<row_blocks, c.n_blocks, c.k_blocks, c.warps, grouped, 1, warps_m(row_blocks)>;
+  if constexpr (Tile::kFits) {
+    return &launch_chunk<T, Tile>;
+  } else {
+    return nullptr;
+  }
 }
 
 template <int... I>
@@ -139,6 +160,10 @@ constexpr auto kLaunchers =
 
 int pick_config(int variant, int k, int n) {
   for (int c : preference(variant)) {
+    // Shared-memory fit depends only on the shapes (the same for fp16 and bf16).
+    if (kLaunchers[table_index(ActDtype::kFloat16, true, variant, c)] == nullptr ||
+        kLaunchers[table_index(ActDtype::kFloat16, false, variant, c)] == nullptr)
+      continue;
     if (k % kTileConfigs[c].tile_k() == 0 && n % kTileConfigs[c].tile_n() == 0) return c;
   }
   return -1;
@@ -146,11 +171,23 @@ int pick_config(int variant, int k, int n) {
 
 }  // namespace
 
-size_t workspace_floats(int m, int n) {
-  // One chunk's tiles at a time (chunks run one after another), padded to
-  // the chunk's row blocks.
-  const int rows = 8 * kRowBlockCounts[row_variant(m < kMaxRows ? m : kMaxRows)];
-  return static_cast<size_t>(rows) * n;
+size_t workspace_floats(int m, int k, int n) {
+  // Two partial-sum slots per block of the grid (see MarlinBlock::slot), for
+  // the larger of the two kinds of chunk (full, and the remainder); chunks run
+  // one after another and reuse it. Sized for the device with the most SMs,
+  // so that the size fixed when a program is traced fits any of them.
+  size_t most = 0;
+  for (int rows : {m < kMaxRows ? m : kMaxRows, m % kMaxRows}) {
+    if (rows == 0) continue;
+    const int variant = row_variant(rows);
+    const int config = pick_config(variant, k, n);
+    if (config < 0) continue;
+    const TileConfig& c = kTileConfigs[config];
+    const size_t total = static_cast<size_t>(k / c.tile_k()) * (n / c.tile_n());
+    const size_t grid = std::min(total, static_cast<size_t>(max_multiprocessor_count()));
+    most = std::max(most, 2 * grid * (8 * kRowBlockCounts[variant]) * c.tile_n());
+  }
+  return most;
 }
 
 size_t lock_count(int m, int n) {

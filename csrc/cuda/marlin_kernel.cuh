@@ -5,8 +5,11 @@
 // (n-tile, k-tile) iterations, k fastest, are dealt out to the blocks as
 // contiguous stripes of near-equal length, one block per SM. A stripe may end
 // in the middle of one n-tile and continue into the next, so several blocks
-// can share an n-tile; they add their partial sums in a fixed order through an fp32
-// workspace, taking turns on a per-tile lock, and the last one writes y.
+// can share an n-tile: each stores its fp32 partial sums in its own workspace
+// slot and counts itself in on the tile's counter; the last to arrive adds
+// the slots in block order (fixed, so results are deterministic) and writes y.
+// Nobody waits on anybody: the cost is one round trip to L2, however many
+// blocks share the tile.
 // Every block streams its weights through one cp.async pipeline that runs
 // across n-tile boundaries, so a block never drains its loads mid-stripe.
 #pragma once
@@ -24,8 +27,8 @@ struct MarlinParams {
   const int4* packed;    // (K / 16, 2 N) int32 Marlin layout, as 16-byte units
   const T* scales;       // (K / group, N) permuted scales
   T* y;                  // (rows, N)
-  float* workspace;      // >= kTileM * N floats of partial sums
-  int* locks;            // N / kTileN zeroed counters
+  float* workspace;      // 2 * stripes slots of kTileM * kTileN floats
+  int* locks;            // N / kTileN zeroed counters (left zeroed)
   int rows, k, n;        // rows <= kTileM
   int group_shift;       // log2(group size); grouped kernels only
   int stripes;           // gridDim.x
@@ -277,40 +280,36 @@ class MarlinBlock {
   }
 
   // End of this block's share of n-tile `n_tile`: reduce over the block's K
-  // split, then over the blocks sharing the tile (through the workspace), and
-  // let the last of them write the output.
-  //
-  // Turn order runs from the highest block index down. The highest block met
-  // this tile at the start of its stripe, the lowest meets it at the end of
-  // its own: in that order nobody waits on a block that is itself still
-  // waiting, so waits never chain across stripes. (Ascending order would make
-  // each block wait, after its first tile, for the whole stripe before it.)
-  // The order is fixed, so results are deterministic.
+  // split, then over the blocks sharing the tile (through the workspace);
+  // whoever completes the tile writes the output.
   __device__ void finish_tile(int n_tile, int total) {
     reduce_within_block();
 
     const int first = stripe_of(n_tile * k_tiles_, total, p_.stripes);
     const int last = stripe_of((n_tile + 1) * k_tiles_ - 1, total, p_.stripes);
-    const int turn = last - static_cast<int>(blockIdx.x);
     const bool owner = warp_k_ == 0;
-    // Partial sums kept in fragment order: each lane reads back exactly what
-    // it wrote, as coalesced float4s.
-    float4* ws = reinterpret_cast<float4*>(p_.workspace) +
-                 static_cast<size_t>(n_tile) * (Tile::kTileM * Tile::kTileN / 4);
-    int* lock = p_.locks + n_tile;
-
     if (first != last) {
-      if (turn > 0) {
-        wait_for_turn(lock, turn);
-        // The final writer is the last to look at this lock: leave it at 0,
-        // so that a persistent lock buffer needs zeroing only once.
-        if (static_cast<int>(blockIdx.x) == first && threadIdx.x == 0) *lock = 0;
-        if (owner) {
+      // Partial sums kept in fragment order: each lane stores and reads back
+      // its own fragments, as coalesced float4s.
+      if (owner) {
+        float4* mine = slot(static_cast<int>(blockIdx.x), n_tile, total);
+#pragma unroll
+        for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            __stcg(&mine[workspace_index(rb, j)],
+                   make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]));
+      }
+      if (!last_to_arrive(p_.locks + n_tile, last - first + 1)) return;
+      if (owner) {
+        zero_accumulators();
+        for (int b = first; b <= last; ++b) {
+          const float4* part = slot(b, n_tile, total);
 #pragma unroll
           for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-              const float4 v = __ldcg(&ws[workspace_index(rb, j)]);
+              const float4 v = __ldcg(&part[workspace_index(rb, j)]);
               acc_[rb][j][0] += v.x;
               acc_[rb][j][1] += v.y;
               acc_[rb][j][2] += v.z;
@@ -318,20 +317,17 @@ class MarlinBlock {
             }
         }
       }
-      if (static_cast<int>(blockIdx.x) != first) {
-        if (owner) {
-#pragma unroll
-          for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-              __stcg(&ws[workspace_index(rb, j)],
-                     make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]));
-        }
-        pass_turn(lock, turn + 1);
-        return;
-      }
     }
     if (owner) write_output(n_tile);
+  }
+
+  // Block b's workspace slot for n-tile `n_tile`: a stripe shares at most its
+  // first and its last n-tile with other blocks, so two slots a block.
+  __device__ float4* slot(int b, int n_tile, int total) const {
+    const int begin = static_cast<int>(static_cast<long long>(b) * total / p_.stripes);
+    const int which = begin / k_tiles_ == n_tile ? 0 : 1;
+    return reinterpret_cast<float4*>(p_.workspace) +
+           static_cast<size_t>(2 * b + which) * (Tile::kTileM * Tile::kTileN / 4);
   }
 
   __device__ int workspace_index(int rb, int j) const {
@@ -385,6 +381,7 @@ class MarlinBlock {
 template <typename T, typename Tile>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
     marlin_kernel(const MarlinParams<T> p) {
+  static_assert(Tile::kFits, "the tile's pipeline stages do not fit in shared memory");
   extern __shared__ int4 smem[];
   MarlinBlock<T, Tile> block(p, smem);
   block.run();

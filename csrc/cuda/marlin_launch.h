@@ -16,7 +16,7 @@ struct MarlinProblem {
   const void* packed;  // (k / 16, 2 n) int32, Marlin layout
   const void* scales;  // (k / group_size, n) permuted scales, same dtype as x
   void* y;             // (m, n) output, same dtype as x
-  float* workspace;    // workspace_floats(m, n) floats, any contents
+  float* workspace;    // workspace_floats(m, k, n) floats, any contents
   int* locks;          // lock_count(m, n) ints: zeroed here, unless locks_zeroed
   bool locks_zeroed;   // locks are all 0 on entry (they are 0 again on exit)
   int m, k, n;
@@ -24,7 +24,7 @@ struct MarlinProblem {
 };
 
 // Scratch sizes the caller must provide.
-size_t workspace_floats(int m, int n);
+size_t workspace_floats(int m, int k, int n);
 size_t lock_count(int m, int n);
 
 // nullptr if the kernel supports the shapes, else a message saying why not.

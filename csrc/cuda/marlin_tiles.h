@@ -65,6 +65,9 @@ struct TileShape {
                                      ? (kBlockBudget - kRed) / kStage
                                      : kMaxStages;
   static constexpr int kSmemBytes = 16 * (kStages * kStage + kRed);
+  // The pipeline needs at least 3 stages; a tile whose stages do not fit is
+  // left out of the dispatch table (and cannot be launched).
+  static constexpr bool kFits = kStages >= 3;
 
   static_assert(kNBlocks % 4 == 0, "a warp owns 64 output columns");
   static_assert(kRowBlocks % kWarpsM == 0, "the M split must divide the row blocks");
@@ -72,7 +75,6 @@ struct TileShape {
   static_assert(kKBlocks % kWarpsK == 0, "K split must divide the k-tile");
   static_assert((kWarpsK & (kWarpsK - 1)) == 0, "tree reduction needs a power-of-two K split");
   static_assert(kAChunksPerRow >= 8, "the A swizzle permutes groups of 8 chunks");
-  static_assert(kStages >= 3, "pipeline needs at least 3 stages");
 };
 
 }  // namespace jax_marlin::cuda

@@ -92,14 +92,14 @@ static double run_case(const Case& c, std::mt19937& rng, int repeats) {
   CHECK_CUDA(cudaMalloc(&dp, packed.size() * 4));
   CHECK_CUDA(cudaMalloc(&ds, scales_perm.size() * 2));
   CHECK_CUDA(cudaMalloc(&dy, static_cast<size_t>(c.m) * c.n * 2));
-  CHECK_CUDA(cudaMalloc(&dws, cuda::workspace_floats(c.m, c.n) * 4));
+  CHECK_CUDA(cudaMalloc(&dws, cuda::workspace_floats(c.m, c.k, c.n) * 4));
   CHECK_CUDA(cudaMalloc(&dlocks, cuda::lock_count(c.m, c.n) * 4));
   CHECK_CUDA(cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(dp, packed.data(), packed.size() * 4, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(ds, scales_perm.data(), scales_perm.size() * 2, cudaMemcpyHostToDevice));
   // Poison output, workspace and locks: the launcher must not rely on zeros.
   CHECK_CUDA(cudaMemset(dy, 0xff, static_cast<size_t>(c.m) * c.n * 2));
-  CHECK_CUDA(cudaMemset(dws, 0x7f, cuda::workspace_floats(c.m, c.n) * 4));
+  CHECK_CUDA(cudaMemset(dws, 0x7f, cuda::workspace_floats(c.m, c.k, c.n) * 4));
   CHECK_CUDA(cudaMemset(dlocks, 0x55, cuda::lock_count(c.m, c.n) * 4));
 
   // First call resets the poisoned locks; later ones rely on the kernel
@@ -171,7 +171,7 @@ static int bench() {
         int* locks;
         CHECK_CUDA(cudaMalloc(&x, static_cast<size_t>(m) * k * 2));
         CHECK_CUDA(cudaMalloc(&y, static_cast<size_t>(m) * n * 2));
-        CHECK_CUDA(cudaMalloc(&ws, cuda::workspace_floats(m, n) * 4));
+        CHECK_CUDA(cudaMalloc(&ws, cuda::workspace_floats(m, k, n) * 4));
         CHECK_CUDA(cudaMalloc(&locks, cuda::lock_count(m, n) * 4));
         CHECK_CUDA(cudaMemset(x, 0x3c, static_cast<size_t>(m) * k * 2));
         const float us_call = median_us_per_call(

@@ -161,7 +161,8 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaMalloc(&b.y, size_t{64} * 28672 * 2));
   CHECK_CUDA(cudaMalloc(&b.y_ref, size_t{64} * 28672 * 2));
   CHECK_CUDA(cudaMalloc(&b.ref_locks, 4096 * sizeof(int)));
-  CHECK_CUDA(cudaMalloc(&b.workspace, size_t{64} * 28672 * 4));
+  // Two partial-sum slots a block, for the largest tile swept (64 x 256).
+  CHECK_CUDA(cudaMalloc(&b.workspace, size_t{2} * 2 * g_sms * 64 * 256 * 4));
   CHECK_CUDA(cudaMalloc(&b.locks, 4096 * sizeof(int)));
   CHECK_CUDA(cudaMemset(b.locks, 0, 4096 * sizeof(int)));
   fill_halves<<<1024, 256>>>(static_cast<half*>(b.x), size_t{64} * 28672, -1.f, 1.f, 1);
