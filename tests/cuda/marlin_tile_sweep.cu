@@ -73,6 +73,7 @@ static double max_rel_diff(const Buffers& b, int m, int n) {
 }
 
 static int g_sms = 0;
+static double g_bw = 3.0e12;  // copy bandwidth, measured in main()
 
 // Kernel only: the locks were zeroed once and every launch leaves them zeroed
 // (the memset a scratch lock buffer would need is timed separately).
@@ -98,7 +99,7 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, b
   const int total = (layer.k / Tile::kTileK) * (layer.n / Tile::kTileN);
   const int copies = rotate ? static_cast<int>(layer.packed.size()) : 1;
   const float us = median_us_per_call(
-      [&](int i) {
+      [&](int i, cudaStream_t stream) {
         MarlinParams<half> p;
         p.x = static_cast<const half*>(b.x);
         p.packed = static_cast<const int4*>(layer.packed[i % copies]);
@@ -111,7 +112,7 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, b
         p.n = layer.n;
         p.group_shift = 7;
         p.stripes = std::min(total, g_sms * Tile::kBlocksPerSM);
-        marlin_kernel<half, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes>>>(p);
+        marlin_kernel<half, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
         CHECK_CUDA(cudaGetLastError());
       },
       4 * copies);
@@ -124,9 +125,9 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, b
   const double diff = probe ? 0.0 : max_rel_diff(b, m, layer.n);
   const double bytes = layer.k * double(layer.n) / 2 + layer.k / 128.0 * layer.n * 2 +
                        2.0 * m * (layer.k + layer.n);
-  std::printf("%6d %6d %4d  %-28s stages=%d smem=%3dKB  %8.2f us  %6.1f%% of 3.0 TB/s  %s (%.1e)\n",
+  std::printf("%6d %6d %4d  %-28s stages=%d smem=%3dKB  %8.2f us  %6.1f%% of roofline  %s (%.1e)\n",
               layer.k, layer.n, m, name, Tile::kStages, Tile::kSmemBytes / 1024, us,
-              100.0 * bytes / 3.0e12 / (us * 1e-6),
+              100.0 * bytes / g_bw / (us * 1e-6),
               probe ? "probe" : diff <= 1e-2 ? "same" : "MISMATCH", diff);
 }
 
@@ -167,9 +168,27 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaMemset(b.locks, 0, 4096 * sizeof(int)));
   fill_halves<<<1024, 256>>>(static_cast<half*>(b.x), size_t{64} * 28672, -1.f, 1.f, 1);
 
+  // Copy bandwidth (read + write of a 1 GiB buffer): the roofline's yardstick.
+  {
+    const size_t bytes = size_t{1} << 30;
+    void *src, *dst;
+    CHECK_CUDA(cudaMalloc(&src, bytes));
+    CHECK_CUDA(cudaMalloc(&dst, bytes));
+    CHECK_CUDA(cudaMemset(src, 1, bytes));
+    const float us = median_us_per_call(
+        [&](int, cudaStream_t stream) {
+          CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
+        },
+        4);
+    g_bw = 2.0 * bytes / (us * 1e-6);
+    std::printf("copy bandwidth (read + write): %.3f TB/s\n", g_bw / 1e12);
+    CHECK_CUDA(cudaFree(src));
+    CHECK_CUDA(cudaFree(dst));
+  }
   // The lock memset alone, as launched before every call.
   const float memset_us = median_us_per_call(
-      [&](int) { CHECK_CUDA(cudaMemsetAsync(b.locks, 0, 128 * sizeof(int))); }, 200);
+      [&](int, cudaStream_t stream) { CHECK_CUDA(cudaMemsetAsync(b.locks, 0, 128 * sizeof(int), stream)); },
+      200);
   std::printf("lock memset alone: %.2f us a call (not in the rows below)\n", memset_us);
 
   for (auto& s : shapes) {
