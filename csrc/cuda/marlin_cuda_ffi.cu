@@ -4,6 +4,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/marlin_shape.h"
 #include "cuda/marlin_cuda_ffi.h"
@@ -14,44 +15,51 @@ namespace ffi = xla::ffi;
 namespace jax_marlin::cuda {
 namespace {
 
-// The lock counters of one compiled call, on that call's device.
+// The lock counters of one compiled call: a zeroed array on every visible
+// device, made once when XLA instantiates the call. Execution picks the one
+// on its stream's device, so a program replicated over several GPUs never
+// shares counters between them. (The instantiate stage is not told its
+// device reliably, and allocating in execute would break graph capture.)
 struct LockBuffer {
   static ffi::TypeId id;
-  int* locks = nullptr;
+  std::vector<int*> per_device;
   size_t count = 0;
-  int device = 0;
 
   ~LockBuffer() {
-    if (locks == nullptr) return;
     int current = 0;
     if (cudaGetDevice(&current) != cudaSuccess) return;
-    cudaSetDevice(device);
-    cudaFree(locks);
+    for (size_t d = 0; d < per_device.size(); ++d) {
+      if (per_device[d] == nullptr) continue;
+      cudaSetDevice(static_cast<int>(d));
+      cudaFree(per_device[d]);
+    }
     cudaSetDevice(current);
   }
 };
 ffi::TypeId LockBuffer::id = {};
 const XLA_FFI_TypeInfo kLockBufferInfo = ffi::MakeTypeInfo<LockBuffer>();
 
-ffi::ErrorOr<std::unique_ptr<LockBuffer>> InstantiateLocks(int32_t device, int64_t rows,
-                                                           int64_t cols) {
+ffi::ErrorOr<std::unique_ptr<LockBuffer>> InstantiateLocks(int64_t rows, int64_t cols) {
   if (rows < 0 || cols <= 0 || cols % 64 != 0) {
     return ffi::Unexpected(ffi::Error::InvalidArgument(
         "jax_marlin_matmul (CUDA): bad rows/cols attributes " + std::to_string(rows) + ", " +
         std::to_string(cols)));
   }
   auto buffer = std::make_unique<LockBuffer>();
-  buffer->device = device;
   buffer->count = rows == 0 ? 0 : lock_count(static_cast<int>(rows), static_cast<int>(cols));
   if (buffer->count == 0) return std::move(buffer);
 
-  int current = 0;
+  int current = 0, devices = 0;
   cudaError_t err = cudaGetDevice(&current);
-  if (err == cudaSuccess) err = cudaSetDevice(device);
-  if (err == cudaSuccess) err = cudaMalloc(&buffer->locks, buffer->count * sizeof(int));
-  if (err == cudaSuccess) err = cudaMemset(buffer->locks, 0, buffer->count * sizeof(int));
-  // XLA's streams do not wait on the legacy stream the memset ran on.
-  if (err == cudaSuccess) err = cudaDeviceSynchronize();
+  if (err == cudaSuccess) err = cudaGetDeviceCount(&devices);
+  if (err == cudaSuccess) buffer->per_device.assign(devices, nullptr);
+  for (int d = 0; d < devices && err == cudaSuccess; ++d) {
+    err = cudaSetDevice(d);
+    if (err == cudaSuccess) err = cudaMalloc(&buffer->per_device[d], buffer->count * sizeof(int));
+    if (err == cudaSuccess) err = cudaMemset(buffer->per_device[d], 0, buffer->count * sizeof(int));
+    // XLA's streams do not wait on the legacy stream the memset ran on.
+    if (err == cudaSuccess) err = cudaDeviceSynchronize();
+  }
   cudaSetDevice(current);
   if (err != cudaSuccess) {
     return ffi::Unexpected(ffi::Error::Internal(
@@ -99,7 +107,16 @@ ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::Any
   problem.scales = scales.untyped_data();
   problem.y = y->untyped_data();
   problem.workspace = workspace->typed_data();
-  problem.locks = locks->locks;
+  int device = -1;
+  if (cudaError_t err = cudaStreamGetDevice(stream, &device); err != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jax_marlin_matmul (CUDA): stream device: ") +
+                                cudaGetErrorString(err));
+  }
+  if (device < 0 || device >= static_cast<int>(locks->per_device.size())) {
+    return ffi::Error::Internal("jax_marlin_matmul (CUDA): the call runs on device " +
+                                std::to_string(device) + ", which had no lock buffer made for it");
+  }
+  problem.locks = locks->per_device[device];
   problem.locks_zeroed = true;
   problem.m = m;
   problem.k = k;
@@ -122,7 +139,6 @@ const XLA_FFI_TypeInfo* lock_buffer_type_info() { return &kLockBufferInfo; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinMatmulCudaInstantiate, jax_marlin::cuda::InstantiateLocks,
                               xla::ffi::Ffi::BindInstantiate()
-                                  .Ctx<xla::ffi::DeviceOrdinal>()
                                   .Attr<int64_t>("rows")
                                   .Attr<int64_t>("cols"));
 

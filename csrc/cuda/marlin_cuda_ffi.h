@@ -4,8 +4,9 @@
 #include "xla/ffi/api/ffi.h"
 
 // A stateful target: the instantiate stage (attributes `rows` = M, `cols` =
-// N) allocates and zeroes the kernel's lock counters once on the call's
-// device; the kernel leaves them zeroed, so no call pays for a reset.
+// N) allocates and zeroes the kernel's lock counters once (on every visible
+// device; execution uses its stream's); the kernel leaves them zeroed, so no
+// call pays for a reset.
 // Execute operands: x (M, K) f16/bf16, packed (K/16, 2N) s32, scales (K/g, N)
 // in x's dtype; results: y (M, N) in x's dtype, workspace f32
 // (>= workspace_floats(M, K, N)). Command-buffer (CUDA graph) compatible.
