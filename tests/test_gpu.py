@@ -132,6 +132,9 @@ def test_same_result_without_command_buffers(weights, util, tmp_path):
     )
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
+    # This process already holds XLA's preallocated share of the GPU memory:
+    # the child allocates only what it uses.
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
     out = np.load(tmp_path / "out.npy")
     expected = np.asarray(jm.marlin_matmul(x, qw))
@@ -164,6 +167,7 @@ def test_inside_forced_command_buffer(weights, tmp_path):
         env.get("XLA_FLAGS", "")
         + " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
     ).strip()
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # as above: this process holds the memory
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
     hlo = (tmp_path / "hlo.txt").read_text()
     assert "jax_marlin_matmul" in hlo

@@ -59,6 +59,8 @@ ffi::ErrorOr<std::unique_ptr<LockBuffer>> InstantiateLocks(int64_t rows, int64_t
     if (err == cudaSuccess) err = cudaMemset(buffer->per_device[d], 0, buffer->count * sizeof(int));
     // XLA's streams do not wait on the legacy stream the memset ran on.
     if (err == cudaSuccess) err = cudaDeviceSynchronize();
+    // Kernel attributes now, not on first execution (which may be captured).
+    if (err == cudaSuccess) err = prepare_kernels();
   }
   cudaSetDevice(current);
   if (err != cudaSuccess) {
@@ -107,9 +109,11 @@ ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::Any
   problem.scales = scales.untyped_data();
   problem.y = y->untyped_data();
   problem.workspace = workspace->typed_data();
+  // XLA makes the executing device current (cudaStreamGetDevice is not
+  // allowed while the stream is being captured into a command buffer).
   int device = -1;
-  if (cudaError_t err = cudaStreamGetDevice(stream, &device); err != cudaSuccess) {
-    return ffi::Error::Internal(std::string("jax_marlin_matmul (CUDA): stream device: ") +
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jax_marlin_matmul (CUDA): current device: ") +
                                 cudaGetErrorString(err));
   }
   if (device < 0 || device >= static_cast<int>(locks->per_device.size())) {

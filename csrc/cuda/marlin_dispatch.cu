@@ -77,33 +77,50 @@ int log2_exact(int v) {
   return s;
 }
 
+// How many blocks of this kernel an SM holds, on the current device. The
+// first call per device raises the kernel's dynamic shared-memory limit (a
+// per-device setting) and asks the occupancy calculator; later calls read
+// the cache. The grid must never exceed what is resident at once.
+template <typename T, typename Tile>
+cudaError_t resident_blocks_per_sm(int* out) {
+  static std::atomic<int> cache[64];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  std::atomic<int>* cached = device < 64 ? &cache[device] : nullptr;
+  int resident = cached ? cached->load(std::memory_order_acquire) : 0;
+  if (resident == 0) {
+    err = cudaFuncSetAttribute(marlin_kernel<T, Tile>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               Tile::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, marlin_kernel<T, Tile>,
+                                                        Tile::kThreads, Tile::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    if (resident == 0) return cudaErrorInvalidConfiguration;
+    if (resident > Tile::kBlocksPerSM) resident = Tile::kBlocksPerSM;
+    if (cached) cached->store(resident, std::memory_order_release);
+  }
+  *out = resident;
+  return cudaSuccess;
+}
+
+template <typename T, typename Tile>
+cudaError_t prepare_chunk() {
+  int resident = 0;
+  return resident_blocks_per_sm<T, Tile>(&resident);
+}
+
 // One 64-row chunk of the product, with a fixed kernel instance.
 using ChunkLauncher = cudaError_t (*)(const MarlinProblem&, int row0, int rows, int* locks,
                                       cudaStream_t);
+using ChunkPreparer = cudaError_t (*)();
 
 template <typename T, typename Tile>
 cudaError_t launch_chunk(const MarlinProblem& pr, int row0, int rows, int* locks,
                          cudaStream_t stream) {
-  // Raising the dynamic shared-memory limit is a per-device, per-kernel
-  // setting: do it once per device, and read how many blocks of this kernel
-  // an SM then holds (the grid must never exceed what is resident at once).
-  static std::atomic<int> blocks_per_sm[64];
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  std::atomic<int>* cached = device < 64 ? &blocks_per_sm[device] : nullptr;
-  int resident_per_sm = cached ? cached->load(std::memory_order_acquire) : 0;
-  if (resident_per_sm == 0) {
-    err = cudaFuncSetAttribute(marlin_kernel<T, Tile>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               Tile::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident_per_sm, marlin_kernel<T, Tile>,
-                                                        Tile::kThreads, Tile::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    if (resident_per_sm == 0) return cudaErrorInvalidConfiguration;
-    if (resident_per_sm > Tile::kBlocksPerSM) resident_per_sm = Tile::kBlocksPerSM;
-    if (cached) cached->store(resident_per_sm, std::memory_order_release);
-  }
+  int resident_per_sm = 0;
+  if (cudaError_t err = resident_blocks_per_sm<T, Tile>(&resident_per_sm); err != cudaSuccess)
+    return err;
 
   MarlinParams<T> p;
   p.x = static_cast<const T*>(pr.x) + static_cast<size_t>(row0) * pr.k;
@@ -134,8 +151,10 @@ constexpr int table_index(ActDtype dtype, bool grouped, int variant, int config)
          config;
 }
 
-template <int I>
-constexpr ChunkLauncher launcher_for() {
+// The kernel instance at table index I, as a launcher (Prepare = false) or
+// as its one-time set-up (Prepare = true); nullptr where the tile does not fit.
+template <int I, bool Prepare>
+constexpr auto table_entry() {
   constexpr int config = I % kNumConfigs;
   constexpr int row_blocks = kRowBlockCounts[(I / kNumConfigs) % kNumRowVariants];
   constexpr bool grouped = (I / (kNumConfigs * kNumRowVariants)) % 2 == 1;
@@ -143,20 +162,24 @@ constexpr ChunkLauncher launcher_for() {
   constexpr TileConfig c = kTileConfigs[config];
   using T = std::conditional_t<is_bf16, __nv_bfloat16, half>;
   using Tile = TileShape<row_blocks, c.n_blocks, c.k_blocks, c.warps, grouped, 1, warps_m(row_blocks)>;
-  if constexpr (Tile::kFits) {
-    return &launch_chunk<T, Tile>;
+  using Entry = std::conditional_t<Prepare, ChunkPreparer, ChunkLauncher>;
+  if constexpr (!Tile::kFits) {
+    return Entry{nullptr};
+  } else if constexpr (Prepare) {
+    return Entry{&prepare_chunk<T, Tile>};
   } else {
-    return nullptr;
+    return Entry{&launch_chunk<T, Tile>};
   }
 }
 
-template <int... I>
+template <bool Prepare, int... I>
 constexpr auto make_table(std::integer_sequence<int, I...>) {
-  return std::array<ChunkLauncher, sizeof...(I)>{launcher_for<I>()...};
+  return std::array{table_entry<I, Prepare>()...};
 }
 
-constexpr auto kLaunchers =
-    make_table(std::make_integer_sequence<int, 2 * 2 * kNumRowVariants * kNumConfigs>{});
+constexpr auto kTableSize = std::make_integer_sequence<int, 2 * 2 * kNumRowVariants * kNumConfigs>{};
+constexpr auto kLaunchers = make_table<false>(kTableSize);
+constexpr auto kPreparers = make_table<true>(kTableSize);
 
 int pick_config(int variant, int k, int n) {
   for (int c : preference(variant)) {
@@ -201,6 +224,14 @@ const char* unsupported_reason(int m, int k, int n, int group_size) {
   if (group_size != k && group_size != 32 && group_size != 64 && group_size != 128)
     return "group size must be 32, 64, 128 or K (per-channel)";
   return nullptr;
+}
+
+cudaError_t prepare_kernels() {
+  for (ChunkPreparer prepare : kPreparers) {
+    if (prepare == nullptr) continue;
+    if (cudaError_t err = prepare(); err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 cudaError_t marlin_matmul(const MarlinProblem& pr, cudaStream_t stream) {

@@ -30,6 +30,11 @@ size_t lock_count(int m, int n);
 // nullptr if the kernel supports the shapes, else a message saying why not.
 const char* unsupported_reason(int m, int k, int n, int group_size);
 
+// One-time set-up of every kernel instance on the current device (shared-
+// memory limits, occupancy); marlin_matmul does it lazily otherwise. Call it
+// where no stream is being captured: some of it is not allowed in a capture.
+cudaError_t prepare_kernels();
+
 // Enqueues the whole product on `stream` (a lock reset unless locks_zeroed,
 // then one launch per 64-row chunk of x). Returns the first CUDA error met. Capturable in a CUDA
 // graph: no host synchronisation, no allocation.
