@@ -77,5 +77,7 @@ NB_MODULE(_ext, m) {
     return jax_marlin::cuda::workspace_floats(m_rows, k, n);
   }, nb::arg("m"), nb::arg("k"), nb::arg("n"),
   "float32 workspace the CUDA handler needs for an (m, k) x (k, n) product.");
+  m.def("cuda_captured_calls", &jax_marlin::cuda::captured_call_count,
+        "Executions of the CUDA handler so far that were captured into a CUDA graph.");
 #endif
 }

@@ -2,6 +2,7 @@
 // checks every backend shares, then hands raw pointers to the launcher.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -70,6 +71,10 @@ ffi::ErrorOr<std::unique_ptr<LockBuffer>> InstantiateLocks(int64_t rows, int64_t
   return std::move(buffer);
 }
 
+// Executions that found their stream being captured into a CUDA graph (an
+// XLA command buffer): lets tests check that the kernel really ran inside one.
+std::atomic<int64_t> g_captured_calls{0};
+
 ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::AnyBuffer x,
                                 ffi::Buffer<ffi::S32> packed, ffi::AnyBuffer scales,
                                 ffi::Result<ffi::AnyBuffer> y,
@@ -120,6 +125,11 @@ ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::Any
     return ffi::Error::Internal("jax_marlin_matmul (CUDA): the call runs on device " +
                                 std::to_string(device) + ", which had no lock buffer made for it");
   }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
+      capture == cudaStreamCaptureStatusActive) {
+    g_captured_calls.fetch_add(1, std::memory_order_relaxed);
+  }
   problem.locks = locks->per_device[device];
   problem.locks_zeroed = true;
   problem.m = m;
@@ -137,6 +147,7 @@ ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::Any
 }  // namespace
 
 XLA_FFI_TypeId* lock_buffer_type_id() { return &LockBuffer::id; }
+int64_t captured_call_count() { return g_captured_calls.load(std::memory_order_relaxed); }
 const XLA_FFI_TypeInfo* lock_buffer_type_info() { return &kLockBufferInfo; }
 
 }  // namespace jax_marlin::cuda

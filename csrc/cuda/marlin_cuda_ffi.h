@@ -20,4 +20,8 @@ namespace jax_marlin::cuda {
 XLA_FFI_TypeId* lock_buffer_type_id();
 const XLA_FFI_TypeInfo* lock_buffer_type_info();
 
+// How many executions so far ran while their stream was being captured into
+// a CUDA graph (an XLA command buffer). A diagnostic for tests.
+int64_t captured_call_count();
+
 }  // namespace jax_marlin::cuda
