@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jax_marlin import layout
+from jax_marlin import _partitioning, layout
 from jax_marlin.quantize import dequantize
 from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight
 
@@ -106,9 +106,11 @@ def _cuda_call(x2, packed, scales):
 _CALLS = {"cpu": _cpu_call, "cuda": _cuda_call}
 
 
-@jax.custom_batching.custom_vmap
-def _matmul(x, packed, scales):
-    """x (..., K) @ W -> (..., N), one kernel call with M = prod(leading dims)."""
+def _local_matmul(x, packed, scales):
+    """x (..., K) @ W -> (..., N), one kernel call with M = prod(leading dims).
+
+    Called with the whole operands, or with one device's shards of them.
+    """
     K, N = x.shape[-1], scales.shape[-1]
     lead = x.shape[:-1]
     M = math.prod(lead)
@@ -117,6 +119,17 @@ def _matmul(x, packed, scales):
     calls = {p: _CALLS[p] for p in _ffi().BACKENDS}
     y = jax.lax.platform_dependent(x.reshape(M, K), packed, scales, **calls)
     return y.reshape(*lead, N)
+
+
+# Under jax.jit with sharded operands each device runs _local_matmul on its
+# shards instead of XLA gathering the weight (rules in _partitioning.py); on
+# one device, and inside shard_map, it is _local_matmul itself.
+_partitioned_matmul = _partitioning.partitioned(_local_matmul)
+
+
+@jax.custom_batching.custom_vmap
+def _matmul(x, packed, scales):
+    return _partitioned_matmul(x, packed, scales)
 
 
 @_matmul.def_vmap
