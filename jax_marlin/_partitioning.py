@@ -269,6 +269,25 @@ def _sharding_rule(num_groups, rows_per_group, mesh, operand_types, result_types
     )
 
 
+def _check_not_partly_manual() -> None:
+    """Refuse shard_map regions where only some mesh axes are manual.
+
+    There the partitioner hands the rules shardings without mesh axis names
+    (or, given a mesh, aborts the process in XLA), and a plain kernel call
+    would let XLA gather a weight sharded along the automatic axes.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = set(getattr(mesh, "manual_axes", ()))
+    if manual and manual != set(mesh.axis_names):
+        raise NotImplementedError(
+            f"marlin_matmul inside shard_map with only mesh axes {sorted(manual)} manual "
+            f"(of {list(mesh.axis_names)}) is not supported. Make every mesh axis manual "
+            f"(shard_map's default axis_names) and split the weight with in_specs, e.g. "
+            f"jax_marlin.sharding.weight_specs(qw, 'column', 'model'), or call "
+            f"marlin_matmul outside shard_map."
+        )
+
+
 def partitioned(local_fn):
     """Wrap ``local_fn(x, packed, scales) -> y`` (one kernel call) for sharded jit.
 
@@ -290,6 +309,7 @@ def partitioned(local_fn):
     )
 
     def call(x, packed, scales):
+        _check_not_partly_manual()
         num_groups = scales.shape[0]
         return op(x, packed, scales, num_groups, packed.shape[0] // num_groups)
 

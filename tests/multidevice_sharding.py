@@ -304,3 +304,14 @@ def test_shard_map_row_wrong_group_size_raises(util):
     )
     with pytest.raises(ValueError, match="group_size=128 does not fit"):
         f(x, qw)
+
+
+def test_shard_map_partly_manual_raises(util):
+    """Only some mesh axes manual: refused (XLA would be free to gather the weight)."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    x, qw = problem(util)
+    f = jax.shard_map(jm.marlin_matmul, mesh=mesh, axis_names={"data"},
+                      in_specs=(P("data"), sharding.weight_specs(qw, "replicated")),
+                      out_specs=P("data"))
+    with pytest.raises(NotImplementedError, match="only mesh axes \\['data'\\] manual"):
+        jax.jit(f)(x, qw)
