@@ -163,6 +163,10 @@ def marlin_matmul(x, qw: QuantizedWeight) -> jax.Array:
     x is supported (its batch axis is folded in too); ``jax.vmap`` over the
     weight raises NotImplementedError: use ``jax.lax.map`` over the weights.
     Differentiation is not supported.
+
+    Under ``jax.jit`` with sharded operands each device runs the kernel on its
+    shard (data, column and row parallel; the weight is never gathered), and
+    inside ``shard_map`` it runs on the local shards: see ``jax_marlin.sharding``.
     """
     x = x if isinstance(x, jax.Array) else jnp.asarray(x)
     _check_operands(x, qw)
