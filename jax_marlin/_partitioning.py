@@ -202,7 +202,8 @@ def _make_partition(local_fn):
         if not _all_named((*arg_shapes, result_shape)):
             # No mesh to name axes by (e.g. jit without NamedShardings): only
             # the replicated case is safe to run without moving the weight.
-            if all(s.sharding.is_fully_replicated for s in (*arg_shapes, result_shape)):
+            if all(s.sharding is None or s.sharding.is_fully_replicated
+                   for s in (*arg_shapes, result_shape)):
                 return (mesh, local_fn, result_shape.sharding,
                         tuple(s.sharding for s in arg_shapes))
             raise ValueError(
@@ -237,7 +238,11 @@ def _infer_sharding_from_operands(num_groups, rows_per_group, mesh, arg_shapes, 
     """
     del num_groups, rows_per_group, result_shape
     if not _all_named(arg_shapes):
-        return None
+        # No mesh axis names: propose replicated (a replicated sharding suits
+        # any rank); ``partition`` then accepts it or says what to change.
+        known = [s.sharding for s in arg_shapes if s.sharding is not None]
+        replicated = [s for s in known if s.is_fully_replicated]
+        return (replicated or known)[0]
     try:
         return NamedSharding(mesh, _plan(mesh, *arg_shapes).out_spec)
     except ValueError:
