@@ -7,6 +7,7 @@
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
+from jax_marlin import sharding
 from jax_marlin.ops import marlin_matmul
 from jax_marlin.quantize import dequantize, pack, quantize, unpack
 from jax_marlin.quantized_weight import QuantizedWeight
@@ -23,6 +24,7 @@ __all__ = [
     "marlin_matmul",
     "pack",
     "quantize",
+    "sharding",
     "unpack",
 ]
 

@@ -178,3 +178,22 @@ def unpermute_scales(scales) -> jax.Array:
     """Inverse of permute_scales."""
     scales = jnp.asarray(scales)
     return _permute_runs(scales, _scale_perm(scales.shape[-2], inverse=True))
+
+
+# --- Row shards holding one group ----------------------------------------------
+
+# A row (K) shard of a grouped weight that holds exactly one group has a single
+# scale row, which the kernel reads as per-channel: it expects the per-channel
+# order, not the grouped one. Within each run of 64 scales, undo the grouped
+# order, then apply the per-channel order to each half of 32.
+_CHANNEL_PERM_64 = np.concatenate([SCALE_PERM_CHANNEL, SCALE_PERM_CHANNEL + 32])
+GROUPED_TO_CHANNEL = _frozen(SCALE_PERM_INV[_CHANNEL_PERM_64])
+
+
+def grouped_scales_as_per_channel(scales) -> jax.Array:
+    """One row of grouped-order scales (1, N) -> the per-channel order (1, N).
+
+    For a shard of a grouped weight that holds a single group: the codes are
+    unchanged, only the scales' order differs between the two kernel paths.
+    """
+    return _permute_runs(jnp.asarray(scales), GROUPED_TO_CHANNEL)

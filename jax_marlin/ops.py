@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_marlin import _partitioning
 from jax_marlin.quantize import dequantize
 from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight
 
@@ -105,9 +106,11 @@ def _cuda_call(x2, packed, scales):
 _CALLS = {"cpu": _cpu_call, "cuda": _cuda_call}
 
 
-@jax.custom_batching.custom_vmap
-def _matmul(x, packed, scales):
-    """x (..., K) @ W -> (..., N), one kernel call with M = prod(leading dims)."""
+def _local_matmul(x, packed, scales):
+    """x (..., K) @ W -> (..., N), one kernel call with M = prod(leading dims).
+
+    Called with the whole operands, or with one device's shards of them.
+    """
     K, N = x.shape[-1], scales.shape[-1]
     lead = x.shape[:-1]
     M = math.prod(lead)
@@ -116,6 +119,17 @@ def _matmul(x, packed, scales):
     calls = {p: _CALLS[p] for p in _ffi().BACKENDS}
     y = jax.lax.platform_dependent(x.reshape(M, K), packed, scales, **calls)
     return y.reshape(*lead, N)
+
+
+# Under jax.jit with sharded operands each device runs _local_matmul on its
+# shards instead of XLA gathering the weight (rules in _partitioning.py); on
+# one device, and inside shard_map, it is _local_matmul itself.
+_partitioned_matmul = _partitioning.partitioned(_local_matmul)
+
+
+@jax.custom_batching.custom_vmap
+def _matmul(x, packed, scales):
+    return _partitioned_matmul(x, packed, scales)
 
 
 @_matmul.def_vmap
@@ -149,6 +163,10 @@ def marlin_matmul(x, qw: QuantizedWeight) -> jax.Array:
     x is supported (its batch axis is folded in too); ``jax.vmap`` over the
     weight raises NotImplementedError: use ``jax.lax.map`` over the weights.
     Differentiation is not supported.
+
+    Under ``jax.jit`` with sharded operands each device runs the kernel on its
+    shard (data, column and row parallel; the weight is never gathered), and
+    inside ``shard_map`` it runs on the local shards: see ``jax_marlin.sharding``.
     """
     x = x if isinstance(x, jax.Array) else jnp.asarray(x)
     _check_operands(x, qw)

@@ -1,0 +1,121 @@
+"""Sharding: slices of the packed format, the rule tables, and the 8-device run.
+
+The tests that need 8 devices are in tests/multidevice_sharding.py. XLA fixes
+the device count when jax initialises, which conftest.py has done with one
+CPU device for this process, so ``test_sharding_on_8_cpu_devices`` runs that
+file in a fresh ``python -m pytest`` process with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` and ``JAX_PLATFORMS=cpu``
+(CPU even on a GPU machine: the partitioning is what is tested).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jax_marlin as jm
+from jax_marlin import layout, sharding
+
+TESTS = pathlib.Path(__file__).resolve().parent
+DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
+
+
+def test_sharding_on_8_cpu_devices():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {DEVICE_FLAG}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           str(TESTS / "multidevice_sharding.py")]
+    run = subprocess.run(cmd, cwd=TESTS.parent, env=env, capture_output=True, text=True,
+                         timeout=900)
+    summary = run.stdout.strip().splitlines()[-1:] or ["(no output)"]
+    print("8-device run:", summary[0])
+    assert run.returncode == 0, (
+        f"{' '.join(cmd)} failed (exit {run.returncode}):\n{run.stdout[-20000:]}\n"
+        f"{run.stderr[-5000:]}"
+    )
+
+
+# --- FORMAT.md: shards of a packed weight are packed weights ---------------------
+
+
+def _codes_scales(K, N, G, seed=0):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 16, (K, N), dtype=np.uint8)
+    scales = rng.uniform(0.5, 1.5, (G, N)).astype(np.float16)
+    return codes, scales
+
+
+@pytest.mark.parametrize("G", [4, 1], ids=["grouped", "per_channel"])
+def test_column_slices_are_packed_weights(G):
+    """A slice of 64-multiple columns: packed[:, 2a:2b], scales[:, a:b] (both permutations)."""
+    K, N = 256, 384
+    codes, scales = _codes_scales(K, N, G)
+    qw = jm.pack(codes, scales)
+    for a, b in [(0, 64), (64, 192), (128, 384), (320, 384)]:
+        part = jm.pack(codes[:, a:b], scales[:, a:b])
+        np.testing.assert_array_equal(qw.packed[:, 2 * a:2 * b], part.packed)
+        np.testing.assert_array_equal(qw.scales[:, a:b], part.scales)
+
+
+def test_row_slices_are_packed_weights():
+    """Whole groups of rows: packed[a/16:b/16], scales[a/g:b/g].
+
+    A slice of exactly one group needs its scales reordered.
+    """
+    K, N, g = 512, 128, 64
+    codes, scales = _codes_scales(K, N, K // g)
+    qw = jm.pack(codes, scales)
+    for a, b in [(0, 128), (128, 512), (256, 384)]:
+        part = jm.pack(codes[a:b], scales[a // g:b // g])
+        np.testing.assert_array_equal(qw.packed[a // 16:b // 16], part.packed)
+        np.testing.assert_array_equal(qw.scales[a // g:b // g], part.scales)
+    # A slice of exactly one group has one scale row: the per-channel layout,
+    # whose scale order differs from the grouped one.
+    part = jm.pack(codes[64:128], scales[1:2])
+    np.testing.assert_array_equal(qw.packed[4:8], part.packed)
+    assert not np.array_equal(qw.scales[1:2], part.scales)
+    np.testing.assert_array_equal(layout.grouped_scales_as_per_channel(qw.scales[1:2]),
+                                  part.scales)
+
+
+# --- weight_specs and the logical-axis table -------------------------------------
+
+
+def test_weight_specs(util):
+    grouped = util.random_weight(0, 256, 128, 64, jnp.float16)
+    per_channel = util.random_weight(0, 256, 128, None, jnp.float16)
+    assert sharding.weight_specs(grouped, "column", "model") == jm.QuantizedWeight(
+        packed=P(None, "model"), scales=P(None, "model"))
+    assert sharding.weight_specs(grouped, "row", ("data", "model")) == jm.QuantizedWeight(
+        packed=P(("data", "model"), None), scales=P(("data", "model"), None))
+    assert sharding.weight_specs(per_channel, "row", "model").scales == P(None, None)
+    assert sharding.weight_specs(grouped, "replicated").packed == P(None, None)
+    with pytest.raises(ValueError, match="needs a mesh axis"):
+        sharding.weight_specs(grouped, "column")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sharding.weight_specs(grouped, "rows", "model")
+
+
+def test_llama_rule_table():
+    modes = {name: sharding.projection_mode(axes)
+             for name, axes in sharding.LLAMA_PROJECTIONS.items()}
+    assert modes == {"q_proj": "column", "k_proj": "column", "v_proj": "column",
+                     "o_proj": "row", "gate_proj": "column", "up_proj": "column",
+                     "down_proj": "row"}
+    down = sharding.logical_weight_specs(sharding.LLAMA_PROJECTIONS["down_proj"])
+    assert down == jm.QuantizedWeight(packed=P("model", None), scales=P("model", None))
+    down_pc = sharding.logical_weight_specs(sharding.LLAMA_PROJECTIONS["down_proj"],
+                                            per_channel=True)
+    assert down_pc.scales == P(None, None)
+    up = sharding.logical_weight_specs(sharding.LLAMA_PROJECTIONS["up_proj"])
+    assert up == jm.QuantizedWeight(packed=P(None, "model"), scales=P(None, "model"))
+    # Other rules, e.g. no tensor parallelism: everything replicated.
+    assert sharding.projection_mode(("embed", "mlp"), rules=(("mlp", None),)) == "replicated"
