@@ -278,7 +278,7 @@ def quantize_params(
         )
 
     # Linen variables: work inside "params", keep the other collections.
-    if "params" in params and isinstance(params["params"], Mapping) and len(params) >= 1:
+    if "params" in params and isinstance(params["params"], Mapping):
         others = {k: v for k, v in params.items() if k != "params"}
         if all(isinstance(v, Mapping) for v in others.values()):
             inner = quantize_params(

@@ -15,6 +15,7 @@ nn = pytest.importorskip("flax.linen")
 
 import jax_marlin as jm  # noqa: E402
 import jax_marlin.linen as jml  # noqa: E402
+from jax_marlin.params import default_predicate  # noqa: E402
 
 
 def quant_or_linear(i, o, rngs):
@@ -199,9 +200,9 @@ def test_predicates_and_progress(float_model, capsys, monkeypatch):
     jm.quantize_params(params, predicate=lambda path, k: path == "up")
     assert "quantize_params (rtn): 1/1 done" in capsys.readouterr().err
     # lm_head and embeddings are skipped by the default predicate.
-    assert not jm.params.default_predicate("model/lm_head", jnp.zeros((64, 64)))
-    assert not jm.params.default_predicate("embed_tokens/proj", jnp.zeros((64, 64)))
-    assert jm.params.default_predicate("layers/0/mlp", jnp.zeros((64, 64)))
+    assert not default_predicate("model/lm_head", jnp.zeros((64, 64)))
+    assert not default_predicate("embed_tokens/proj", jnp.zeros((64, 64)))
+    assert default_predicate("layers/0/mlp", jnp.zeros((64, 64)))
 
 
 def test_bad_input(float_model):
