@@ -18,7 +18,8 @@ weight error. The steps:
   ``jax_marlin.quantize`` (``s = max|w| / 7`` rounded to the scales' dtype),
   so that with a diagonal Hessian GPTQ returns exactly ``quantize(w)``.
 
-Everything runs in one jitted program per (K, N, group size, dtype).
+Two jitted programs per layer shape: the factorization (per K) and the
+quantization loop (per K, N, group size, dtype); layers of one shape share them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_marlin import layout
-from jax_marlin.quantize import _quantize_arrays, quantize
+from jax_marlin.quantize import _quantize_arrays
 from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight
 
 _HI = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes in these f32 matmuls on GPU
@@ -208,7 +209,3 @@ def _gptq_loop(w, u, g: int, block: int, dtype):
     _, codes, scales = jax.lax.fori_loop(0, K // block, block_step, (w, codes, scales))
     return codes, scales
 
-
-def rtn_quantize(w, group_size: int | None = 128, *, dtype=None) -> QuantizedWeight:
-    """Round-to-nearest: exactly ``jax_marlin.quantize`` (kept here for symmetry)."""
-    return quantize(w, group_size, dtype=dtype)

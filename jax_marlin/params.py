@@ -15,7 +15,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
