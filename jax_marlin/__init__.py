@@ -2,7 +2,17 @@
 
     qw = quantize(w, group_size=128)   # or pack(codes, scales), QuantizedWeight(...)
     y = marlin_matmul(x, qw)           # x (..., K) float16/bfloat16 -> (..., N)
+
+Flax (imported on first use, so that ``import jax_marlin`` stays light):
+
+    QuantDense                         # NNX layer (jax_marlin.nnx); Linen: jax_marlin.linen.QuantDense
+    quantize_params(params, method="rtn" | "gptq", calib=...)   # Dense kernels -> QuantDense params
+    convert                            # HF GPTQ checkpoints -> Marlin; orbax save/restore
+
+Sharded use (pjit / shard_map): jax_marlin.sharding.
 """
+
+import importlib as _importlib
 
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
@@ -17,13 +27,43 @@ try:  # pyproject.toml holds the version
 except _PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
+# Public names that live in modules importing flax (or optional packages);
+# resolved on first access (PEP 562).
+_LAZY = {
+    "QuantDense": ("jax_marlin.nnx", "QuantDense"),
+    "quantize_params": ("jax_marlin.params", "quantize_params"),
+    "convert": ("jax_marlin.convert", None),
+    "gptq": ("jax_marlin.gptq", None),
+    "linen": ("jax_marlin.linen", None),
+    "nnx": ("jax_marlin.nnx", None),
+}
+
+
+def __getattr__(name):
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'jax_marlin' has no attribute {name!r}") from None
+    mod = _importlib.import_module(module)
+    return mod if attr is None else getattr(mod, attr)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
+    "QuantDense",
     "QuantizedWeight",
     "backends",
+    "convert",
     "dequantize",
+    "gptq",
+    "linen",
     "marlin_matmul",
     "pack",
     "quantize",
+    "quantize_params",
     "sharding",
     "unpack",
 ]

@@ -1,0 +1,120 @@
+"""Pieces shared by the NNX and Linen QuantDense layers (no flax import here).
+
+- ``dense_matmul``: marlin_matmul with a backward pass, so that a model with
+  quantized layers can still be differentiated w.r.t. its activations (and
+  the scales). The forward is the kernel; the backward uses the dequantized
+  weight, since the kernel only computes ``x @ W``.
+- ``check_layer``: the constructor checks, with messages naming the layer's
+  arguments rather than the kernel's (K, N).
+- ``scales_axes``: the logical axis names of the scales, given the kernel's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_marlin import layout
+from jax_marlin.ops import marlin_matmul
+from jax_marlin.quantize import dequantize
+from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight
+
+
+@jax.custom_vjp
+def _dense_matmul(x, packed, scales):
+    return marlin_matmul(x, QuantizedWeight(packed=packed, scales=scales))
+
+
+def _dense_matmul_fwd(x, packed, scales):
+    return _dense_matmul(x, packed, scales), (x, packed, scales)
+
+
+def _dense_matmul_bwd(res, dy):
+    x, packed, scales = res
+    qw = QuantizedWeight(packed=packed, scales=scales)
+    w = dequantize(qw)  # (K, N) in the activations' dtype
+    hi = jax.lax.Precision.HIGHEST
+    # dX = dY @ W_hat^T, accumulated in float32 like the forward.
+    dx = jnp.einsum("...n,kn->...k", dy, w, precision=hi, preferred_element_type=jnp.float32)
+    # W_hat[k, n] = (code[k, n] - 8) * s[k // g, n]: dS[j, n] = sum over the
+    # group's rows of (code - 8) * dW, with dW = X^T dY; then into the
+    # kernel's scale order (a permutation, so its gradient is permuted alike).
+    K, N = qw.shape
+    G = scales.shape[-2]
+    x2 = x.reshape(-1, K)
+    dy2 = dy.reshape(-1, N)
+    dw = jnp.einsum("mk,mn->kn", x2, dy2, precision=hi, preferred_element_type=jnp.float32)
+    codes = layout.unpack_codes(packed).astype(jnp.float32) - layout.CODE_OFFSET
+    ds = jnp.sum((codes * dw).reshape(G, K // G, N), axis=1)
+    ds = layout.permute_scales(ds.astype(scales.dtype))
+    d_packed = np.zeros(packed.shape, dtype=jax.dtypes.float0)  # integer input
+    return dx.astype(x.dtype), d_packed, ds
+
+
+_dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+
+
+def dense_matmul(x, packed, scales):
+    """``x @ W`` via the Marlin kernel, differentiable w.r.t. x and scales (reverse mode)."""
+    return _dense_matmul(x, packed, scales)
+
+
+def float16_dtype(dtype, what: str):
+    """dtype as np.dtype; raise unless float16/bfloat16 (the kernel's only dtypes)."""
+    d = np.dtype(dtype)
+    if d not in FLOAT_DTYPES:
+        raise TypeError(
+            f"QuantDense: {what} must be float16 or bfloat16 (the Marlin kernel "
+            f"computes in 16-bit floats), got {d}; e.g. {what}=jnp.bfloat16."
+        )
+    return d
+
+
+def check_layer(in_features: int, out_features: int, group_size) -> None:
+    """Raise ValueError saying what to change unless the layer's shape is supported."""
+    if group_size is not None and group_size not in layout.GROUP_SIZES:
+        raise ValueError(
+            f"QuantDense: group_size must be one of {layout.GROUP_SIZES} or None "
+            f"(per-channel), got {group_size!r}."
+        )
+    K, N = in_features, out_features
+    g = K if group_size is None else group_size
+    try:
+        layout.check_shape(K, N, g)
+    except ValueError as e:
+        raise ValueError(
+            f"QuantDense(in_features={K}, features/out_features={N}, "
+            f"group_size={group_size}): {e} Keep this layer as a plain Dense "
+            f"(quantize_params leaves such layers unquantized)."
+        ) from None
+
+
+def check_input(x, in_features: int) -> None:
+    if x.ndim < 1 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"QuantDense: the input's last dimension must be in_features = "
+            f"{in_features}, got input shape {tuple(x.shape)}."
+        )
+
+
+def scales_axes(kernel_axes, per_channel: bool):
+    """Logical axis names of the scales for a kernel with names ``kernel_axes``.
+
+    Scales are (K // g, N): the same two axes as the kernel. A per-channel
+    weight has one row of scales, which cannot be split along K, so that axis
+    is left unnamed (replicated).
+    """
+    if kernel_axes is None or len(kernel_axes) < 2:
+        return kernel_axes
+    kernel_axes = tuple(kernel_axes)
+    if per_channel:
+        return kernel_axes[:-2] + (None, kernel_axes[-1])
+    return kernel_axes
+
+
+def quantize_kernel(kernel, group_size, dtype) -> QuantizedWeight:
+    """RTN-quantize a freshly initialized (K, N) kernel (layers' init)."""
+    from jax_marlin.quantize import quantize
+
+    return quantize(jnp.asarray(kernel, jnp.float32), group_size, dtype=dtype)
