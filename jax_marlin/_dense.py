@@ -1,9 +1,7 @@
 """Pieces shared by the NNX and Linen QuantDense layers (no flax import here).
 
-- ``dense_matmul``: marlin_matmul with a backward pass, so that a model with
-  quantized layers can still be differentiated w.r.t. its activations (and
-  the scales). The forward is the kernel; the backward uses the dequantized
-  weight, since the kernel only computes ``x @ W``.
+- ``dense_matmul``: marlin_matmul on the layer's arrays (its backward pass,
+  through the dequantized weight, lives with it in ops.py).
 - ``check_layer``: the constructor checks, with messages naming the layer's
   arguments rather than the kernel's (K, N).
 - ``scales_axes``: the logical axis names of the scales, given the kernel's.
@@ -17,47 +15,12 @@ import numpy as np
 
 from jax_marlin import layout
 from jax_marlin.ops import marlin_matmul
-from jax_marlin.quantize import dequantize
 from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight
 
 
-@jax.custom_vjp
-def _dense_matmul(x, packed, scales):
-    return marlin_matmul(x, QuantizedWeight(packed=packed, scales=scales))
-
-
-def _dense_matmul_fwd(x, packed, scales):
-    return _dense_matmul(x, packed, scales), (x, packed, scales)
-
-
-def _dense_matmul_bwd(res, dy):
-    x, packed, scales = res
-    qw = QuantizedWeight(packed=packed, scales=scales)
-    w = dequantize(qw)  # (K, N) in the activations' dtype
-    hi = jax.lax.Precision.HIGHEST
-    # dX = dY @ W_hat^T, accumulated in float32 like the forward.
-    dx = jnp.einsum("...n,kn->...k", dy, w, precision=hi, preferred_element_type=jnp.float32)
-    # W_hat[k, n] = (code[k, n] - 8) * s[k // g, n]: dS[j, n] = sum over the
-    # group's rows of (code - 8) * dW, with dW = X^T dY; then into the
-    # kernel's scale order (a permutation, so its gradient is permuted alike).
-    K, N = qw.shape
-    G = scales.shape[-2]
-    x2 = x.reshape(-1, K)
-    dy2 = dy.reshape(-1, N)
-    dw = jnp.einsum("mk,mn->kn", x2, dy2, precision=hi, preferred_element_type=jnp.float32)
-    codes = layout.unpack_codes(packed).astype(jnp.float32) - layout.CODE_OFFSET
-    ds = jnp.sum((codes * dw).reshape(G, K // G, N), axis=1)
-    ds = layout.permute_scales(ds.astype(scales.dtype))
-    d_packed = np.zeros(packed.shape, dtype=jax.dtypes.float0)  # integer input
-    return dx.astype(x.dtype), d_packed, ds
-
-
-_dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
-
-
 def dense_matmul(x, packed, scales):
-    """``x @ W`` via the Marlin kernel, differentiable w.r.t. x and scales (reverse mode)."""
-    return _dense_matmul(x, packed, scales)
+    """``x @ W`` via the Marlin kernel (differentiable w.r.t. x and scales, reverse mode)."""
+    return marlin_matmul(x, QuantizedWeight(packed=packed, scales=scales))
 
 
 def float16_dtype(dtype, what: str):

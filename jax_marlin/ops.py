@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_marlin import _partitioning
+from jax_marlin import _partitioning, layout
 from jax_marlin.quantize import dequantize
 from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight
 
@@ -148,6 +148,41 @@ def _matmul_vmap(axis_size, in_batched, x, packed, scales):
 _matmul_jit = jax.jit(_matmul)
 
 
+# Reverse-mode autodiff: the kernel only computes x @ W, so the backward pass
+# uses the dequantized weight (dX = dY @ W_hat^T), accumulating in float32
+# like the forward. The scales get their gradient too; the integer codes none.
+@jax.custom_vjp
+def _differentiable_matmul(x, packed, scales):
+    return _matmul_jit(x, packed, scales)
+
+
+def _differentiable_matmul_fwd(x, packed, scales):
+    return _matmul_jit(x, packed, scales), (x, packed, scales)
+
+
+def _differentiable_matmul_bwd(res, dy):
+    x, packed, scales = res
+    qw = QuantizedWeight(packed=packed, scales=scales)
+    w = dequantize(qw)  # (K, N) in the activations' dtype
+    hi = jax.lax.Precision.HIGHEST
+    dx = jnp.einsum("...n,kn->...k", dy, w, precision=hi, preferred_element_type=jnp.float32)
+    # W_hat[k, n] = (code[k, n] - 8) * s[k // g, n]: dS[j, n] = sum over the
+    # group's rows of (code - 8) * dW, with dW = X^T dY; then into the
+    # kernel's scale order (a permutation, so its gradient is permuted alike).
+    K, N = qw.shape
+    G = scales.shape[-2]
+    dw = jnp.einsum("mk,mn->kn", x.reshape(-1, K), dy.reshape(-1, N), precision=hi,
+                    preferred_element_type=jnp.float32)
+    codes = layout.unpack_codes(packed).astype(jnp.float32) - layout.CODE_OFFSET
+    ds = jnp.sum((codes * dw).reshape(G, K // G, N), axis=1)
+    ds = layout.permute_scales(ds.astype(scales.dtype))
+    d_packed = np.zeros(packed.shape, dtype=jax.dtypes.float0)  # integer input
+    return dx.astype(x.dtype), d_packed, ds
+
+
+_differentiable_matmul.defvjp(_differentiable_matmul_fwd, _differentiable_matmul_bwd)
+
+
 def marlin_matmul(x, qw: QuantizedWeight) -> jax.Array:
     """y = x @ W, W the (K, N) 4-bit weight in ``qw``, via the Marlin kernel.
 
@@ -162,7 +197,8 @@ def marlin_matmul(x, qw: QuantizedWeight) -> jax.Array:
     Leading dimensions of x are folded into one kernel call. ``jax.vmap`` over
     x is supported (its batch axis is folded in too); ``jax.vmap`` over the
     weight raises NotImplementedError: use ``jax.lax.map`` over the weights.
-    Differentiation is not supported.
+    Reverse-mode differentiation (``jax.grad``, ``jax.vjp``) w.r.t. x and the
+    scales works, through the dequantized weight; forward mode does not.
 
     Under ``jax.jit`` with sharded operands each device runs the kernel on its
     shard (data, column and row parallel; the weight is never gathered), and
@@ -171,7 +207,7 @@ def marlin_matmul(x, qw: QuantizedWeight) -> jax.Array:
     x = x if isinstance(x, jax.Array) else jnp.asarray(x)
     _check_operands(x, qw)
     _check_backend(x)
-    return _matmul_jit(x, qw.packed, qw.scales)
+    return _differentiable_matmul(x, qw.packed, qw.scales)
 
 
 def marlin_matmul_reference(x, qw: QuantizedWeight) -> jax.Array:

@@ -196,3 +196,24 @@ def test_scan_over_layers(util):
     for i in range(3):
         h = jm.marlin_matmul(h, jax.tree_util.tree_map(lambda a: a[i], stacked))
     np.testing.assert_array_equal(y, h)
+
+
+@pytest.mark.parametrize("group_size", [64, None])
+def test_grad_matches_dequantized_reference(group_size, util):
+    qw = util.random_weight(3, 256, 128, group_size, jnp.float16)
+    x = util.random_x(4, (2, 3, 256), jnp.float16)
+
+    def loss(fn):
+        return lambda x, s: jnp.sum(fn(x, jm.QuantizedWeight(packed=qw.packed, scales=s)).astype(jnp.float32) ** 2)
+
+    gx, gs = jax.jit(jax.grad(loss(jm.marlin_matmul), argnums=(0, 1)))(x, qw.scales)
+    rx, rs = jax.grad(loss(marlin_matmul_reference), argnums=(0, 1))(x, qw.scales)
+    assert gx.dtype == x.dtype and gs.dtype == qw.scales.dtype
+    assert util.rel_err(gx, rx) < 5e-3
+    assert util.rel_err(gs, rs) < 5e-3
+
+
+def test_forward_mode_is_a_clear_error(weight):
+    qw, x = weight
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda x: jm.marlin_matmul(x, qw), (x,), (x,))
