@@ -290,3 +290,41 @@ def _forward(graphdef, state, tokens, pad, cache):
     TRACES["forward"] += 1
     model = nnx.merge(graphdef, state)
     return model(tokens, cache, 0, pad, all_logits=True)[0]
+
+
+def compare_greedy(ref: GenerationResult, other: GenerationResult, rtol: float = 2e-2) -> dict:
+    """Whether two greedy generations of the same prompts agree up to float rounding.
+
+    Two computations of the same model that differ only in the order of
+    float sums (another kernel, a sharded run whose partial sums are added in
+    16 bits) give logits that differ in the last bits, which can flip an
+    argmax where the top two logits nearly tie; after that the sequences
+    differ legitimately. So: row by row, the tokens must be equal, or equal
+    up to a step where the two chosen tokens' logits were within ``tol``
+    (``rtol`` x the largest |logit|), and until that step (inclusive, the
+    inputs being the same) the logits must be within ``tol``. Both results
+    need ``return_logits=True``.
+
+    Returns a dict: ok, rows_equal, first_difference (per row, None if
+    equal), max_logit_diff (over the steps compared), tol.
+    """
+    if ref.logits is None or other.logits is None:
+        raise ValueError("compare_greedy: generate both with return_logits=True.")
+    tol = rtol * float(np.abs(ref.logits).max())
+    ok, firsts, worst = True, [], 0.0
+    for b in range(ref.batch):
+        n = min(ref.lengths[b], other.lengths[b])
+        diff = np.nonzero(ref.tokens[b, :n] != other.tokens[b, :n])[0]
+        d = int(diff[0]) if diff.size else None
+        upto = n if d is None else d + 1
+        worst = max(worst, float(np.abs(ref.logits[b, :upto] - other.logits[b, :upto]).max()))
+        if d is None:
+            ok &= bool(ref.lengths[b] == other.lengths[b])
+        else:
+            a_tok, o_tok = ref.tokens[b, d], other.tokens[b, d]
+            gap = abs(float(ref.logits[b, d, a_tok] - ref.logits[b, d, o_tok]))
+            ok &= gap <= tol
+        firsts.append(d)
+    ok &= worst <= tol
+    return dict(ok=bool(ok), rows_equal=sum(f is None for f in firsts), first_difference=firsts,
+                max_logit_diff=worst, tol=tol)

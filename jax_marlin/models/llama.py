@@ -110,14 +110,16 @@ DenseFactory = Callable[..., nnx.Module]
 
 
 def dense_factory(kind: str, dtype=jnp.bfloat16, *, group_size: int | None = 128,
-                  init_std: float | None = None) -> DenseFactory:
+                  scales_dtype=None, init_std: float | None = None) -> DenseFactory:
     """``make(in_features, out_features, axes, rngs, std)`` building the model's projections.
 
-    kind: "int4" (``jax_marlin.QuantDense``: 4-bit weight, scales in ``dtype``)
-    or "dense" (``nnx.Linear`` with a ``dtype`` weight: the 16-bit baseline).
+    kind: "int4" (``jax_marlin.QuantDense``: 4-bit weight, computing in
+    ``dtype``, scales stored in ``scales_dtype``, default ``dtype``) or
+    "dense" (``nnx.Linear`` with a ``dtype`` weight: the 16-bit baseline).
     ``axes`` are the weight's logical axis names (``LLAMA_PROJECTIONS``).
     """
     dtype = jnp.dtype(dtype)
+    scales_dtype = jnp.dtype(scales_dtype or dtype)
     if kind not in ("int4", "dense"):
         raise ValueError(f'dense_factory: kind must be "int4" or "dense", got {kind!r}.')
 
@@ -125,7 +127,7 @@ def dense_factory(kind: str, dtype=jnp.bfloat16, *, group_size: int | None = 128
         init = nnx.with_partitioning(nnx.initializers.normal(init_std or std), axes)
         if kind == "int4":
             return jm.QuantDense(in_features, out_features, use_bias=False, dtype=dtype,
-                                 param_dtype=dtype, group_size=group_size,
+                                 param_dtype=scales_dtype, group_size=group_size,
                                  kernel_init=init, rngs=rngs)
         return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype,
                           param_dtype=dtype, kernel_init=init, rngs=rngs)
@@ -398,44 +400,125 @@ def check_tensor_parallel(cfg: LlamaConfig, tp: int, group_size: int | None = 12
 # --- Random weights at any size ------------------------------------------------------
 
 
-def random_state(abstract_model: nnx.Module, seed: int = 0, shardings=None):
+def _leaf_kind(path: str) -> str:
+    if "scales" in path:
+        return "scales"
+    if "scale" in path:  # RMSNorm
+        return "ones"
+    if "embed" in path:
+        return "embed"
+    if "lm_head" in path:
+        return "lm_head"
+    return "kernel"
+
+
+def random_state(abstract_model: nnx.Module, seed: int = 0, shardings=None, on_device=None):
     """A state for ``abstract_model`` (``nnx.eval_shape(lambda: Llama(...))``) with random weights.
 
-    Made on the devices (sharded as ``shardings``, e.g. ``param_shardings``)
-    without building float kernels and quantizing them: int4 weights get
-    random packed codes and scales of a N(0, init_std) weight's size, 16-bit
-    kernels N(0, std), norms ones. Meant for speed measurements at 7B/70B size.
+    Made without building float kernels and quantizing them: int4 weights
+    get random packed codes (any bit pattern is a valid weight) and scales
+    of a N(0, init_std) weight's size, 16-bit kernels N(0, std), norms ones.
+    Small models are drawn with numpy on the host (no compilation); large
+    ones (``on_device``, default: over 5e8 parameters) in one jitted program
+    on the devices, sharded as ``shardings`` (e.g. ``param_shardings``), so
+    that a 70B model never passes through host memory.
     """
     cfg = abstract_model.cfg
-    graphdef, state = nnx.split(abstract_model)
-    leaves, treedef = jax.tree.flatten(state)
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.flatten_with_path(state)[0]]
-    out_shardings = None if shardings is None else jax.tree.leaves(shardings)
+    _, state = nnx.split(abstract_model)
+    flat, treedef = jax.tree.flatten_with_path(state)
+    paths = [jax.tree_util.keystr(p) for p, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    stds = {"kernel": cfg.init_std, "embed": cfg.embed_std,
+            "lm_head": cfg.embed_std / math.sqrt(cfg.dim)}
+    if on_device is None:
+        on_device = sum(math.prod(x.shape) for x in leaves) > 5e8
+
+    if not on_device:
+        rng = np.random.default_rng(seed)
+        values = []
+        for path, leaf in zip(paths, leaves):
+            kind = _leaf_kind(path)
+            if leaf.dtype == jnp.int32:
+                v = rng.integers(0, 2**32, leaf.shape, dtype=np.uint32).view(np.int32)
+            elif kind == "scales":  # codes -8..7 times s: std ~ 4.6 s
+                v = np.full(leaf.shape, cfg.init_std / 4.6, np.float32)
+            elif kind == "ones":
+                v = np.ones(leaf.shape, np.float32)
+            else:
+                v = rng.standard_normal(leaf.shape, np.float32) * stds[kind]
+            values.append(jnp.asarray(v.astype(leaf.dtype) if leaf.dtype != jnp.int32 else v))
+        if shardings is not None:
+            values = jax.device_put(values, jax.tree.leaves(shardings))
+        return jax.tree.unflatten(treedef, values)
 
     def make(key):
         out = []
         for i, (path, leaf) in enumerate(zip(paths, leaves)):
             k = jax.random.fold_in(key, i)
-            if leaf.dtype == jnp.int32:  # packed codes: any bit pattern is a valid weight
+            kind = _leaf_kind(path)
+            if leaf.dtype == jnp.int32:
                 out.append(jax.lax.bitcast_convert_type(
                     jax.random.bits(k, leaf.shape, jnp.uint32), jnp.int32))
-            elif "scales" in path:  # codes -8..7 times s: std ~ 4.6 s
+            elif kind == "scales":
                 out.append(jnp.full(leaf.shape, cfg.init_std / 4.6, leaf.dtype))
-            elif "scale" in path:  # RMSNorm
+            elif kind == "ones":
                 out.append(jnp.ones(leaf.shape, leaf.dtype))
-            elif "embed" in path:
-                out.append((jax.random.normal(k, leaf.shape) * cfg.embed_std).astype(leaf.dtype))
-            elif "lm_head" in path:
-                std = cfg.embed_std / math.sqrt(cfg.dim)
-                out.append((jax.random.normal(k, leaf.shape) * std).astype(leaf.dtype))
             else:
-                out.append((jax.random.normal(k, leaf.shape) * cfg.init_std).astype(leaf.dtype))
+                out.append((jax.random.normal(k, leaf.shape) * stds[kind]).astype(leaf.dtype))
         return out
 
-    values = jax.jit(make, out_shardings=out_shardings)(jax.random.key(seed))
+    out_shardings = None if shardings is None else jax.tree.leaves(shardings)
+    # "rbg" keys: XLA's own generator, far quicker to compile and run than threefry.
+    values = jax.jit(make, out_shardings=out_shardings)(jax.random.key(seed, impl="rbg"))
     return jax.tree.unflatten(treedef, values)
 
 
 def count_bytes(state) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
+
+
+def random_model(cfg: LlamaConfig, kind: str = "dense", dtype=jnp.bfloat16, *, seed: int = 0,
+                 group_size: int | None = 128) -> Llama:
+    """A ``Llama`` with random weights (``random_state``), built without eager per-layer init."""
+    abstract = nnx.eval_shape(lambda: Llama(cfg, dense=dense_factory(kind, dtype, group_size=group_size),
+                                            rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract)
+    return nnx.merge(graphdef, random_state(abstract, seed))
+
+
+def quantize_model(model: Llama, group_size: int | None = 128, **quantize_params_kwargs) -> Llama:
+    """The int4 twin of a 16-bit ``model``: its projections through ``jax_marlin.quantize_params``
+    (RTN by default; pass method="gptq", calib=... for GPTQ), the rest shared as is."""
+    cfg, dtype = model.cfg, model.dtype
+    kwargs = dict(progress=False, dtype=dtype, **quantize_params_kwargs)
+    q = jm.quantize_params(nnx.state(model, nnx.Param), group_size, **kwargs)
+    qmodel = nnx.eval_shape(lambda: Llama(cfg, dense=dense_factory("int4", dtype, group_size=group_size),
+                                          dtype=dtype, rngs=nnx.Rngs(0)))
+    nnx.update(qmodel, q)
+    return qmodel
+
+
+def dequantized_model(qmodel: Llama) -> Llama:
+    """A 16-bit ``Llama`` whose kernels are the int4 model's dequantized weights.
+
+    It computes what the int4 model computes, up to the order of float sums:
+    the check that isolates the kernel from the quantization error.
+    """
+    cfg, dtype = qmodel.cfg, qmodel.dtype
+    dense = nnx.eval_shape(lambda: Llama(cfg, dense=dense_factory("dense", dtype), dtype=dtype,
+                                         rngs=nnx.Rngs(0)))
+    q_state = nnx.state(qmodel, nnx.Param)
+
+    def convert(node):
+        if isinstance(node, dict) and "packed" in node:
+            qw = jm.QuantizedWeight(packed=node["packed"], scales=node["scales"])
+            return {"kernel": jm.dequantize(qw).astype(dtype)}
+        if isinstance(node, dict):
+            return {k: convert(v) for k, v in node.items()}
+        return node
+
+    nnx.replace_by_pure_dict(q_state_dense := nnx.state(dense, nnx.Param),
+                             convert(q_state.to_pure_dict()))
+    nnx.update(dense, q_state_dense)
+    return dense
