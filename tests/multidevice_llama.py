@@ -62,8 +62,8 @@ def test_decode_never_gathers_weights(int4):
     cache = llama.init_cache(CFG, 4, 48, jnp.bfloat16, llama.cache_shardings(CFG, g.mesh))
     logits = jnp.zeros((4, CFG.vocab_size), jnp.float32)
     text = gen._decode.lower(
-        g.graphdef, g.state, cache, logits, jnp.int32(16), pad, jax.random.key(0), steps=8,
-        sampling=gen.Sampling(), stop_tokens=(), fill_id=0, return_logits=False,
+        g.graphdef, g.state, cache, logits, jnp.int32(16), pad, jax.random.key(0),
+        gen.stop_array(()), jnp.int32(0), steps=8, sampling=gen.Sampling(), return_logits=False,
     ).compile().as_text()
     ops = re.findall(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-reduce|reduce-scatter|all-to-all)"
                      r"(?:-start)?\(", text)

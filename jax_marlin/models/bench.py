@@ -136,8 +136,8 @@ def decode_runner(graphdef, state, cfg, batch, prompt_len, steps, mesh, dtype):
 
     def run(cache):
         out = gen._decode(graphdef, state, cache, logits0, jnp.int32(prompt_len), pad,
-                          jax.random.key(0), steps=steps, sampling=gen.Sampling(),
-                          stop_tokens=(), fill_id=0, return_logits=False)
+                          jax.random.key(0), gen.stop_array(()), jnp.int32(0), steps=steps,
+                          sampling=gen.Sampling(), return_logits=False)
         jax.block_until_ready(out[0])
 
     return setup, run

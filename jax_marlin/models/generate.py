@@ -17,8 +17,9 @@ Two jitted programs, each compiled once per shape and setting (never per token):
 
 The cache is donated to both (updated in place). Prompt lengths are padded
 up to a multiple of ``pad_multiple`` so that a few prefill programs serve all
-lengths; the decode program depends only on the batch, the cache length and
-the sampling settings (static: a new setting compiles a new program).
+lengths; the decode program depends only on the batch, the cache length, the number
+of new tokens and the sampling settings (static: a new setting compiles a new
+program); prompts, seeds and stop tokens are inputs.
 
 ``TRACES`` counts how often each program was traced (= compiled), for tests.
 """
@@ -106,6 +107,16 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int
     return tokens, pad
 
 
+def stop_array(stop_tokens: Sequence[int]) -> jax.Array:
+    """Stop token ids as int32 padded with -1 to a multiple of 8: the decode program
+    takes them as an input, so other stop tokens (up to 8, 16, ...) reuse it."""
+    ids = [int(t) for t in stop_tokens]
+    if any(t < 0 for t in ids):
+        raise ValueError(f"stop_tokens must be token ids (>= 0), got {ids}.")
+    n = max(8, -(-len(ids) // 8) * 8)
+    return jnp.asarray(ids + [-1] * (n - len(ids)), jnp.int32)
+
+
 # --- The compiled programs -----------------------------------------------------------
 
 
@@ -119,15 +130,14 @@ def _prefill(graphdef, state, tokens, pad, cache):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "steps", "sampling", "stop_tokens", "fill_id", "return_logits"),
+    static_argnames=("graphdef", "steps", "sampling", "return_logits"),
     donate_argnames=("cache",),
 )
-def _decode(graphdef, state, cache, logits0, index0, pad, key, *, steps, sampling,
-            stop_tokens, fill_id, return_logits):
+def _decode(graphdef, state, cache, logits0, index0, pad, key, stops, fill_id, *, steps,
+            sampling, return_logits):
     TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
     B, V = logits0.shape
-    stops = jnp.asarray(stop_tokens or (-1,), jnp.int32)
 
     def is_stop(tok):
         return jnp.any(tok[:, None] == stops[None, :], axis=-1)
@@ -262,10 +272,9 @@ class Generator:
         jax.block_until_ready(logits0)
         t1 = time.perf_counter()
         out, lengths, logits, steps, cache = _decode(
-            self.graphdef, self.state, cache, logits0, jnp.int32(P_), pad,
-            jax.random.key(seed), steps=max_new_tokens, sampling=sampling,
-            stop_tokens=tuple(int(t) for t in stop_tokens),
-            fill_id=int(pad_id if fill_id is None else fill_id), return_logits=return_logits)
+            self.graphdef, self.state, cache, logits0, jnp.int32(P_), pad, jax.random.key(seed),
+            stop_array(stop_tokens), jnp.int32(pad_id if fill_id is None else fill_id),
+            steps=max_new_tokens, sampling=sampling, return_logits=return_logits)
         jax.block_until_ready(out)
         t2 = time.perf_counter()
         del cache
