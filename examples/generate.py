@@ -115,10 +115,18 @@ def main(argv=None) -> int:
     if args.batch % args.dp:
         sys.exit(f"--batch {args.batch} must be a multiple of --dp {args.dp}.")
 
+    def check_tp(cfg):
+        try:
+            llama.check_tensor_parallel(cfg, args.tp, args.group_size or None)
+        except ValueError as e:
+            sys.exit(str(e))
+
+    if not args.checkpoint:  # before building anything
+        check_tp(llama.CONFIGS[args.config].replace(n_layers=args.layers or 1))
     t0 = time.perf_counter()
     bf16, int4, origin = make_models(args)
     cfg = bf16.cfg
-    llama.check_tensor_parallel(cfg, args.tp, args.group_size or None)
+    check_tp(cfg)
     mesh = None
     if n_dev > 1:
         mesh = Mesh(np.array(jax.devices()[:n_dev]).reshape(args.dp, args.tp), ("data", "model"))

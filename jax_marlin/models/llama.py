@@ -518,7 +518,7 @@ def dequantized_model(qmodel: Llama) -> Llama:
             return {k: convert(v) for k, v in node.items()}
         return node
 
-    nnx.replace_by_pure_dict(q_state_dense := nnx.state(dense, nnx.Param),
-                             convert(q_state.to_pure_dict()))
-    nnx.update(dense, q_state_dense)
+    state = nnx.state(dense, nnx.Param)
+    nnx.replace_by_pure_dict(state, convert(nnx.to_pure_dict(q_state)))
+    nnx.update(dense, state)
     return dense
