@@ -9,10 +9,6 @@ programs compile once per shape and are shared by the tests through jit's cache.
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +21,6 @@ import jax_marlin as jm  # noqa: E402
 from jax_marlin.models import generate as gen  # noqa: E402
 from jax_marlin.models import llama  # noqa: E402
 
-TESTS = pathlib.Path(__file__).resolve().parent
 CFG = llama.CONFIGS["tiny"]
 MAX_LEN = 48  # 16 prompt slots + 32 new tokens
 LENGTHS = (5, 16, 11, 1)  # prompts of different lengths, padded to 16
@@ -350,16 +345,8 @@ def test_hf_gptq_checkpoint_and_gptq_on_load(tmp_path):
 # --- 8 CPU devices ------------------------------------------------------------------
 
 
-def test_tensor_parallel_generation_on_8_cpu_devices():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           str(TESTS / "multidevice_llama.py")]
-    run = subprocess.run(cmd, cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=900)
-    print("8-device run:", (run.stdout.strip().splitlines() or ["(no output)"])[-1])
-    assert run.returncode == 0, (f"{' '.join(cmd)} failed (exit {run.returncode}):\n"
-                                 f"{run.stdout[-20000:]}\n{run.stderr[-5000:]}")
+def test_tensor_parallel_generation_on_8_cpu_devices(util):
+    util.run_on_8_cpu_devices("multidevice_llama.py")
 
 
 # --- the GPU benchmark's trace reading ------------------------------------------------

@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jax_marlin.bench import git_commit
 from jax_marlin.models import generate as gen
 from jax_marlin.models import llama
 
@@ -248,15 +249,6 @@ def bench_variant(variant, cfg, args, mesh, log):
 
 
 # --- Output --------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(["git", "-C", here, "rev-parse", "--short", "HEAD"],
-                                       text=True, stderr=subprocess.DEVNULL).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def speedups(rows) -> dict:
