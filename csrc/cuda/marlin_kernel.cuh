@@ -49,8 +49,8 @@ class MarlinBlock {
  public:
   __device__ MarlinBlock(const MarlinParams<T>& p, int4* smem)
       : p_(p),
-        smem_(smem),
         red_(smem + Tile::kStages * Tile::kStage),
+        smem_base_(smem_addr(smem)),
         warp_(threadIdx.x / 32),
         lane_(threadIdx.x % 32),
         warp_n_(warp_ % Tile::kWarpsN),
@@ -59,7 +59,31 @@ class MarlinBlock {
         row_block0_(warp_ / Tile::kWarpsN % Tile::kWarpsM * kRB),
         k_tiles_(p.k / Tile::kTileK),
         n_tiles_(p.n / Tile::kTileN),
-        evict_first_(make_evict_first_policy()) {}
+        evict_first_(make_evict_first_policy()) {
+    // Everything about a thread's copies and fragment reads that does not
+    // change from stage to stage, worked out once: the main loop then only
+    // adds a stage's base to these.
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int j = 0; j < kACopies; ++j) {
+      const int c = j * Tile::kThreads + tid;
+      const int row = c / Tile::kAChunksPerRow, chunk = c % Tile::kAChunksPerRow;
+      a_copy_[j] = (Tile::kAStage % Tile::kThreads == 0 || c < Tile::kAStage) ? 1 : 0;
+      a_valid_[j] = a_copy_[j] && row < p.rows;
+      // Rows past M read nothing (zero-fill) from row 0, a valid address.
+      a_src_[j] = (a_valid_[j] ? row * (p.k / 8) : 0) + chunk;
+      a_dst_[j] = 16 * a_offset(row, chunk);
+    }
+    const int b_row_stride = p.n / 2;  // 2 N int32 = N / 2 int4 per packed row
+#pragma unroll
+    for (int j = 0; j < kBCopies; ++j) {
+      const int c = j * Tile::kThreads + tid;
+      b_src_[j] = (c / kBRow) * b_row_stride + c % kBRow;
+    }
+    b_read_ = 16 * (Tile::kAStage + (warp_k_ * Tile::kKBlocksPerWarp * Tile::kWarpsN + warp_n_) * 32 + lane_);
+    s_read_ = 16 * (Tile::kAStage + Tile::kBStage + warp_n_ * kWarpCols / 8 + lane_ / 4);
+    x_read_ = 16 * ((row_block0_ * 8 + lane_ % 8) * Tile::kAChunksPerRow);
+  }
 
   __device__ void run() {
     const int total = k_tiles_ * n_tiles_;
@@ -69,60 +93,78 @@ class MarlinBlock {
 
     // Two cursors walk the stripe: one kStages - 1 iterations ahead issuing
     // loads, one consuming. Stepped, not recomputed: no divisions per tile.
-    Cursor load{begin / k_tiles_, begin % k_tiles_};
-    Cursor use = load;
+    LoadCursor load{begin / k_tiles_, begin % k_tiles_, 0};
+    load.b_tile = b_tile_offset(load.n_tile, load.k_tile);
+    Cursor use{load.n_tile, load.k_tile};
 
     // Prologue: fill all but one stage. Every iteration commits exactly one
     // group (possibly empty) so that wait_group<kStages - 2> always means
     // "the stage about to be consumed has landed".
-#pragma unroll
+#pragma unroll 1
     for (int s = 0; s < Tile::kStages - 1; ++s) {
       if (s < count) {
-        load_stage(s, load);
-        load.step(k_tiles_);
+        load_stage(smem_base_ + s * kStageBytes, load);
+        step(load);
       }
       cp_async_commit();
     }
 
     zero_accumulators();
-    int read_slot = 0, write_slot = Tile::kStages - 1;
+    uint32_t read_stage = smem_base_, write_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
+    const uint32_t last_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
     for (int i = 0; i < count; ++i) {
       cp_async_wait<Tile::kStages - 2>();
-      // Also guarantees every warp is done with the slot refilled below.
+      // Also guarantees every warp is done with the stage refilled below.
       __syncthreads();
       if (i + Tile::kStages - 1 < count) {
-        load_stage(write_slot, load);
-        load.step(k_tiles_);
+        load_stage(write_stage, load);
+        step(load);
       }
       cp_async_commit();
 
-      compute_stage(read_slot);
+      compute_stage(read_stage);
       if (use.k_tile == k_tiles_ - 1 || i == count - 1) {
         finish_tile(use.n_tile, total);
         zero_accumulators();
       }
-      use.step(k_tiles_);
-      read_slot = read_slot == Tile::kStages - 1 ? 0 : read_slot + 1;
-      write_slot = write_slot == Tile::kStages - 1 ? 0 : write_slot + 1;
+      if (++use.k_tile == k_tiles_) {
+        use.k_tile = 0;
+        ++use.n_tile;
+      }
+      read_stage = read_stage == last_stage ? smem_base_ : read_stage + kStageBytes;
+      write_stage = write_stage == last_stage ? smem_base_ : write_stage + kStageBytes;
     }
     cp_async_wait<0>();
   }
 
  private:
+  static constexpr int kStageBytes = 16 * Tile::kStage;
+  static constexpr int kBRow = Tile::kWarpsN * 32;  // 16-byte units of a tile's packed row
+  static constexpr int kACopies = (Tile::kAStage + Tile::kThreads - 1) / Tile::kThreads;
+  static constexpr int kBCopies = (Tile::kBStage + Tile::kThreads - 1) / Tile::kThreads;
+  static_assert(Tile::kBStage % Tile::kThreads == 0, "every thread copies the same weight units");
+
   // Position in the (n-tile, k-tile) iteration space, k fastest.
   struct Cursor {
     int n_tile, k_tile;
-    __device__ void step(int k_tiles) {
-      if (++k_tile == k_tiles) {
-        k_tile = 0;
-        ++n_tile;
-      }
-    }
   };
-
-  __device__ int4* stage_a(int slot) const { return smem_ + slot * Tile::kStage; }
-  __device__ int4* stage_b(int slot) const { return stage_a(slot) + Tile::kAStage; }
-  __device__ int4* stage_s(int slot) const { return stage_b(slot) + Tile::kBStage; }
+  // The load cursor also keeps the tile's offset in the packed weight
+  // (16-byte units; < 2^31 for any weight that fits in memory).
+  struct LoadCursor {
+    int n_tile, k_tile, b_tile;
+  };
+  __device__ int b_tile_offset(int n_tile, int k_tile) const {
+    return k_tile * Tile::kKBlocks * (p_.n / 2) + n_tile * kBRow;
+  }
+  __device__ void step(LoadCursor& c) const {
+    if (++c.k_tile == k_tiles_) {
+      c.k_tile = 0;
+      ++c.n_tile;
+      c.b_tile = c.n_tile * kBRow;
+    } else {
+      c.b_tile += Tile::kKBlocks * (p_.n / 2);
+    }
+  }
 
   // Activation tiles are stored with their 16-byte chunks XOR-swizzled by row
   // (chunk ^ row % 8): the 8 rows one ldmatrix phase reads then fall into 8
@@ -131,89 +173,72 @@ class MarlinBlock {
     return row * Tile::kAChunksPerRow + (chunk ^ (row & 7));
   }
 
-  __device__ void load_stage(int slot, Cursor at) {
-    const int n_tile = at.n_tile, k_tile = at.k_tile;
-    const int tid = threadIdx.x;
-
+  // Stage layout (16-byte units): x tile (kAStage), packed weight (kBStage),
+  // scale rows (kSStage). `stage` is the stage's shared address.
+  __device__ void load_stage(uint32_t stage, const LoadCursor& at) {
     // Activations: kTileM rows x kTileK columns; rows past M are zero-filled.
-    // Offsets are 32-bit (x and the packed weight have < 2^31 16-byte units).
-    int4* a_dst = stage_a(slot);
-    const int4* a_src = reinterpret_cast<const int4*>(p_.x) + k_tile * Tile::kAChunksPerRow;
-    const int a_row_stride = p_.k / 8;
+    const int4* x_tile = reinterpret_cast<const int4*>(p_.x) + at.k_tile * Tile::kAChunksPerRow;
 #pragma unroll
-    for (int c0 = 0; c0 < Tile::kAStage; c0 += Tile::kThreads) {
-      const int c = c0 + tid;
-      if (Tile::kAStage % Tile::kThreads == 0 || c < Tile::kAStage) {
-        const int row = c / Tile::kAChunksPerRow, chunk = c % Tile::kAChunksPerRow;
-        const bool valid = row < p_.rows;
-        cp_async16_zfill(a_dst + a_offset(row, chunk), a_src + (valid ? row * a_row_stride : 0) + chunk,
-                         valid);
-      }
+    for (int j = 0; j < kACopies; ++j) {
+      if (a_copy_[j]) cp_async16_zfill(stage + a_dst_[j], x_tile + a_src_[j], a_valid_[j]);
     }
 
-    // Weights: kKBlocks rows of the packed array, kWarpsN * 32 16-byte units
-    // each, contiguous in global memory and copied as they are.
-    int4* b_dst = stage_b(slot);
-    const int b_row_stride = p_.n / 2;  // 2 N int32 = N / 2 int4 per packed row
-    constexpr int kBRow = Tile::kWarpsN * 32;
-    const int4* b_src = p_.packed + (k_tile * Tile::kKBlocks * b_row_stride + n_tile * kBRow);
+    // Weights: kKBlocks rows of the packed array, kBRow 16-byte units each,
+    // contiguous in global memory and copied as they are.
+    const int4* b_tile = p_.packed + at.b_tile;
+    const uint32_t b_dst = stage + 16 * (Tile::kAStage + threadIdx.x);
 #pragma unroll
-    for (int c0 = 0; c0 < Tile::kBStage; c0 += Tile::kThreads) {
-      const int c = c0 + tid;
-      if (Tile::kBStage % Tile::kThreads == 0 || c < Tile::kBStage) {
-        cp_async16_stream(b_dst + c, b_src + ((c / kBRow) * b_row_stride + c % kBRow), evict_first_);
-      }
+    for (int j = 0; j < kBCopies; ++j) {
+      cp_async16_stream(b_dst + 16 * j * Tile::kThreads, b_tile + b_src_[j], evict_first_);
     }
 
     // Scales: the group rows this k-tile touches (one when a group spans
     // several k-tiles).
     if constexpr (Tile::kGrouped) {
-      const int k0 = k_tile * Tile::kTileK;
-      const int first_row = k0 >> p_.group_shift;
+      const int tid = threadIdx.x;
+      const int first_row = (at.k_tile * Tile::kTileK) >> p_.group_shift;
       const int rows = max(1, Tile::kTileK >> p_.group_shift);
       constexpr int kRowChunks = Tile::kTileN / 8;
       if (tid < rows * kRowChunks) {
         const int r = tid / kRowChunks, chunk = tid % kRowChunks;
-        const T* src = p_.scales + static_cast<size_t>(first_row + r) * p_.n + n_tile * Tile::kTileN;
-        cp_async16(stage_s(slot) + r * kRowChunks + chunk, reinterpret_cast<const int4*>(src) + chunk);
+        const T* src = p_.scales + static_cast<size_t>(first_row + r) * p_.n + at.n_tile * Tile::kTileN;
+        cp_async16(stage + 16 * (Tile::kAStage + Tile::kBStage + r * kRowChunks + chunk),
+                   reinterpret_cast<const int4*>(src) + chunk);
       }
     }
   }
 
-  __device__ void compute_stage(int slot) {
+  __device__ void compute_stage(uint32_t stage) {
     if constexpr (Tile::kLoadsOnly) return;
-    const int4* a = stage_a(slot);
-    const int4* b = stage_b(slot);
     // With 4 row blocks the accumulators fill most of the register file:
     // keep the k16 steps sequential so their fragments are not all live.
 #pragma unroll(kRB > 2 ? 1 : Tile::kKBlocksPerWarp)
     for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
       const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
       // One 16-byte load: this lane's packed words for the warp's 4 n16 tiles.
-      const int4 q = b[(kb * Tile::kWarpsN + warp_n_) * 32 + lane_];
+      const uint4 q = ld_shared16(stage + b_read_ + 16 * 32 * Tile::kWarpsN * i);
 
       // Group scales: the scale permutation puts the 8 columns a lane's
       // words touch (c, c + 8, ..., c + 56 with c = lane / 4) in 16 bytes.
-      int4 s_raw = make_int4(0, 0, 0, 0);
+      uint4 s_raw = make_uint4(0, 0, 0, 0);
       if constexpr (Tile::kGrouped) {
         const int s_row = (kb * 16) >> p_.group_shift;
-        const int4* s = stage_s(slot);
-        s_raw = s[(s_row * Tile::kTileN + warp_n_ * kWarpCols) / 8 + lane_ / 4];
+        s_raw = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
       }
 
       // x^T fragments (k16 x n8): ldmatrix of 8 rows x 16 columns of x gives
       // lane (g, t) x[g][2t, 2t + 1] and x[g][2t + 8, 2t + 9], the B layout.
+      // Lane l addresses row l % 8 of half (l / 8) % 2; the swizzle XORs the
+      // chunk with the row's low bits, which are l % 8 for every row block.
+      const int x_chunk = (kb * 2 + (lane_ / 8) % 2) ^ (lane_ % 8);
       uint32_t xfrag[kRB][2];
 #pragma unroll
       for (int rb = 0; rb < kRB; ++rb) {
-        const int row = (row_block0_ + rb) * 8 + lane_ % 8;
-        ldmatrix_x2(xfrag[rb], a + a_offset(row, kb * 2 + (lane_ / 8) % 2));
+        ldmatrix_x2(xfrag[rb], stage + x_read_ + 16 * (rb * 8 * Tile::kAChunksPerRow + x_chunk));
       }
 
-      const uint32_t words[4] = {static_cast<uint32_t>(q.x), static_cast<uint32_t>(q.y),
-                                 static_cast<uint32_t>(q.z), static_cast<uint32_t>(q.w)};
-      const uint32_t scale_words[4] = {static_cast<uint32_t>(s_raw.x), static_cast<uint32_t>(s_raw.y),
-                                       static_cast<uint32_t>(s_raw.z), static_cast<uint32_t>(s_raw.w)};
+      const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+      const uint32_t scale_words[4] = {s_raw.x, s_raw.y, s_raw.z, s_raw.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         // The word holds the B fragments of columns 16 j + g (b0) and
@@ -368,11 +393,20 @@ class MarlinBlock {
   __device__ static T from_float(float v) { return Dtype<T>::from_floats(v, v).x; }
 
   const MarlinParams<T> p_;
-  int4* smem_;
   int4* red_;
+  const uint32_t smem_base_;  // shared address of stage 0
   const int warp_, lane_, warp_n_, warp_mn_, warp_k_, row_block0_;
   const int k_tiles_, n_tiles_;
   const uint64_t evict_first_;
+  // This thread's copies: source offsets (16-byte units, from the k-tile's
+  // start in x / from the tile's start in the packed weight), destination
+  // offsets in a stage (bytes), and for x whether the copy exists and whether
+  // its row is real (else zero-filled).
+  int a_src_[kACopies], a_dst_[kACopies];
+  bool a_copy_[kACopies], a_valid_[kACopies];
+  int b_src_[kBCopies];
+  // Byte offsets in a stage of this lane's first weight, scale and x reads.
+  int b_read_, s_read_, x_read_;
   // acc_[rb][j]: the m16n8 accumulator of output columns 16 j .. 16 j + 15 of
   // the warp's slab (as MMA rows) and rows 8 rb .. 8 rb + 7 of x (as columns).
   float acc_[kRB][4][4];
