@@ -73,7 +73,7 @@ build_selftest() {
 sweep_bin="$scratch/marlin_tile_sweep"
 build_sweep() {
   prebuilt marlin_tile_sweep "$sweep_bin" && return 0
-  nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -I"$repo/csrc" \
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I"$repo/csrc" \
     "$repo/tests/cuda/marlin_tile_sweep.cu" "$repo/csrc/cuda/marlin_dispatch.cu" -o "$sweep_bin"
 }
 # Hopper wgmma layout probe (sm_90a): which descriptor convention holds.

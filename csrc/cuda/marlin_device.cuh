@@ -70,6 +70,13 @@ __device__ __forceinline__ void ldmatrix_x2(uint32_t (&frag)[2], uint32_t smem) 
                : "r"(smem));
 }
 
+// 4 bytes from shared memory.
+__device__ __forceinline__ uint32_t ld_shared4(uint32_t smem) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(smem));
+  return v;
+}
+
 // 16 bytes from shared memory.
 __device__ __forceinline__ uint4 ld_shared16(uint32_t smem) {
   uint4 v;

@@ -18,6 +18,7 @@
 
 #include "marlin_device.cuh"
 #include "marlin_tiles.h"
+#include "marlin_wgmma.cuh"
 
 namespace jax_marlin::cuda {
 
@@ -43,8 +44,10 @@ __device__ __forceinline__ int stripe_of(int it, int total, int stripes) {
 template <typename T, typename Tile>
 class MarlinBlock {
   using T2 = typename Dtype<T>::T2;
-  // 8-row blocks of x this warp multiplies: kRB of them, from row_block0_.
+  // 8-row blocks of x this warp multiplies: kRB of them, from row_block0_;
+  // n16 sub-tiles of its slab it accumulates: kJ of them, from j0().
   static constexpr int kRB = Tile::kRowBlocksPerWarp;
+  static constexpr int kJ = Tile::kSubTilesPerWarp;
 
  public:
   __device__ MarlinBlock(const MarlinParams<T>& p, int4* smem)
@@ -53,7 +56,8 @@ class MarlinBlock {
         smem_base_(smem_addr(smem)),
         warp_(threadIdx.x / 32),
         lane_(threadIdx.x % 32),
-        warp_n_(warp_ % Tile::kWarpsN),
+        // A warpgroup shares one slab (wgmma); otherwise each warp has one.
+        warp_n_(Tile::kWgmma ? warp_ / 4 % Tile::kWarpsN : warp_ % Tile::kWarpsN),
         warp_mn_(warp_ % Tile::kWarpsMN),
         warp_k_(warp_ / Tile::kWarpsMN),
         row_block0_(warp_ / Tile::kWarpsN % Tile::kWarpsM * kRB),
@@ -80,8 +84,10 @@ class MarlinBlock {
       const int c = j * Tile::kThreads + tid;
       b_src_[j] = (c / kBRow) * b_row_stride + c % kBRow;
     }
-    b_read_ = 16 * (Tile::kAStage + (warp_k_ * Tile::kKBlocksPerWarp * Tile::kWarpsN + warp_n_) * 32 + lane_);
-    s_read_ = 16 * (Tile::kAStage + Tile::kBStage + warp_n_ * kWarpCols / 8 + lane_ / 4);
+    // With wgmma a warp reads only its own word (j0) of each 16-byte unit.
+    b_read_ = 16 * (Tile::kAStage + (warp_k_ * Tile::kKBlocksPerWarp * Tile::kWarpsN + warp_n_) * 32 + lane_) +
+              4 * j0();
+    s_read_ = 16 * (Tile::kAStage + Tile::kBStage + warp_n_ * kWarpCols / 8 + lane_ / 4) + 4 * j0();
     x_read_ = 16 * ((row_block0_ * 8 + lane_ % 8) * Tile::kAChunksPerRow);
   }
 
@@ -114,6 +120,8 @@ class MarlinBlock {
     const uint32_t last_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
     for (int i = 0; i < count; ++i) {
       cp_async_wait<Tile::kStages - 2>();
+      // wgmma reads x through the async proxy: fence this thread's copies.
+      if constexpr (Tile::kWgmma) fence_proxy_async();
       // Also guarantees every warp is done with the stage refilled below.
       __syncthreads();
       if (i + Tile::kStages - 1 < count) {
@@ -169,8 +177,24 @@ class MarlinBlock {
   // Activation tiles are stored with their 16-byte chunks XOR-swizzled by row
   // (chunk ^ row % 8): the 8 rows one ldmatrix phase reads then fall into 8
   // different bank groups instead of one.
+  // wgmma tiles instead store x in wgmma's canonical no-swizzle layout:
+  // 8-row x 16-byte core matrices, contiguous, the kTileM / 8 core matrices
+  // of one 16-byte column of k next to each other.
   __device__ static int a_offset(int row, int chunk) {
-    return row * Tile::kAChunksPerRow + (chunk ^ (row & 7));
+    if constexpr (Tile::kWgmma) {
+      return (chunk * (Tile::kTileM / 8) + row / 8) * 8 + row % 8;
+    } else {
+      return row * Tile::kAChunksPerRow + (chunk ^ (row & 7));
+    }
+  }
+
+  // The first n16 sub-tile of the slab this warp accumulates.
+  __device__ int j0() const {
+    if constexpr (Tile::kWgmma) {
+      return warp_ % 4;
+    } else {
+      return 0;
+    }
   }
 
   // Stage layout (16-byte units): x tile (kAStage), packed weight (kBStage),
@@ -210,6 +234,10 @@ class MarlinBlock {
 
   __device__ void compute_stage(uint32_t stage) {
     if constexpr (Tile::kLoadsOnly) return;
+    if constexpr (Tile::kWgmma) {
+      compute_stage_wgmma(stage);
+      return;
+    }
     // With 4 row blocks the accumulators fill most of the register file:
     // keep the k16 steps sequential so their fragments are not all live.
 #pragma unroll(kRB > 2 ? 1 : Tile::kKBlocksPerWarp)
@@ -240,7 +268,7 @@ class MarlinBlock {
       const uint32_t words[4] = {q.x, q.y, q.z, q.w};
       const uint32_t scale_words[4] = {s_raw.x, s_raw.y, s_raw.z, s_raw.w};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < kJ; ++j) {
         // The word holds the B fragments of columns 16 j + g (b0) and
         // 16 j + 8 + g (b1); the same eight values, reordered, are the A
         // fragment of the 16 x 16 tile W^T[16 j .. 16 j + 15][k16].
@@ -258,11 +286,50 @@ class MarlinBlock {
     }
   }
 
+  // wgmma: this warp dequantizes its word of every k16 block's packed unit
+  // (16 of the slab's 64 columns) into a register A fragment; then the
+  // warpgroup multiplies each with the k16 x kTileM slice of x^T. The stage
+  // is not refilled before the next iteration's barrier, so waiting for the
+  // group here keeps its x tile alive long enough.
+  __device__ void compute_stage_wgmma(uint32_t stage) {
+    uint32_t afrag[Tile::kKBlocksPerWarp][4];
+#pragma unroll
+    for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
+      const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
+      const uint32_t word = ld_shared4(stage + b_read_ + 16 * 32 * Tile::kWarpsN * i);
+      uint32_t b0[2], b1[2];
+      Dtype<T>::dequant(word, b0, b1);
+      if constexpr (Tile::kGrouped) {
+        const int s_row = (kb * 16) >> p_.group_shift;
+        const T2 s = as_t2<T2>(ld_shared4(stage + s_read_ + s_row * (2 * Tile::kTileN)));
+        scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
+        scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
+      }
+      afrag[i][0] = b0[0], afrag[i][1] = b1[0], afrag[i][2] = b0[1], afrag[i][3] = b1[1];
+    }
+    // B = x^T, K-major: the two 16-byte columns of k of block kb are
+    // kTileM / 8 core matrices apart (leading offset); 8-row groups are
+    // adjacent (stride offset).
+    constexpr uint32_t kKStep = 16 * 8 * (Tile::kTileM / 8), kNStep = 128;
+    float(&acc)[Tile::kTileM / 2] = *reinterpret_cast<float(*)[Tile::kTileM / 2]>(&acc_[0][0][0]);
+    wgmma_fence();
+#pragma unroll
+    for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
+      const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
+      const uint32_t start = stage + 2 * kb * kKStep;
+      const uint64_t desc = kWgmmaLeadingIsK ? wgmma_descriptor(start, kKStep, kNStep)
+                                             : wgmma_descriptor(start, kNStep, kKStep);
+      WgmmaRS<T, Tile::kTileM>::run(acc, afrag[i], desc);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+  }
+
   __device__ void zero_accumulators() {
 #pragma unroll
     for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < kJ; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_[rb][j][e] = 0.f;
   }
@@ -281,8 +348,8 @@ class MarlinBlock {
 #pragma unroll
           for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
-              red[((slot * kRB + rb) * 4 + j) * 32 + lane_] =
+            for (int j = 0; j < kJ; ++j)
+              red[((slot * kRB + rb) * kJ + j) * 32 + lane_] =
                   make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]);
         }
         __syncthreads();
@@ -291,8 +358,8 @@ class MarlinBlock {
 #pragma unroll
           for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const float4 v = red[((slot * kRB + rb) * 4 + j) * 32 + lane_];
+            for (int j = 0; j < kJ; ++j) {
+              const float4 v = red[((slot * kRB + rb) * kJ + j) * 32 + lane_];
               acc_[rb][j][0] += v.x;
               acc_[rb][j][1] += v.y;
               acc_[rb][j][2] += v.z;
@@ -321,7 +388,7 @@ class MarlinBlock {
 #pragma unroll
         for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
+          for (int j = 0; j < kJ; ++j)
             __stcg(&mine[workspace_index(rb, j)],
                    make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]));
       }
@@ -333,7 +400,7 @@ class MarlinBlock {
 #pragma unroll
           for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < kJ; ++j) {
               const float4 v = __ldcg(&part[workspace_index(rb, j)]);
               acc_[rb][j][0] += v.x;
               acc_[rb][j][1] += v.y;
@@ -356,7 +423,7 @@ class MarlinBlock {
   }
 
   __device__ int workspace_index(int rb, int j) const {
-    return (((row_block0_ + rb) * 4 + j) * Tile::kWarpsN + warp_n_) * 32 + lane_;
+    return (((row_block0_ + rb) * 4 + j0() + j) * Tile::kWarpsN + warp_n_) * 32 + lane_;
   }
 
   // Accumulator layout (m16n8, here n16 x m8): lane (g, t) holds columns
@@ -366,10 +433,10 @@ class MarlinBlock {
     const int col0 = n_tile * Tile::kTileN + warp_n_ * kWarpCols;
     const int g = lane_ / 4, t = lane_ % 4;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < kJ; ++j) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int col = col0 + 16 * j + 8 * half + g;
+        const int col = col0 + 16 * (j0() + j) + 8 * half + g;
         float s = 1.f;
         if constexpr (!Tile::kGrouped) s = to_float(p_.scales[per_channel_position(col)]);
 #pragma unroll
@@ -409,7 +476,7 @@ class MarlinBlock {
   int b_read_, s_read_, x_read_;
   // acc_[rb][j]: the m16n8 accumulator of output columns 16 j .. 16 j + 15 of
   // the warp's slab (as MMA rows) and rows 8 rb .. 8 rb + 7 of x (as columns).
-  float acc_[kRB][4][4];
+  float acc_[kRB][kJ][4];
 };
 
 template <typename T, typename Tile>
