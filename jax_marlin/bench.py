@@ -1,6 +1,7 @@
 """Benchmark of marlin_matmul against the memory roofline and XLA baselines.
 
     python -m jax_marlin.bench [--quick] [--sets llama2-7b,llama2-70b,16k] [--out DIR]
+    python -m jax_marlin.bench --tune-dispatch [--sets ...]   # the large-M dispatch table
 
 For every layer (K, N), batch M, dtype and group size it times, on the device:
   * marlin    ``marlin_matmul(x, qw)`` (4-bit Marlin weight),
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_marlin as jm
+from jax_marlin import dispatch, ops
 
 LAYER_SETS = {
     "llama2-7b": [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)],
@@ -284,6 +286,42 @@ def bench_layer(K, N, dtype_name, batches, reps, timer_cls):
     return rows
 
 
+TUNE_BATCHES = (64, 128, 256, 512, 1024, 2048)
+
+
+def tune_dispatch(layers, dtype_names, reps, timer_cls, batches=TUNE_BATCHES):
+    """The large-M dispatch table's entries: for each layer and dtype, both
+    paths of marlin_matmul on the GPU (the kernel; dequantize + XLA's dot),
+    called directly, timed at each M, and the crossover
+    (dispatch.crossover). Group 128 weights."""
+    paths = {
+        "kernel": lambda x, qw: ops._kernel_call(x, qw.packed, qw.scales),
+        "dense": lambda x, qw: ops._dense_call(x, qw.packed, qw.scales),
+    }
+    entries = []
+    for K, N in layers:
+        for dt in dtype_names:
+            dtype = DTYPES[dt]
+            key = jax.random.PRNGKey(K * 7 + N)
+            ws = marlin_weights(key, K, N, 128, dtype, copies_for(marlin_bytes(0, K, N, 128)))
+            timer = timer_cls(reps)
+            for M in batches:
+                calls = calls_for(len(ws), marlin_bytes(M, K, N, 128), 2 * M * K * N)
+                xs = activations(key, M, K, dtype, calls)
+                for name, fn in paths.items():
+                    timer.add((name, M), unrolled(fn), (xs, rotate(ws, calls)), calls)
+            t = timer.run()
+            times = {M: (t[("kernel", M)], t[("dense", M)]) for M in batches}
+            entry = dict(K=K, N=N, dtype=np.dtype(dtype).name, min_m=dispatch.crossover(times),
+                         us={str(M): dict(kernel=round(a * 1e6, 2), dense=round(b * 1e6, 2))
+                             for M, (a, b) in times.items()})
+            print(f"  {K}x{N} {dt}: dense from M = {entry['min_m']}  "
+                  + "  ".join(f"M={M}: {a * 1e6:.0f}/{b * 1e6:.0f} us" for M, (a, b) in times.items()),
+                  flush=True)
+            entries.append(entry)
+    return entries
+
+
 def git_commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -414,6 +452,9 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
     ap.add_argument("--commit", default=None,
                     help="commit id to record (default: git rev-parse HEAD, if available)")
+    ap.add_argument("--tune-dispatch", action="store_true",
+                    help="measure the kernel vs dequantize + dot at large M and write the "
+                         "dispatch table for this GPU kind (copy it into jax_marlin/dispatch_tables/)")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="merge earlier result files into one (no measuring)")
     args = ap.parse_args(argv)
@@ -425,6 +466,20 @@ def main(argv=None):
     print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}", flush=True)
     bw = measure_copy_bandwidth(TIMERS[args.timer])
     print(f"copy bandwidth (read + write): {bw / 1e12:.3f} TB/s", flush=True)
+
+    if args.tune_dispatch:
+        layers = [kn for s in args.sets.split(",") for kn in LAYER_SETS[s]]
+        entries = tune_dispatch(layers, args.dtypes.split(","), args.reps, TIMERS[args.timer])
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        table = dict(device=dev.device_kind, jax=jax.__version__, commit=args.commit or git_commit(),
+                     date=stamp, timing=args.timer, entries=entries)
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"dispatch_{stamp}_{dispatch.table_name(dev.device_kind)}")
+        with open(path, "w") as f:
+            json.dump(table, f, indent=1)
+        print(f"wrote {path}: copy it to jax_marlin/dispatch_tables/"
+              f"{dispatch.table_name(dev.device_kind)} to use it")
+        return
 
     if args.quick:
         plan = {"llama2-70b": [(8192, 8192)]}

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_marlin import _partitioning, layout
+from jax_marlin import _partitioning, dispatch, layout
 from jax_marlin.quantize import dequantize
 from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight
 
@@ -90,7 +90,29 @@ def _cpu_call(x2, packed, scales):
     return jax.ffi.ffi_call(_ffi().TARGET, out)(x2, packed, scales)
 
 
+def _gpu_kind() -> str:
+    try:
+        return jax.devices("gpu")[0].device_kind
+    except RuntimeError:  # no GPU backend: this branch is traced, never run
+        return ""
+
+
+def _dense_call(x2, packed, scales):
+    """Dequantize once and let XLA run a dense GEMM (float32 accumulation)."""
+    w = dequantize(QuantizedWeight(packed=packed, scales=scales))
+    return jnp.dot(x2, w, preferred_element_type=jnp.float32).astype(x2.dtype)
+
+
 def _cuda_call(x2, packed, scales):
+    (M, K), N = x2.shape, scales.shape[1]
+    # Large M: the measured table (dispatch.py) may send it to a dense GEMM.
+    if dispatch.use_dense(_gpu_kind(), M, K, N, np.dtype(x2.dtype).name):
+        return _dense_call(x2, packed, scales)
+    return _kernel_call(x2, packed, scales)
+
+
+def _kernel_call(x2, packed, scales):
+    """The CUDA Marlin kernel through the FFI target."""
     (M, K), N = x2.shape, scales.shape[1]
     outs = (
         jax.ShapeDtypeStruct((M, N), x2.dtype),

@@ -58,3 +58,21 @@ float median_us_per_call(Fn&& launch, int calls, int reps = 9) {
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2] * 1e3f / calls;
 }
+
+// Copy bandwidth, bytes read + written per second, of a 1 GiB
+// device-to-device copy: the roofline's yardstick.
+inline double copy_bandwidth() {
+  const size_t bytes = size_t{1} << 30;
+  void *src, *dst;
+  CHECK_CUDA(cudaMalloc(&src, bytes));
+  CHECK_CUDA(cudaMalloc(&dst, bytes));
+  CHECK_CUDA(cudaMemset(src, 1, bytes));
+  const float us = median_us_per_call(
+      [&](int, cudaStream_t stream) {
+        CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
+      },
+      4);
+  CHECK_CUDA(cudaFree(src));
+  CHECK_CUDA(cudaFree(dst));
+  return 2.0 * bytes / (us * 1e-6);
+}

@@ -137,20 +137,7 @@ static double run_case(const Case& c, std::mt19937& rng, int repeats) {
 
 static int bench() {
   constexpr size_t kRotateBytes = size_t{200} << 20;  // 4x the 50 MB L2
-  // Copy bandwidth (read + write) on a 1 GiB buffer.
-  const size_t copy_bytes = size_t{1} << 30;
-  void *src, *dst;
-  CHECK_CUDA(cudaMalloc(&src, copy_bytes));
-  CHECK_CUDA(cudaMalloc(&dst, copy_bytes));
-  CHECK_CUDA(cudaMemset(src, 1, copy_bytes));
-  const float copy_us = median_us_per_call(
-      [&](int, cudaStream_t st) {
-        CHECK_CUDA(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice, st));
-      },
-      4);
-  const double bw = 2.0 * copy_bytes / (copy_us * 1e-6);
-  CHECK_CUDA(cudaFree(src));
-  CHECK_CUDA(cudaFree(dst));
+  const double bw = copy_bandwidth();
   std::printf("copy bandwidth (read + write): %.3f TB/s\n", bw / 1e12);
   std::printf("%6s %6s %5s %5s %10s %10s %7s\n", "K", "N", "M", "group", "us/call", "roof_us", "roof%");
 

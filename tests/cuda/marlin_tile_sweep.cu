@@ -173,23 +173,8 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaMemset(b.locks, 0, 4096 * sizeof(int)));
   fill_halves<<<1024, 256>>>(static_cast<half*>(b.x), size_t{64} * 28672, -1.f, 1.f, 1);
 
-  // Copy bandwidth (read + write of a 1 GiB buffer): the roofline's yardstick.
-  {
-    const size_t bytes = size_t{1} << 30;
-    void *src, *dst;
-    CHECK_CUDA(cudaMalloc(&src, bytes));
-    CHECK_CUDA(cudaMalloc(&dst, bytes));
-    CHECK_CUDA(cudaMemset(src, 1, bytes));
-    const float us = median_us_per_call(
-        [&](int, cudaStream_t stream) {
-          CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
-        },
-        4);
-    g_bw = 2.0 * bytes / (us * 1e-6);
-    std::printf("copy bandwidth (read + write): %.3f TB/s\n", g_bw / 1e12);
-    CHECK_CUDA(cudaFree(src));
-    CHECK_CUDA(cudaFree(dst));
-  }
+  g_bw = copy_bandwidth();
+  std::printf("copy bandwidth (read + write): %.3f TB/s\n", g_bw / 1e12);
   // The lock memset alone, as launched before every call.
   const float memset_us = median_us_per_call(
       [&](int, cudaStream_t stream) { CHECK_CUDA(cudaMemsetAsync(b.locks, 0, 128 * sizeof(int), stream)); },

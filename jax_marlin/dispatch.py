@@ -1,0 +1,66 @@
+"""Large-M dispatch on the GPU: the Marlin kernel, or dequantize + XLA's dot.
+
+The kernel streams the whole 4-bit weight once for every 64 rows of x, so
+past some M a dense GEMM on the dequantized weight (cuBLAS through XLA) is
+faster. Where that happens is measured, per GPU kind, by
+
+    python -m jax_marlin.bench --tune-dispatch
+
+which writes a table (JSON) to copy into ``jax_marlin/dispatch_tables/``. A
+GPU kind without a table always runs the kernel. The choice is made when a
+call is traced (M, K, N and the dtype are static then), so it costs nothing
+at run time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pathlib
+import re
+
+TABLE_DIR = pathlib.Path(__file__).with_name("dispatch_tables")
+
+
+def table_name(device_kind: str) -> str:
+    """File name of a GPU kind's table, e.g. "nvidia-h100-80gb-hbm3.json"."""
+    return re.sub(r"[^a-z0-9]+", "-", device_kind.lower()).strip("-") + ".json"
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(device_kind: str) -> tuple:
+    """The measured entries for a GPU kind (empty if none): dicts with K, N,
+    dtype and min_m, the smallest M from which the dense path was faster at
+    every larger M measured (None: the kernel always won)."""
+    path = TABLE_DIR / table_name(device_kind)
+    if not path.is_file():
+        return ()
+    return tuple(json.loads(path.read_text())["entries"])
+
+
+def use_dense(device_kind: str, M: int, K: int, N: int, dtype_name: str) -> bool:
+    """Whether an (M, K) x (K, N) product should take the dense path. Shapes
+    that were not measured take the entry of the nearest measured shape (by
+    weight size, then K) of the same dtype."""
+    entries = [e for e in load_table(device_kind) if e["dtype"] == dtype_name]
+    if not entries:
+        return False
+
+    def distance(e):
+        return (abs(math.log(e["K"] * e["N"]) - math.log(K * N)), abs(math.log(e["K"] / K)))
+
+    min_m = min(entries, key=distance)["min_m"]
+    return min_m is not None and M >= min_m
+
+
+def crossover(times_by_m: dict) -> int | None:
+    """min_m from measured {M: (kernel_s, dense_s)}: the smallest M from which
+    the dense path is faster at that M and every larger one measured."""
+    min_m = None
+    for M in sorted(times_by_m, reverse=True):
+        kernel_s, dense_s = times_by_m[M]
+        if dense_s >= kernel_s:
+            break
+        min_m = M
+    return min_m

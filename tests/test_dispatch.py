@@ -1,0 +1,89 @@
+"""The large-M dispatch table (jax_marlin.dispatch) and the dense path."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_marlin import bench, dispatch, ops
+from jax_marlin.ops import marlin_matmul_reference
+
+
+def test_crossover_is_the_start_of_the_dense_tail():
+    assert dispatch.crossover({64: (1, 2), 128: (2, 1.5), 256: (3, 1)}) == 128
+    assert dispatch.crossover({64: (1, 2), 128: (1, 2)}) is None
+    # A dense win below a kernel win does not count: only the tail does.
+    assert dispatch.crossover({64: (1, 0.5), 128: (1, 2), 256: (3, 1)}) == 256
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    kind = "Test GPU 80GB"
+    entries = [
+        dict(K=4096, N=4096, dtype="float16", min_m=512),
+        dict(K=8192, N=28672, dtype="float16", min_m=256),
+        dict(K=8192, N=28672, dtype="bfloat16", min_m=None),
+    ]
+    (tmp_path / dispatch.table_name(kind)).write_text(json.dumps(dict(device=kind, entries=entries)))
+    monkeypatch.setattr(dispatch, "TABLE_DIR", tmp_path)
+    dispatch.load_table.cache_clear()
+    yield kind
+    dispatch.load_table.cache_clear()
+
+
+def test_table_name():
+    assert dispatch.table_name("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3.json"
+
+
+def test_use_dense_follows_the_nearest_measured_shape(table):
+    assert not dispatch.use_dense(table, 256, 4096, 4096, "float16")
+    assert dispatch.use_dense(table, 512, 4096, 4096, "float16")
+    assert dispatch.use_dense(table, 300, 8192, 28672, "float16")
+    assert dispatch.use_dense(table, 300, 8192, 24576, "float16")  # nearest: 8192 x 28672
+    assert not dispatch.use_dense(table, 4096, 8192, 28672, "bfloat16")  # kernel always won
+    assert not dispatch.use_dense(table, 4096, 4096, 4096, "bfloat16")  # only that entry: None
+    assert not dispatch.use_dense("Unmeasured GPU", 4096, 4096, 4096, "float16")
+
+
+@pytest.mark.parametrize("group_size", [128, None])
+def test_dense_path_matches_reference(group_size, util):
+    qw = util.random_weight(5, 256, 192, group_size, jnp.bfloat16)
+    x = util.random_x(6, (70, 256), jnp.bfloat16)
+    y = ops._dense_call(x, qw.packed, qw.scales)
+    assert y.dtype == x.dtype and y.shape == (70, 192)
+    assert util.rel_err(y, marlin_matmul_reference(x, qw)) < 1e-2
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_cuda_branch_follows_the_table(dense, util, monkeypatch):
+    """Traced (not run): the CUDA branch is a dense dot when the table says
+    so, the FFI call otherwise."""
+    import jax
+
+    from jax_marlin import _ffi
+
+    if not _ffi._ext.has_cuda():
+        pytest.skip("this build has no CUDA handler")
+    seen = []
+    monkeypatch.setattr(dispatch, "use_dense", lambda *a: seen.append(a) or dense)
+    qw = util.random_weight(7, 256, 128, 128, jnp.float16)
+    x = util.random_x(8, (300 + dense, 256), jnp.float16)  # own shape: no cached trace
+    jaxpr = str(jax.make_jaxpr(ops._cuda_call)(x, qw.packed, qw.scales))
+    assert seen and seen[0][1:] == (300 + dense, 256, 128, "float16")
+    assert ("dot_general" in jaxpr) == dense
+    assert ("jax_marlin_matmul" in jaxpr) != dense
+
+
+@pytest.mark.gpu
+def test_tune_dispatch_entries():
+    """The tuning loop times both paths and finds the crossover (tiny shapes)."""
+    entries = bench.tune_dispatch([(128, 128)], ["fp16"], reps=1, timer_cls=bench.WallTimer,
+                                  batches=(64, 128))
+    (e,) = entries
+    assert (e["K"], e["N"], e["dtype"]) == (128, 128, "float16")
+    assert e["min_m"] in (None, 64, 128)
+    assert set(e["us"]) == {"64", "128"} and all(v["kernel"] > 0 and v["dense"] > 0 for v in e["us"].values())
+    assert np.isfinite([v["dense"] for v in e["us"].values()]).all()
