@@ -2,7 +2,7 @@
 # GPU machine check: build + install, tests, compute-sanitizer, benchmark.
 #
 #   scripts/gpu_check.sh [STEP...]      STEP in: build selftest tests sanitize bench
-#                                       (the default), or the tuning aids sweep, profile,
+#                                       (the default), or the tuning aids kbench, sweep, profile,
 #                                       probe (Hopper wgmma layout facts)
 #
 # The device copy of the tree has no .git: pass the commit being checked as
@@ -115,6 +115,11 @@ for s in "${steps[@]}"; do
       step "CUDA self-test" "$OUT/selftest.log" "$selftest_bin"
       step "self-test under memcheck" "$OUT/selftest_memcheck.log" sanitize_selftest memcheck
       step "self-test under racecheck" "$OUT/selftest_racecheck.log" sanitize_selftest racecheck ;;
+    kbench)
+      # The production launcher's kernel time per shape and M (CUDA graphs,
+      # no JAX), against the copy bandwidth measured in the same run.
+      [[ -x "$selftest_bin" ]] || step "build CUDA self-test" "$OUT/selftest_build.log" build_selftest
+      step "kernel benchmark (self-test --bench)" "$OUT/kbench.log" "$selftest_bin" --bench ;;
     sweep)
       step "build tile sweep" "$OUT/sweep_build.log" build_sweep
       step "tile sweep" "$OUT/sweep.log" "$sweep_bin" ;;
@@ -134,7 +139,7 @@ for s in "${steps[@]}"; do
         summary+=("skipped benchmark (no jax_marlin/bench.py)")
       fi ;;
     *)
-      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, sanitize, bench, sweep, profile, probe)")
+      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, sanitize, bench, kbench, sweep, profile, probe)")
       failed=1 ;;
   esac
 done

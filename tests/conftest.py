@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
 import sys
 import types
 
@@ -116,6 +117,20 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(f"{backend} {dtype}: {err:.3g}")
 
 
+def run_on_8_cpu_devices(test_file: str) -> None:
+    """Run tests/<test_file> with pytest in a child process that sees 8 CPU
+    devices (this process initialised jax with one); fail with its output."""
+    tests = pathlib.Path(__file__).resolve().parent
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / test_file)]
+    run = subprocess.run(cmd, cwd=tests.parent, env=env, capture_output=True, text=True, timeout=900)
+    print("8-device run:", (run.stdout.strip().splitlines() or ["(no output)"])[-1])
+    assert run.returncode == 0, (f"{' '.join(cmd)} failed (exit {run.returncode}):\n"
+                                 f"{run.stdout[-20000:]}\n{run.stderr[-5000:]}")
+
+
 @pytest.fixture(scope="session")
 def util():
     return types.SimpleNamespace(
@@ -126,6 +141,7 @@ def util():
         rel_err=rel_err,
         assert_close=assert_close,
         TOLERANCE=TOLERANCE,
+        run_on_8_cpu_devices=run_on_8_cpu_devices,
     )
 
 

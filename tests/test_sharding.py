@@ -10,10 +10,6 @@ file in a fresh ``python -m pytest`` process with
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,24 +19,10 @@ from jax.sharding import PartitionSpec as P
 import jax_marlin as jm
 from jax_marlin import layout, sharding
 
-TESTS = pathlib.Path(__file__).resolve().parent
-DEVICE_FLAG = "--xla_force_host_platform_device_count=8"
 
 
-def test_sharding_on_8_cpu_devices():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {DEVICE_FLAG}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           str(TESTS / "multidevice_sharding.py")]
-    run = subprocess.run(cmd, cwd=TESTS.parent, env=env, capture_output=True, text=True,
-                         timeout=900)
-    summary = run.stdout.strip().splitlines()[-1:] or ["(no output)"]
-    print("8-device run:", summary[0])
-    assert run.returncode == 0, (
-        f"{' '.join(cmd)} failed (exit {run.returncode}):\n{run.stdout[-20000:]}\n"
-        f"{run.stderr[-5000:]}"
-    )
+def test_sharding_on_8_cpu_devices(util):
+    util.run_on_8_cpu_devices("multidevice_sharding.py")
 
 
 # --- FORMAT.md: shards of a packed weight are packed weights ---------------------

@@ -1,0 +1,375 @@
+"""The Llama-style decoder (jax_marlin.models) on CPU: int4 vs bf16, KV cache, the
+compiled generation loop, sampling, stop tokens, the HF loader, and (in a subprocess
+with 8 CPU devices, tests/multidevice_llama.py) tensor-parallel generation.
+
+One tiny model (2 layers, width 256, 4 query / 2 KV heads) serves every test; its
+programs compile once per shape and are shared by the tests through jit's cache.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+nnx = pytest.importorskip("flax.nnx")
+
+import jax_marlin as jm  # noqa: E402
+from jax_marlin.models import generate as gen  # noqa: E402
+from jax_marlin.models import llama  # noqa: E402
+
+CFG = llama.CONFIGS["tiny"]
+MAX_LEN = 48  # 16 prompt slots + 32 new tokens
+LENGTHS = (5, 16, 11, 1)  # prompts of different lengths, padded to 16
+
+
+@pytest.fixture(scope="module")
+def models():
+    bf16 = llama.random_model(CFG, "dense", jnp.bfloat16, seed=0)
+    int4 = llama.quantize_model(bf16, 128)
+    return {"bf16": bf16, "int4": int4, "deq": llama.dequantized_model(int4)}
+
+
+@pytest.fixture(scope="module")
+def gens(models):
+    return {k: gen.Generator(m, max_len=MAX_LEN) for k, m in models.items()}
+
+
+def prompts(seed=0, lengths=LENGTHS):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, CFG.vocab_size, n).tolist() for n in lengths]
+
+
+def rel(a, b):
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+def teacher_forced(generator, result, ps):
+    """Logits of one forward pass over prompts + generated tokens, at the generated steps."""
+    tokens, pad = gen.pad_prompts(ps)
+    full = np.concatenate([tokens, result.tokens[:, :-1]], axis=1)
+    P = tokens.shape[1]
+    return generator.logits(full, pad)[:, P - 1:]
+
+
+# --- int4 vs bf16 -------------------------------------------------------------------
+
+
+def test_int4_model_has_marlin_layers(models):
+    q = models["int4"].layers[0]
+    assert isinstance(q.attn.q_proj, jm.QuantDense) and isinstance(q.mlp.down_proj, jm.QuantDense)
+    assert isinstance(models["bf16"].layers[0].attn.q_proj, nnx.Linear)
+    # Names and logical axes are the sharding table's (q column-, o row-parallel).
+    assert q.attn.q_proj.packed.get_metadata()["out_sharding"] == ("embed", "heads")
+    assert q.attn.o_proj.scales.get_metadata()["out_sharding"] == ("heads", "embed")
+
+
+def test_int4_logits_close_to_bf16(gens):
+    ps = prompts(1)
+    r = gens["int4"].generate(ps, 8, return_logits=True)
+    logits = {k: teacher_forced(g, r, ps) for k, g in gens.items()}
+    # Same (dequantized) weights: only the order of float sums differs.
+    assert rel(logits["int4"], logits["deq"]) < 5e-3
+    # Original bf16 weights: plus the 4-bit quantization error.
+    err = rel(logits["int4"], logits["bf16"])
+    assert 1e-3 < err < 5e-2, err
+    # Greedy generation: the int4 model and its dequantized twin agree.
+    twin = gens["deq"].generate(ps, 8, return_logits=True)
+    c = gen.compare_greedy(r, twin)
+    assert c["ok"], c
+
+
+# --- the KV cache and padding --------------------------------------------------------
+
+
+def test_kv_cache_decode_equals_full_recompute(gens):
+    ps = prompts(2)
+    g = gens["int4"]
+    r = g.generate(ps, 24, return_logits=True)
+    full = teacher_forced(g, r, ps)
+    assert full.shape == r.logits.shape
+    # Same computation with a cache or without, up to bf16 rounding of activations.
+    assert rel(r.logits, full) < 5e-3
+    np.testing.assert_allclose(r.logits, full, atol=0.05 * np.abs(full).max())
+    # Each token is the argmax of the recomputed logits (up to a near-tie).
+    chosen = np.take_along_axis(full, r.tokens[..., None], -1)[..., 0]
+    assert np.all(full.max(-1) - chosen <= 0.02 * np.abs(full).max())
+
+
+def test_padding_does_not_change_results(gens):
+    """More left padding (the same prompts in 32 slots instead of 16) changes nothing."""
+    ps = prompts(3)
+    g = gens["int4"]
+    batch = g.generate(ps, 12, return_logits=True)
+    tokens, pad = gen.pad_prompts(ps, multiple=32)
+    assert tokens.shape[1] == 32 and pad[1] == 16
+    more = g.generate((tokens, pad), 12, return_logits=True)
+    c = gen.compare_greedy(batch, more)
+    assert c["ok"], c
+
+
+# --- the compiled loop ------------------------------------------------------------------
+
+
+def test_generation_loop_compiles_once(models):
+    g = gen.Generator(models["int4"], max_len=40)  # a cache length no other test uses
+    before = dict(gen.TRACES)
+    r = g.generate(prompts(4), 24)
+    assert r.decode_steps == 23  # 23 decode steps ran in the one compiled loop
+    after_first = dict(gen.TRACES)
+    assert after_first["prefill"] == before.get("prefill", 0) + 1
+    assert after_first["decode"] == before.get("decode", 0) + 1
+    # New prompts (other lengths, same padded size), seeds, stop tokens: no new program.
+    for seed in (5, 6):
+        g.generate(prompts(seed, (16, 2, 9, 7)), 24, seed=seed, stop_tokens=(seed, 9, 10))
+    assert dict(gen.TRACES) == after_first
+
+
+def test_sampling_is_deterministic_for_a_seed(gens):
+    s = gen.Sampling(temperature=1.0, top_k=50, top_p=0.95)
+    g = gens["int4"]
+    a = g.generate(prompts(7), 16, sampling=s, seed=11)
+    b = g.generate(prompts(7), 16, sampling=s, seed=11)
+    c = g.generate(prompts(7), 16, sampling=s, seed=12)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_stop_tokens_end_rows_and_the_loop(gens):
+    g = gens["int4"]
+    ps = prompts(8)
+    free = g.generate(ps, 16)
+    stop = int(free.tokens[0, 2])
+    r = g.generate(ps, 16, stop_tokens=(stop,), fill_id=-1)
+    for b in range(len(ps)):
+        hits = np.nonzero(free.tokens[b] == stop)[0]
+        n = int(hits[0]) + 1 if hits.size else 16
+        assert r.lengths[b] == n
+        np.testing.assert_array_equal(r.tokens[b, :n], free.tokens[b, :n])
+        assert np.all(r.tokens[b, n:] == -1)
+    assert r.sequences()[0][-1] == stop
+    # Every row stops at its first token: the loop runs no decode step.
+    firsts = tuple(int(t) for t in free.tokens[:, 0])
+    quick = g.generate(ps, 16, stop_tokens=firsts)
+    assert quick.decode_steps == 0 and np.all(quick.lengths == 1)
+
+
+def test_sample_filters():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.1, 0.06, 0.04]], jnp.float32))
+    keys = jax.random.split(jax.random.key(0), 256)
+
+    def draws(s):
+        return np.asarray(jax.jit(jax.vmap(lambda k: gen.sample(logits, k, s)))(keys))[:, 0]
+
+    assert set(draws(gen.Sampling())) == {0}
+    assert set(draws(gen.Sampling(1.0, top_k=1))) == {0}
+    assert set(draws(gen.Sampling(1.0, top_k=3))) == {0, 1, 2}
+    assert set(draws(gen.Sampling(1.0, top_p=0.75))) == {0, 1}  # 0.5 + 0.3 reaches 0.75
+    assert set(draws(gen.Sampling(1.0, top_p=0.45))) == {0}
+    assert len(set(draws(gen.Sampling(1.0)))) == 5
+    with pytest.raises(ValueError, match="top_p"):
+        gen.Sampling(1.0, top_p=0.0)
+
+
+def test_bad_requests(gens):
+    with pytest.raises(ValueError, match="max_len"):
+        gens["int4"].generate(prompts(0), 40)
+    with pytest.raises(ValueError, match="at least one token"):
+        gen.pad_prompts([[1, 2], []])
+    with pytest.raises(ValueError, match="multiples of tp=4"):
+        llama.check_tensor_parallel(CFG, 4)
+    with pytest.raises(ValueError, match="64 \\* tp"):
+        llama.check_tensor_parallel(CFG.replace(n_heads=8, n_kv_heads=8, head_dim=8), 2)
+    llama.check_tensor_parallel(CFG, 2)
+    llama.check_tensor_parallel(llama.CONFIGS["llama2-70b"], 8)
+
+
+# --- Hugging Face checkpoints ---------------------------------------------------------
+
+HF_CONFIG = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=300,
+                 hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-5,
+                 rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False)
+
+
+def hf_tensors(c, seed=0):
+    """Random float32 tensors under Hugging Face Llama names, torch (out, in) layout."""
+    rng = np.random.default_rng(seed)
+    D, F, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    hd = D // c["num_attention_heads"]
+    kv = c["num_key_value_heads"] * hd
+
+    def w(*shape, std=0.05):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(V, D, std=1.0),
+         "model.norm.weight": 1 + w(D, std=0.1)}
+    if not c["tie_word_embeddings"]:
+        t["lm_head.weight"] = w(V, D, std=0.1)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t |= {p + "input_layernorm.weight": 1 + w(D, std=0.1),
+              p + "post_attention_layernorm.weight": 1 + w(D, std=0.1),
+              p + "self_attn.q_proj.weight": w(D, D), p + "self_attn.k_proj.weight": w(kv, D),
+              p + "self_attn.v_proj.weight": w(kv, D), p + "self_attn.o_proj.weight": w(D, D),
+              p + "mlp.gate_proj.weight": w(F, D), p + "mlp.up_proj.weight": w(F, D),
+              p + "mlp.down_proj.weight": w(D, F)}
+    return t
+
+
+def hf_reference(t, c, ids):
+    """Hugging Face LlamaForCausalLM's forward pass in float64 numpy, one sequence."""
+    D, H, KV = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    hd, T, eps = D // H, len(ids), c["rms_norm_eps"]
+
+    def rms(x, g):
+        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * g
+
+    def rotate_half(x):
+        return np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+
+    inv = 1.0 / c["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+    ang = np.arange(T)[:, None] * inv
+    cos, sin = np.cos(np.concatenate([ang, ang], -1))[:, None], np.sin(np.concatenate([ang, ang], -1))[:, None]
+    t = {k: v.astype(np.float64) for k, v in t.items()}
+    h = t["model.embed_tokens.weight"][ids]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        x = rms(h, t[p + "input_layernorm.weight"])
+        q = (x @ t[p + "self_attn.q_proj.weight"].T).reshape(T, H, hd)
+        k = (x @ t[p + "self_attn.k_proj.weight"].T).reshape(T, KV, hd)
+        v = (x @ t[p + "self_attn.v_proj.weight"].T).reshape(T, KV, hd)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = np.repeat(k, H // KV, axis=1), np.repeat(v, H // KV, axis=1)  # repeat_kv
+        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + np.triu(np.full((T, T), -np.inf), 1)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        h = h + np.einsum("hts,shd->thd", a, v).reshape(T, D) @ t[p + "self_attn.o_proj.weight"].T
+        x = rms(h, t[p + "post_attention_layernorm.weight"])
+        g, u = x @ t[p + "mlp.gate_proj.weight"].T, x @ t[p + "mlp.up_proj.weight"].T
+        h = h + (g / (1 + np.exp(-g)) * u) @ t[p + "mlp.down_proj.weight"].T
+    h = rms(h, t["model.norm.weight"])
+    head = t["model.embed_tokens.weight"] if c["tie_word_embeddings"] else t["lm_head.weight"]
+    return h @ head.T
+
+
+def write_checkpoint(directory, c, tensors):
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(c))
+    names = sorted(tensors)  # two shards, as large checkpoints come
+    half = len(names) // 2
+    save_file({n: tensors[n] for n in names[:half]}, str(directory / "model-00001-of-00002.safetensors"))
+    save_file({n: tensors[n] for n in names[half:]}, str(directory / "model-00002-of-00002.safetensors"))
+
+
+def forward(model, ids):
+    return gen.Generator(model, max_len=len(ids)).logits(np.asarray([ids]))[0]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_hf_checkpoint_round_trip(tmp_path, tied):
+    pytest.importorskip("safetensors")
+    from jax_marlin.models import hf
+
+    c = dict(HF_CONFIG, tie_word_embeddings=tied)
+    t = hf_tensors(c, seed=int(tied))
+    write_checkpoint(tmp_path, c, t)
+    ids = np.random.default_rng(0).integers(0, c["vocab_size"], 12)
+    ref = hf_reference(t, c, ids)
+
+    # 16-bit path in float32: the checkpoint's names, layout and rotary convention.
+    f32 = hf.load_llama(tmp_path, quantize=None, dtype=jnp.float32)
+    assert f32.cfg.n_kv_heads == 1 and f32.cfg.tie_embeddings == tied
+    assert rel(forward(f32, ids), ref) < 1e-4
+
+    # Quantized on load: exactly quantize_params/quantize of the transposed weight.
+    q = hf.load_llama(tmp_path, quantize="rtn", group_size=64)
+    w = jnp.asarray(t["model.layers.1.mlp.down_proj.weight"].T, jnp.bfloat16)
+    want = jm.quantize(w, 64, dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(q.layers[1].mlp.down_proj.packed[...], want.packed)
+    np.testing.assert_array_equal(q.layers[1].mlp.down_proj.scales[...], want.scales)
+    assert rel(forward(q, ids), ref) < 0.1
+
+
+def test_hf_gptq_checkpoint_and_gptq_on_load(tmp_path):
+    pytest.importorskip("safetensors")
+    from jax_marlin.models import hf
+
+    c = dict(HF_CONFIG)
+    t = hf_tensors(c, seed=2)
+    ids = np.random.default_rng(1).integers(0, c["vocab_size"], 12)
+    ref = hf_reference(t, c, ids)
+
+    # A GPTQ checkpoint (AutoGPTQ layout) of the RTN weights: repacked exactly.
+    gptq = {}
+    expected = {}
+    for name, v in t.items():
+        if name.endswith("_proj.weight"):
+            qw = jm.quantize(jnp.asarray(v.T, jnp.float16), 128)
+            expected[name] = qw
+            for k, a in jm.convert.to_gptq(qw).items():
+                gptq[name[: -len("weight")] + k] = a
+        else:
+            gptq[name] = v
+    c_gptq = dict(c, quantization_config=dict(quant_method="gptq", bits=4, group_size=128,
+                                              sym=True, desc_act=False))
+    write_checkpoint(tmp_path / "gptq", c_gptq, gptq)
+    m = hf.load_llama(tmp_path / "gptq")
+    layer = m.layers[0].attn.k_proj
+    want = expected["model.layers.0.self_attn.k_proj.weight"]
+    np.testing.assert_array_equal(layer.packed[...], want.packed)
+    np.testing.assert_array_equal(layer.scales[...], want.scales)  # float16 kept
+    assert layer.scales[...].dtype == jnp.float16 and layer.dtype == jnp.bfloat16
+    assert rel(forward(m, ids), ref) < 0.1
+
+    # GPTQ on load, calibrated on token batches.
+    write_checkpoint(tmp_path / "float", c, t)
+    calib = [np.random.default_rng(s).integers(0, c["vocab_size"], (4, 32)) for s in (3, 4)]
+    g = hf.load_llama(tmp_path / "float", quantize="gptq", calib=calib, group_size=64)
+    assert isinstance(g.layers[0].mlp.up_proj, jm.QuantDense)
+    assert rel(forward(g, ids), ref) < 0.1
+
+    with pytest.raises(ValueError, match="calib"):
+        hf.load_llama(tmp_path / "float", quantize="gptq")
+    bad = dict(c, rope_scaling={"type": "llama3", "factor": 8.0})
+    write_checkpoint(tmp_path / "bad", bad, t)
+    with pytest.raises(ValueError, match="rope_scaling"):
+        hf.load_llama(tmp_path / "bad")
+
+
+# --- 8 CPU devices ------------------------------------------------------------------
+
+
+def test_tensor_parallel_generation_on_8_cpu_devices(util):
+    util.run_on_8_cpu_devices("multidevice_llama.py")
+
+
+# --- the GPU benchmark's trace reading ------------------------------------------------
+
+
+def test_bench_reads_gpu_kernel_time(tmp_path):
+    import gzip
+
+    from jax_marlin.models import bench
+
+    meta = [dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0")),
+            dict(ph="M", name="thread_name", pid=1, tid=7, args=dict(name="Stream #13(Compute)")),
+            dict(ph="M", name="process_name", pid=2, args=dict(name="/host:CPU")),
+            dict(ph="M", name="thread_name", pid=2, tid=1, args=dict(name="python"))]
+    kernels = [dict(ph="X", pid=1, tid=7, ts=0, dur=30.0, name="void jax_marlin::cuda::marlin_kernel<...>"),
+               dict(ph="X", pid=1, tid=7, ts=40, dur=10.0, name="loop_fusion"),
+               dict(ph="X", pid=2, tid=1, ts=0, dur=500.0, name="host marlin call")]
+    d = tmp_path / "plugins" / "profile" / "x"
+    d.mkdir(parents=True)
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": meta + kernels}, f)
+    events = bench.gpu_kernel_events(str(tmp_path))
+    assert len(events) == 2  # the host event is not a GPU kernel
+    s = bench.kernel_summary(events, wall_s=80e-6)
+    assert s["marlin_share"] == pytest.approx(0.75) and s["gpu_busy_share"] == pytest.approx(0.5)
+    assert bench.kernel_summary([], 1.0)["marlin_share"] is None
