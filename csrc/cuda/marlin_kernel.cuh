@@ -236,8 +236,59 @@ class MarlinBlock {
     if constexpr (Tile::kLoadsOnly) return;
     if constexpr (Tile::kWgmma) {
       compute_stage_wgmma(stage);
-      return;
+    } else if constexpr (kScaleOncePossible) {
+      if (p_.group_shift >= kLog2WarpK) {
+        compute_stage_scaled_once(stage);
+      } else {
+        multiply_stage<true>(stage, acc_);
+      }
+    } else {
+      multiply_stage<Tile::kGrouped>(stage, acc_);
     }
+  }
+
+  // Group scales applied in fp32, once per k-tile, where this warp's share
+  // of the k-tile (16 * kKBlocksPerWarp rows) lies in one group: the MMAs
+  // take the unscaled codes (exact in 16 bits) into fresh accumulators, which
+  // saves the four half2 multiplies each packed word costs otherwise. The
+  // fresh accumulators double the warp's; with up to 2 row blocks they fit.
+  static constexpr bool kScaleOncePossible = Tile::kGrouped && !Tile::kWgmma && kRB <= 2;
+  static constexpr int kLog2WarpK = Tile::kKBlocksPerWarp == 1   ? 4
+                                    : Tile::kKBlocksPerWarp == 2 ? 5
+                                    : Tile::kKBlocksPerWarp == 4 ? 6
+                                    : Tile::kKBlocksPerWarp == 8 ? 7
+                                                                 : 30;
+
+  __device__ void compute_stage_scaled_once(uint32_t stage) {
+    float part[kRB][kJ][4];
+#pragma unroll
+    for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+      for (int j = 0; j < kJ; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part[rb][j][e] = 0.f;
+    multiply_stage<false>(stage, part);
+    const int s_row = (warp_k_ * Tile::kKBlocksPerWarp * 16) >> p_.group_shift;
+    const uint4 s_raw = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
+    const uint32_t scale_words[4] = {s_raw.x, s_raw.y, s_raw.z, s_raw.w};
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+      // Low half: column 16 j + g (accumulator elements 0, 1); high: + 8.
+      const float2 s = Dtype<T>::to_floats(as_t2<T2>(scale_words[j]));
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb) {
+        acc_[rb][j][0] += part[rb][j][0] * s.x;
+        acc_[rb][j][1] += part[rb][j][1] * s.x;
+        acc_[rb][j][2] += part[rb][j][2] * s.y;
+        acc_[rb][j][3] += part[rb][j][3] * s.y;
+      }
+    }
+  }
+
+  // This warp's k16 blocks of the stage, mma.sync, into `acc`; kScaled: the
+  // dequantized weights are multiplied by their group scales first.
+  template <bool kScaled>
+  __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][kJ][4]) {
     // With 4 row blocks the accumulators fill most of the register file:
     // keep the k16 steps sequential so their fragments are not all live.
 #pragma unroll(kRB > 2 ? 1 : Tile::kKBlocksPerWarp)
@@ -249,7 +300,7 @@ class MarlinBlock {
       // Group scales: the scale permutation puts the 8 columns a lane's
       // words touch (c, c + 8, ..., c + 56 with c = lane / 4) in 16 bytes.
       uint4 s_raw = make_uint4(0, 0, 0, 0);
-      if constexpr (Tile::kGrouped) {
+      if constexpr (kScaled) {
         const int s_row = (kb * 16) >> p_.group_shift;
         s_raw = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
       }
@@ -274,14 +325,14 @@ class MarlinBlock {
         // fragment of the 16 x 16 tile W^T[16 j .. 16 j + 15][k16].
         uint32_t b0[2], b1[2];
         Dtype<T>::dequant(words[j], b0, b1);
-        if constexpr (Tile::kGrouped) {
+        if constexpr (kScaled) {
           const T2 s = as_t2<T2>(scale_words[j]);
           scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
           scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
         }
         const uint32_t wfrag[4] = {b0[0], b1[0], b0[1], b1[1]};
 #pragma unroll
-        for (int rb = 0; rb < kRB; ++rb) MmaOp<T>::run(wfrag, xfrag[rb], acc_[rb][j]);
+        for (int rb = 0; rb < kRB; ++rb) MmaOp<T>::run(wfrag, xfrag[rb], acc[rb][j]);
       }
     }
   }
