@@ -222,6 +222,10 @@ def marlin_matmul(x, qw: QuantizedWeight) -> jax.Array:
     Reverse-mode differentiation (``jax.grad``, ``jax.vjp``) w.r.t. x and the
     scales works, through the dequantized weight; forward mode does not.
 
+    On a GPU whose kind has a measured dispatch table (``jax_marlin.dispatch``),
+    calls with many rows may run as dequantize + XLA's dot instead, where that
+    was measured to be faster.
+
     Under ``jax.jit`` with sharded operands each device runs the kernel on its
     shard (data, column and row parallel; the weight is never gathered), and
     inside ``shard_map`` it runs on the local shards: see ``jax_marlin.sharding``.

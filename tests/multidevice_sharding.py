@@ -315,3 +315,49 @@ def test_shard_map_partly_manual_raises(util):
                       out_specs=P("data"))
     with pytest.raises(NotImplementedError, match="only mesh axes \\['data'\\] manual"):
         jax.jit(f)(x, qw)
+
+
+# --- a QuantDense MLP block placed by its logical axis names --------------------
+
+
+def test_quantdense_mlp_block(mesh, util):
+    """A Llama MLP block of jm.QuantDense layers (gate/up column parallel,
+    down row parallel, as LLAMA_PROJECTIONS names them), its parameters placed
+    by those names under LOGICAL_AXIS_RULES: equal to one device's, with one
+    all-reduce of the output and nothing else."""
+    nnx = pytest.importorskip("flax.nnx")
+    from jax_marlin.models import llama
+
+    F = 1024
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            def proj(name, k, n):
+                init = nnx.with_partitioning(nnx.initializers.normal(0.05),
+                                             sharding.LLAMA_PROJECTIONS[name])
+                return jm.QuantDense(k, n, use_bias=False, group_size=64, kernel_init=init,
+                                     param_dtype=jnp.float16, rngs=rngs)
+            self.gate, self.up, self.down = proj("gate_proj", K, F), proj("up_proj", K, F), \
+                proj("down_proj", F, K)
+
+        def __call__(self, x):
+            return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+    with nnx.use_eager_sharding(False):  # names only; placed explicitly below
+        block = Block(nnx.Rngs(0))
+    graphdef, state = nnx.split(block)
+    x = util.random_x(9, (*LEAD, K), jnp.float16)
+
+    def run(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    ref = jax.jit(run)(state, x)
+    placed = jax.device_put(state, llama.param_shardings(state, mesh, sharding.LOGICAL_AXIS_RULES))
+    # The names did their job: gate/up split on N, down on K, over "model".
+    assert placed["gate"]["packed"].sharding.spec == P(None, "model")
+    assert placed["down"]["packed"].sharding.spec == P("model", None)
+    xs = put(mesh, x, P(data_axis(mesh)))
+    f = jax.jit(run)
+    y = f(placed, xs)
+    assert util.rel_err(y, ref) <= util.TOLERANCE[np.dtype(x.dtype)]
+    assert collectives(f, placed, xs) == [("all-reduce", "f16", local_shape(y))]
