@@ -57,7 +57,8 @@ DTYPES = {"fp16": jnp.float16, "bf16": jnp.bfloat16}
 # --------------------------------------------------------------------------
 
 
-def _load_trace(trace_dir: str) -> dict:
+def load_trace(trace_dir: str) -> dict:
+    """The newest perfetto_trace.json.gz that jax.profiler.trace wrote under trace_dir."""
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not paths:
         raise RuntimeError(f"no perfetto_trace.json.gz under {trace_dir}")
@@ -65,7 +66,7 @@ def _load_trace(trace_dir: str) -> dict:
         return json.load(f)
 
 
-def _gpu_and_host_events(trace: dict):
+def gpu_and_host_events(trace: dict):
     """Kernel events on GPU stream threads, and all host complete events."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     proc, thread = {}, {}
@@ -109,8 +110,8 @@ class DeviceTimer:
             with jax.profiler.trace(d, create_perfetto_trace=True):
                 for _ in range(self.reps):
                     jax.block_until_ready(fn(*args))
-            trace = _load_trace(d)
-        gpu, _ = _gpu_and_host_events(trace)
+            trace = load_trace(d)
+        gpu, _ = gpu_and_host_events(trace)
         if not gpu or len(gpu) % self.reps:
             names = sorted({str(e.get("args", {}).get("name")) for e in trace["traceEvents"]
                             if e.get("ph") == "M"})

@@ -32,7 +32,8 @@ __all__ = ["QuantDense", "calibration", "capture_dense_inputs"]
 _SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
 
 
-def _sharding_of(metadata: Mapping) -> tuple[str | None, Any]:
+def sharding_of(metadata: Mapping) -> tuple[str | None, Any]:
+    """(metadata key, logical axis names) of a Variable's metadata, or (None, None)."""
     for key in _SHARDING_KEYS:
         if metadata.get(key):
             return key, metadata[key]
@@ -104,7 +105,7 @@ class QuantDense(nnx.Module):
         kernel, template = _split(kernel_init(rngs.params(), (in_features, out_features), jnp.float32))
         qw = _dense.quantize_kernel(kernel, group_size, param_dtype)
         metadata = {**(template.metadata if template else {}), **kernel_metadata}
-        key, axes = _sharding_of(metadata)
+        key, axes = sharding_of(metadata)
         scales_metadata = dict(kernel_metadata)
         if key is not None:
             scales_metadata[key] = _dense.scales_axes(axes, qw.is_per_channel)
@@ -115,7 +116,7 @@ class QuantDense(nnx.Module):
             bias, bias_template = _split(bias_init(rngs.params(), (out_features,), param_dtype))
             bias_md = dict(bias_metadata)
             own = {**(bias_template.metadata if bias_template else {}), **bias_md}
-            if _sharding_of(own)[0] is None and key is not None and axes:
+            if sharding_of(own)[0] is None and key is not None and axes:
                 bias_md[key] = (tuple(axes)[-1],)  # the bias runs along the output axis
             self.bias = _param(bias_template, jnp.asarray(bias, param_dtype), bias_md)
         else:

@@ -67,11 +67,10 @@ def _axes(leaf):
     from flax import nnx
 
     if isinstance(leaf, nnx.Variable):
-        md = leaf.get_metadata()
-        for key in ("out_sharding", "sharding_names", "sharding"):
-            if md.get(key):
-                return key, tuple(md[key])
-        return None, None
+        from jax_marlin.nnx import sharding_of
+
+        key, names = sharding_of(leaf.get_metadata())
+        return (key, tuple(names)) if key is not None else (None, None)
     names = getattr(leaf, "names", None)
     return ("names", tuple(names)) if names else (None, None)
 

@@ -101,10 +101,10 @@ ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::Any
         std::to_string(rows) + ", " + std::to_string(cols) + ") but got y of shape (" +
         std::to_string(shape.m) + ", " + std::to_string(shape.n) + ")");
   }
-  if (workspace->element_count() < workspace_floats(m, k, n)) {
-    return ffi::Error::InvalidArgument(
-        "jax_marlin_matmul (CUDA): workspace needs " + std::to_string(workspace_floats(m, k, n)) +
-        " floats, got " + std::to_string(workspace->element_count()));
+  if (const size_t needed = workspace_floats(m, k, n); workspace->element_count() < needed) {
+    return ffi::Error::InvalidArgument("jax_marlin_matmul (CUDA): workspace needs " +
+                                       std::to_string(needed) + " floats, got " +
+                                       std::to_string(workspace->element_count()));
   }
 
   MarlinProblem problem;

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
-import gzip
 import json
 import os
 import statistics
@@ -47,7 +45,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jax_marlin.bench import git_commit
+from jax_marlin.bench import git_commit, gpu_and_host_events, load_trace
 from jax_marlin.models import generate as gen
 from jax_marlin.models import llama
 
@@ -59,21 +57,8 @@ VARIANTS = ("int4", "bf16")
 
 def gpu_kernel_events(trace_dir: str) -> list[dict]:
     """Complete ("X") events on GPU stream threads of the newest perfetto trace under trace_dir."""
-    paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
-    if not paths:
-        raise RuntimeError(f"no perfetto_trace.json.gz under {trace_dir}")
-    with gzip.open(max(paths, key=os.path.getmtime), "rt") as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    procs, threads = {}, {}
-    for e in events:
-        if e.get("ph") == "M" and e.get("name") == "process_name":
-            procs[e["pid"]] = str(e.get("args", {}).get("name", ""))
-        elif e.get("ph") == "M" and e.get("name") == "thread_name":
-            threads[(e["pid"], e["tid"])] = str(e.get("args", {}).get("name", ""))
-    return [e for e in events if e.get("ph") == "X"
-            and "GPU" in procs.get(e.get("pid"), "").upper()
-            and threads.get((e.get("pid"), e.get("tid")), "").startswith("Stream")]
+    gpu, _ = gpu_and_host_events(load_trace(trace_dir))
+    return gpu
 
 
 def kernel_summary(events, wall_s: float, top: int = 6) -> dict:

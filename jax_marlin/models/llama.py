@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_marlin as jm
+from jax_marlin.nnx import sharding_of
 from jax_marlin.sharding import LLAMA_PROJECTIONS, LOGICAL_AXIS_RULES, MODEL_AXIS
 
 __all__ = ["CONFIGS", "Llama", "LlamaConfig", "MODEL_RULES", "check_tensor_parallel",
@@ -324,11 +325,10 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16, s
 
 
 def _logical_axes(var) -> tuple | None:
-    for key in ("out_sharding", "sharding_names", "sharding"):
-        names = var.get_metadata().get(key) if hasattr(var, "get_metadata") else None
-        if names:
-            return tuple(names)
-    return None
+    if not hasattr(var, "get_metadata"):
+        return None
+    _, names = sharding_of(var.get_metadata())
+    return tuple(names) if names else None
 
 
 def _spec(names, shape, mesh, rules) -> P:
