@@ -106,7 +106,11 @@ class MarlinBlock {
     // Prologue: fill all but one stage. Every iteration commits exactly one
     // group (possibly empty) so that wait_group<kStages - 2> always means
     // "the stage about to be consumed has landed".
-#pragma unroll 1
+    // Unrolled on purpose: with a rolled loop, ptxas 13.0 folds the uniform
+    // stage address into the L2-cache-hint copy (LDGSTS [R+UR], desc[UR])
+    // and encodes registers it never sets: an illegal instruction at run
+    // time. scripts/prebuild_tools.sh greps the SASS for that form.
+#pragma unroll
     for (int s = 0; s < Tile::kStages - 1; ++s) {
       if (s < count) {
         load_stage(smem_base_ + s * kStageBytes, load);
