@@ -2,7 +2,8 @@
 # GPU machine check: build + install, tests, compute-sanitizer, benchmark.
 #
 #   scripts/gpu_check.sh [STEP...]      STEP in: build selftest tests sanitize bench
-#                                       (the default), or the tuning aids kbench, sweep, profile
+#                                       (the default), or the tuning aids kbench, sweep, profile,
+#                                       probe (Hopper wgmma layout facts)
 #
 # The device copy of the tree has no .git: pass the commit being checked as
 # JAX_MARLIN_COMMIT=<hash> so that benchmark results name it.
@@ -72,8 +73,15 @@ build_selftest() {
 sweep_bin="$scratch/marlin_tile_sweep"
 build_sweep() {
   prebuilt marlin_tile_sweep "$sweep_bin" && return 0
-  nvcc -std=c++17 -O3 -gencode=arch=compute_90,code=sm_90 -I"$repo/csrc" \
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I"$repo/csrc" \
     "$repo/tests/cuda/marlin_tile_sweep.cu" "$repo/csrc/cuda/marlin_dispatch.cu" -o "$sweep_bin"
+}
+# Hopper wgmma layout probe (sm_90a): which descriptor convention holds.
+probe_bin="$scratch/wgmma_probe"
+build_probe() {
+  prebuilt wgmma_probe "$probe_bin" && return 0
+  nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -I"$repo/tests/cuda" \
+    "$repo/tests/cuda/wgmma_probe.cu" -o "$probe_bin"
 }
 profile_m1() {
   ncu -k regex:marlin_kernel --launch-skip 20 --launch-count 1 --section SpeedOfLight \
@@ -115,6 +123,9 @@ for s in "${steps[@]}"; do
     sweep)
       step "build tile sweep" "$OUT/sweep_build.log" build_sweep
       step "tile sweep" "$OUT/sweep.log" "$sweep_bin" ;;
+    probe)
+      step "build wgmma probe" "$OUT/probe_build.log" build_probe
+      step "wgmma probe" "$OUT/probe.log" "$probe_bin" ;;
     profile)
       [[ -x "$sweep_bin" ]] || step "build tile sweep" "$OUT/sweep_build.log" build_sweep
       step "ncu: 8192x8192, M = 1" "$OUT/ncu_m1.log" profile_m1 ;;
@@ -128,7 +139,7 @@ for s in "${steps[@]}"; do
         summary+=("skipped benchmark (no jax_marlin/bench.py)")
       fi ;;
     *)
-      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, sanitize, bench, kbench, sweep, profile)")
+      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, sanitize, bench, kbench, sweep, profile, probe)")
       failed=1 ;;
   esac
 done

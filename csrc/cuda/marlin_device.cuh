@@ -20,18 +20,20 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 
 // 16-byte copy that bypasses L1 (.cg): every tile is read once per block, so
 // L1 would only be polluted.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)),
-               "l"(gmem));
+// Shared-memory operands are 32-bit shared-window addresses (smem_addr):
+// computed once per thread and stepped, they cost one add per access where a
+// generic pointer costs a conversion each time.
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem));
 }
 
 // As cp_async16, but fills the destination with zeros when !pred. A source
 // size of 0 reads nothing, so `gmem` only has to be some valid address.
 // Used for activation rows past M, which must contribute exactly zero.
-__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool pred) {
+__device__ __forceinline__ void cp_async16_zfill(uint32_t smem, const void* gmem, bool pred) {
   const int src_bytes = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
-               "l"(gmem), "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
+               "r"(src_bytes));
 }
 
 // Weight tiles are streamed exactly once per call: mark them evict-first so
@@ -43,8 +45,8 @@ __device__ __forceinline__ uint64_t make_evict_first_policy() {
   return policy;
 }
 
-__device__ __forceinline__ void cp_async16_stream(void* smem, const void* gmem, uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)),
+__device__ __forceinline__ void cp_async16_stream(uint32_t smem, const void* gmem, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem),
                "l"(gmem), "l"(policy));
 }
 
@@ -62,10 +64,26 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Two 8x8 b16 matrices: lanes 0-7 point at the rows of the first, 8-15 at
 // the rows of the second (the other lanes' addresses are not read).
-__device__ __forceinline__ void ldmatrix_x2(uint32_t (&frag)[2], const void* smem) {
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&frag)[2], uint32_t smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
                : "=r"(frag[0]), "=r"(frag[1])
-               : "r"(smem_addr(smem)));
+               : "r"(smem));
+}
+
+// 4 bytes from shared memory.
+__device__ __forceinline__ uint32_t ld_shared4(uint32_t smem) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(smem));
+  return v;
+}
+
+// 16 bytes from shared memory.
+__device__ __forceinline__ uint4 ld_shared16(uint32_t smem) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(smem));
+  return v;
 }
 
 template <typename T>

@@ -18,6 +18,7 @@
 
 #include "marlin_device.cuh"
 #include "marlin_tiles.h"
+#include "marlin_wgmma.cuh"
 
 namespace jax_marlin::cuda {
 
@@ -43,23 +44,52 @@ __device__ __forceinline__ int stripe_of(int it, int total, int stripes) {
 template <typename T, typename Tile>
 class MarlinBlock {
   using T2 = typename Dtype<T>::T2;
-  // 8-row blocks of x this warp multiplies: kRB of them, from row_block0_.
+  // 8-row blocks of x this warp multiplies: kRB of them, from row_block0_;
+  // n16 sub-tiles of its slab it accumulates: kJ of them, from j0().
   static constexpr int kRB = Tile::kRowBlocksPerWarp;
+  static constexpr int kJ = Tile::kSubTilesPerWarp;
 
  public:
   __device__ MarlinBlock(const MarlinParams<T>& p, int4* smem)
       : p_(p),
-        smem_(smem),
         red_(smem + Tile::kStages * Tile::kStage),
+        smem_base_(smem_addr(smem)),
         warp_(threadIdx.x / 32),
         lane_(threadIdx.x % 32),
-        warp_n_(warp_ % Tile::kWarpsN),
+        // A warpgroup shares one slab (wgmma); otherwise each warp has one.
+        warp_n_(Tile::kWgmma ? warp_ / 4 % Tile::kWarpsN : warp_ % Tile::kWarpsN),
         warp_mn_(warp_ % Tile::kWarpsMN),
         warp_k_(warp_ / Tile::kWarpsMN),
         row_block0_(warp_ / Tile::kWarpsN % Tile::kWarpsM * kRB),
         k_tiles_(p.k / Tile::kTileK),
         n_tiles_(p.n / Tile::kTileN),
-        evict_first_(make_evict_first_policy()) {}
+        evict_first_(make_evict_first_policy()) {
+    // Everything about a thread's copies and fragment reads that does not
+    // change from stage to stage, worked out once: the main loop then only
+    // adds a stage's base to these.
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int j = 0; j < kACopies; ++j) {
+      const int c = j * Tile::kThreads + tid;
+      const int row = c / Tile::kAChunksPerRow, chunk = c % Tile::kAChunksPerRow;
+      a_copy_[j] = (Tile::kAStage % Tile::kThreads == 0 || c < Tile::kAStage) ? 1 : 0;
+      a_valid_[j] = a_copy_[j] && row < p.rows;
+      // Rows past M read nothing (zero-fill) from row 0, a valid address.
+      a_src_[j] = (a_valid_[j] ? row * (p.k / 8) : 0) + chunk;
+      a_dst_[j] = 16 * a_offset(row, chunk);
+    }
+    const int b_row_stride = p.n / 2;  // 2 N int32 = N / 2 int4 per packed row
+#pragma unroll
+    for (int j = 0; j < kBCopies; ++j) {
+      const int c = j * Tile::kThreads + tid;
+      b_src_[j] = (c / kBRow) * b_row_stride + c % kBRow;
+    }
+    // With wgmma a warp reads only its own word (j0) of each 16-byte unit.
+    b_read_ = 16 * (Tile::kAStage + (warp_k_ * Tile::kKBlocksPerWarp * Tile::kWarpsN + warp_n_) * 32 + lane_) +
+              4 * j0();
+    s_read_ = 16 * (Tile::kAStage + Tile::kBStage + warp_n_ * kWarpCols / 8 + lane_ / 4) + 4 * j0();
+    x_read_ = 16 * ((row_block0_ * 8 + lane_ % 8) * Tile::kAChunksPerRow);
+  }
 
   __device__ void run() {
     const int total = k_tiles_ * n_tiles_;
@@ -69,175 +99,292 @@ class MarlinBlock {
 
     // Two cursors walk the stripe: one kStages - 1 iterations ahead issuing
     // loads, one consuming. Stepped, not recomputed: no divisions per tile.
-    Cursor load{begin / k_tiles_, begin % k_tiles_};
-    Cursor use = load;
+    LoadCursor load{begin / k_tiles_, begin % k_tiles_, 0};
+    load.b_tile = b_tile_offset(load.n_tile, load.k_tile);
+    Cursor use{load.n_tile, load.k_tile};
 
     // Prologue: fill all but one stage. Every iteration commits exactly one
     // group (possibly empty) so that wait_group<kStages - 2> always means
     // "the stage about to be consumed has landed".
+    // Unrolled on purpose: with a rolled loop, ptxas 13.0 folds the uniform
+    // stage address into the L2-cache-hint copy (LDGSTS [R+UR], desc[UR])
+    // and encodes registers it never sets: an illegal instruction at run
+    // time. scripts/prebuild_tools.sh greps the SASS for that form.
 #pragma unroll
     for (int s = 0; s < Tile::kStages - 1; ++s) {
       if (s < count) {
-        load_stage(s, load);
-        load.step(k_tiles_);
+        load_stage(smem_base_ + s * kStageBytes, load);
+        step(load);
       }
       cp_async_commit();
     }
 
     zero_accumulators();
-    int read_slot = 0, write_slot = Tile::kStages - 1;
+    uint32_t read_stage = smem_base_, write_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
+    const uint32_t last_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
     for (int i = 0; i < count; ++i) {
       cp_async_wait<Tile::kStages - 2>();
-      // Also guarantees every warp is done with the slot refilled below.
+      // wgmma reads x through the async proxy: fence this thread's copies.
+      if constexpr (Tile::kWgmma) fence_proxy_async();
+      // Also guarantees every warp is done with the stage refilled below.
       __syncthreads();
       if (i + Tile::kStages - 1 < count) {
-        load_stage(write_slot, load);
-        load.step(k_tiles_);
+        load_stage(write_stage, load);
+        step(load);
       }
       cp_async_commit();
 
-      compute_stage(read_slot);
+      compute_stage(read_stage);
       if (use.k_tile == k_tiles_ - 1 || i == count - 1) {
         finish_tile(use.n_tile, total);
         zero_accumulators();
       }
-      use.step(k_tiles_);
-      read_slot = read_slot == Tile::kStages - 1 ? 0 : read_slot + 1;
-      write_slot = write_slot == Tile::kStages - 1 ? 0 : write_slot + 1;
+      if (++use.k_tile == k_tiles_) {
+        use.k_tile = 0;
+        ++use.n_tile;
+      }
+      read_stage = read_stage == last_stage ? smem_base_ : read_stage + kStageBytes;
+      write_stage = write_stage == last_stage ? smem_base_ : write_stage + kStageBytes;
     }
     cp_async_wait<0>();
   }
 
  private:
+  static constexpr int kStageBytes = 16 * Tile::kStage;
+  static constexpr int kBRow = Tile::kWarpsN * 32;  // 16-byte units of a tile's packed row
+  static constexpr int kACopies = (Tile::kAStage + Tile::kThreads - 1) / Tile::kThreads;
+  static constexpr int kBCopies = (Tile::kBStage + Tile::kThreads - 1) / Tile::kThreads;
+  static_assert(Tile::kBStage % Tile::kThreads == 0, "every thread copies the same weight units");
+
   // Position in the (n-tile, k-tile) iteration space, k fastest.
   struct Cursor {
     int n_tile, k_tile;
-    __device__ void step(int k_tiles) {
-      if (++k_tile == k_tiles) {
-        k_tile = 0;
-        ++n_tile;
-      }
-    }
   };
-
-  __device__ int4* stage_a(int slot) const { return smem_ + slot * Tile::kStage; }
-  __device__ int4* stage_b(int slot) const { return stage_a(slot) + Tile::kAStage; }
-  __device__ int4* stage_s(int slot) const { return stage_b(slot) + Tile::kBStage; }
+  // The load cursor also keeps the tile's offset in the packed weight
+  // (16-byte units; < 2^31 for any weight that fits in memory).
+  struct LoadCursor {
+    int n_tile, k_tile, b_tile;
+  };
+  __device__ int b_tile_offset(int n_tile, int k_tile) const {
+    return k_tile * Tile::kKBlocks * (p_.n / 2) + n_tile * kBRow;
+  }
+  __device__ void step(LoadCursor& c) const {
+    if (++c.k_tile == k_tiles_) {
+      c.k_tile = 0;
+      ++c.n_tile;
+      c.b_tile = c.n_tile * kBRow;
+    } else {
+      c.b_tile += Tile::kKBlocks * (p_.n / 2);
+    }
+  }
 
   // Activation tiles are stored with their 16-byte chunks XOR-swizzled by row
   // (chunk ^ row % 8): the 8 rows one ldmatrix phase reads then fall into 8
   // different bank groups instead of one.
+  // wgmma tiles instead store x in wgmma's canonical no-swizzle layout:
+  // 8-row x 16-byte core matrices, contiguous, the kTileM / 8 core matrices
+  // of one 16-byte column of k next to each other.
   __device__ static int a_offset(int row, int chunk) {
-    return row * Tile::kAChunksPerRow + (chunk ^ (row & 7));
+    if constexpr (Tile::kWgmma) {
+      return (chunk * (Tile::kTileM / 8) + row / 8) * 8 + row % 8;
+    } else {
+      return row * Tile::kAChunksPerRow + (chunk ^ (row & 7));
+    }
   }
 
-  __device__ void load_stage(int slot, Cursor at) {
-    const int n_tile = at.n_tile, k_tile = at.k_tile;
-    const int tid = threadIdx.x;
+  // The first n16 sub-tile of the slab this warp accumulates.
+  __device__ int j0() const {
+    if constexpr (Tile::kWgmma) {
+      return warp_ % 4;
+    } else {
+      return 0;
+    }
+  }
 
+  // Stage layout (16-byte units): x tile (kAStage), packed weight (kBStage),
+  // scale rows (kSStage). `stage` is the stage's shared address.
+  __device__ void load_stage(uint32_t stage, const LoadCursor& at) {
     // Activations: kTileM rows x kTileK columns; rows past M are zero-filled.
-    // Offsets are 32-bit (x and the packed weight have < 2^31 16-byte units).
-    int4* a_dst = stage_a(slot);
-    const int4* a_src = reinterpret_cast<const int4*>(p_.x) + k_tile * Tile::kAChunksPerRow;
-    const int a_row_stride = p_.k / 8;
+    const int4* x_tile = reinterpret_cast<const int4*>(p_.x) + at.k_tile * Tile::kAChunksPerRow;
 #pragma unroll
-    for (int c0 = 0; c0 < Tile::kAStage; c0 += Tile::kThreads) {
-      const int c = c0 + tid;
-      if (Tile::kAStage % Tile::kThreads == 0 || c < Tile::kAStage) {
-        const int row = c / Tile::kAChunksPerRow, chunk = c % Tile::kAChunksPerRow;
-        const bool valid = row < p_.rows;
-        cp_async16_zfill(a_dst + a_offset(row, chunk), a_src + (valid ? row * a_row_stride : 0) + chunk,
-                         valid);
-      }
+    for (int j = 0; j < kACopies; ++j) {
+      if (a_copy_[j]) cp_async16_zfill(stage + a_dst_[j], x_tile + a_src_[j], a_valid_[j]);
     }
 
-    // Weights: kKBlocks rows of the packed array, kWarpsN * 32 16-byte units
-    // each, contiguous in global memory and copied as they are.
-    int4* b_dst = stage_b(slot);
-    const int b_row_stride = p_.n / 2;  // 2 N int32 = N / 2 int4 per packed row
-    constexpr int kBRow = Tile::kWarpsN * 32;
-    const int4* b_src = p_.packed + (k_tile * Tile::kKBlocks * b_row_stride + n_tile * kBRow);
+    // Weights: kKBlocks rows of the packed array, kBRow 16-byte units each,
+    // contiguous in global memory and copied as they are.
+    const int4* b_tile = p_.packed + at.b_tile;
+    const uint32_t b_dst = stage + 16 * (Tile::kAStage + threadIdx.x);
 #pragma unroll
-    for (int c0 = 0; c0 < Tile::kBStage; c0 += Tile::kThreads) {
-      const int c = c0 + tid;
-      if (Tile::kBStage % Tile::kThreads == 0 || c < Tile::kBStage) {
-        cp_async16_stream(b_dst + c, b_src + ((c / kBRow) * b_row_stride + c % kBRow), evict_first_);
-      }
+    for (int j = 0; j < kBCopies; ++j) {
+      cp_async16_stream(b_dst + 16 * j * Tile::kThreads, b_tile + b_src_[j], evict_first_);
     }
 
     // Scales: the group rows this k-tile touches (one when a group spans
     // several k-tiles).
     if constexpr (Tile::kGrouped) {
-      const int k0 = k_tile * Tile::kTileK;
-      const int first_row = k0 >> p_.group_shift;
+      const int tid = threadIdx.x;
+      const int first_row = (at.k_tile * Tile::kTileK) >> p_.group_shift;
       const int rows = max(1, Tile::kTileK >> p_.group_shift);
       constexpr int kRowChunks = Tile::kTileN / 8;
       if (tid < rows * kRowChunks) {
         const int r = tid / kRowChunks, chunk = tid % kRowChunks;
-        const T* src = p_.scales + static_cast<size_t>(first_row + r) * p_.n + n_tile * Tile::kTileN;
-        cp_async16(stage_s(slot) + r * kRowChunks + chunk, reinterpret_cast<const int4*>(src) + chunk);
+        const T* src = p_.scales + static_cast<size_t>(first_row + r) * p_.n + at.n_tile * Tile::kTileN;
+        cp_async16(stage + 16 * (Tile::kAStage + Tile::kBStage + r * kRowChunks + chunk),
+                   reinterpret_cast<const int4*>(src) + chunk);
       }
     }
   }
 
-  __device__ void compute_stage(int slot) {
+  __device__ void compute_stage(uint32_t stage) {
     if constexpr (Tile::kLoadsOnly) return;
-    const int4* a = stage_a(slot);
-    const int4* b = stage_b(slot);
+    if constexpr (Tile::kWgmma) {
+      compute_stage_wgmma(stage);
+    } else if constexpr (kScaleOncePossible) {
+      if (p_.group_shift >= kLog2WarpK) {
+        compute_stage_scaled_once(stage);
+      } else {
+        multiply_stage<true>(stage, acc_);
+      }
+    } else {
+      multiply_stage<Tile::kGrouped>(stage, acc_);
+    }
+  }
+
+  // Group scales applied in fp32, once per k-tile, where this warp's share
+  // of the k-tile (16 * kKBlocksPerWarp rows) lies in one group: the MMAs
+  // take the unscaled codes (exact in 16 bits) into fresh accumulators, which
+  // saves the four half2 multiplies each packed word costs otherwise. The
+  // fresh accumulators double the warp's; with up to 2 row blocks they fit.
+  static constexpr bool kScaleOncePossible = Tile::kGrouped && !Tile::kWgmma && kRB <= 2;
+  static constexpr int kLog2WarpK = Tile::kKBlocksPerWarp == 1   ? 4
+                                    : Tile::kKBlocksPerWarp == 2 ? 5
+                                    : Tile::kKBlocksPerWarp == 4 ? 6
+                                    : Tile::kKBlocksPerWarp == 8 ? 7
+                                                                 : 30;
+
+  __device__ void compute_stage_scaled_once(uint32_t stage) {
+    float part[kRB][kJ][4];
+#pragma unroll
+    for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+      for (int j = 0; j < kJ; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part[rb][j][e] = 0.f;
+    multiply_stage<false>(stage, part);
+    const int s_row = (warp_k_ * Tile::kKBlocksPerWarp * 16) >> p_.group_shift;
+    const uint4 s_raw = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
+    const uint32_t scale_words[4] = {s_raw.x, s_raw.y, s_raw.z, s_raw.w};
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+      // Low half: column 16 j + g (accumulator elements 0, 1); high: + 8.
+      const float2 s = Dtype<T>::to_floats(as_t2<T2>(scale_words[j]));
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb) {
+        acc_[rb][j][0] += part[rb][j][0] * s.x;
+        acc_[rb][j][1] += part[rb][j][1] * s.x;
+        acc_[rb][j][2] += part[rb][j][2] * s.y;
+        acc_[rb][j][3] += part[rb][j][3] * s.y;
+      }
+    }
+  }
+
+  // This warp's k16 blocks of the stage, mma.sync, into `acc`; kScaled: the
+  // dequantized weights are multiplied by their group scales first.
+  template <bool kScaled>
+  __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][kJ][4]) {
     // With 4 row blocks the accumulators fill most of the register file:
     // keep the k16 steps sequential so their fragments are not all live.
 #pragma unroll(kRB > 2 ? 1 : Tile::kKBlocksPerWarp)
     for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
       const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
       // One 16-byte load: this lane's packed words for the warp's 4 n16 tiles.
-      const int4 q = b[(kb * Tile::kWarpsN + warp_n_) * 32 + lane_];
+      const uint4 q = ld_shared16(stage + b_read_ + 16 * 32 * Tile::kWarpsN * i);
 
       // Group scales: the scale permutation puts the 8 columns a lane's
       // words touch (c, c + 8, ..., c + 56 with c = lane / 4) in 16 bytes.
-      int4 s_raw = make_int4(0, 0, 0, 0);
-      if constexpr (Tile::kGrouped) {
+      uint4 s_raw = make_uint4(0, 0, 0, 0);
+      if constexpr (kScaled) {
         const int s_row = (kb * 16) >> p_.group_shift;
-        const int4* s = stage_s(slot);
-        s_raw = s[(s_row * Tile::kTileN + warp_n_ * kWarpCols) / 8 + lane_ / 4];
+        s_raw = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
       }
 
       // x^T fragments (k16 x n8): ldmatrix of 8 rows x 16 columns of x gives
       // lane (g, t) x[g][2t, 2t + 1] and x[g][2t + 8, 2t + 9], the B layout.
+      // Lane l addresses row l % 8 of half (l / 8) % 2; the swizzle XORs the
+      // chunk with the row's low bits, which are l % 8 for every row block.
+      const int x_chunk = (kb * 2 + (lane_ / 8) % 2) ^ (lane_ % 8);
       uint32_t xfrag[kRB][2];
 #pragma unroll
       for (int rb = 0; rb < kRB; ++rb) {
-        const int row = (row_block0_ + rb) * 8 + lane_ % 8;
-        ldmatrix_x2(xfrag[rb], a + a_offset(row, kb * 2 + (lane_ / 8) % 2));
+        ldmatrix_x2(xfrag[rb], stage + x_read_ + 16 * (rb * 8 * Tile::kAChunksPerRow + x_chunk));
       }
 
-      const uint32_t words[4] = {static_cast<uint32_t>(q.x), static_cast<uint32_t>(q.y),
-                                 static_cast<uint32_t>(q.z), static_cast<uint32_t>(q.w)};
-      const uint32_t scale_words[4] = {static_cast<uint32_t>(s_raw.x), static_cast<uint32_t>(s_raw.y),
-                                       static_cast<uint32_t>(s_raw.z), static_cast<uint32_t>(s_raw.w)};
+      const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+      const uint32_t scale_words[4] = {s_raw.x, s_raw.y, s_raw.z, s_raw.w};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < kJ; ++j) {
         // The word holds the B fragments of columns 16 j + g (b0) and
         // 16 j + 8 + g (b1); the same eight values, reordered, are the A
         // fragment of the 16 x 16 tile W^T[16 j .. 16 j + 15][k16].
         uint32_t b0[2], b1[2];
         Dtype<T>::dequant(words[j], b0, b1);
-        if constexpr (Tile::kGrouped) {
+        if constexpr (kScaled) {
           const T2 s = as_t2<T2>(scale_words[j]);
           scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
           scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
         }
         const uint32_t wfrag[4] = {b0[0], b1[0], b0[1], b1[1]};
 #pragma unroll
-        for (int rb = 0; rb < kRB; ++rb) MmaOp<T>::run(wfrag, xfrag[rb], acc_[rb][j]);
+        for (int rb = 0; rb < kRB; ++rb) MmaOp<T>::run(wfrag, xfrag[rb], acc[rb][j]);
       }
     }
+  }
+
+  // wgmma: this warp dequantizes its word of every k16 block's packed unit
+  // (16 of the slab's 64 columns) into a register A fragment; then the
+  // warpgroup multiplies each with the k16 x kTileM slice of x^T. The stage
+  // is not refilled before the next iteration's barrier, so waiting for the
+  // group here keeps its x tile alive long enough.
+  __device__ void compute_stage_wgmma(uint32_t stage) {
+    uint32_t afrag[Tile::kKBlocksPerWarp][4];
+#pragma unroll
+    for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
+      const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
+      const uint32_t word = ld_shared4(stage + b_read_ + 16 * 32 * Tile::kWarpsN * i);
+      uint32_t b0[2], b1[2];
+      Dtype<T>::dequant(word, b0, b1);
+      if constexpr (Tile::kGrouped) {
+        const int s_row = (kb * 16) >> p_.group_shift;
+        const T2 s = as_t2<T2>(ld_shared4(stage + s_read_ + s_row * (2 * Tile::kTileN)));
+        scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
+        scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
+      }
+      afrag[i][0] = b0[0], afrag[i][1] = b1[0], afrag[i][2] = b0[1], afrag[i][3] = b1[1];
+    }
+    // B = x^T, K-major: the two 16-byte columns of k of block kb are
+    // kTileM / 8 core matrices apart (leading offset); 8-row groups are
+    // adjacent (stride offset).
+    constexpr uint32_t kKStep = 16 * 8 * (Tile::kTileM / 8), kNStep = 128;
+    float(&acc)[Tile::kTileM / 2] = *reinterpret_cast<float(*)[Tile::kTileM / 2]>(&acc_[0][0][0]);
+    wgmma_fence();
+#pragma unroll
+    for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
+      const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
+      const uint32_t start = stage + 2 * kb * kKStep;
+      const uint64_t desc = kWgmmaLeadingIsK ? wgmma_descriptor(start, kKStep, kNStep)
+                                             : wgmma_descriptor(start, kNStep, kKStep);
+      WgmmaRS<T, Tile::kTileM>::run(acc, afrag[i], desc);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
   }
 
   __device__ void zero_accumulators() {
 #pragma unroll
     for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < kJ; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_[rb][j][e] = 0.f;
   }
@@ -256,8 +403,8 @@ class MarlinBlock {
 #pragma unroll
           for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
-              red[((slot * kRB + rb) * 4 + j) * 32 + lane_] =
+            for (int j = 0; j < kJ; ++j)
+              red[((slot * kRB + rb) * kJ + j) * 32 + lane_] =
                   make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]);
         }
         __syncthreads();
@@ -266,8 +413,8 @@ class MarlinBlock {
 #pragma unroll
           for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const float4 v = red[((slot * kRB + rb) * 4 + j) * 32 + lane_];
+            for (int j = 0; j < kJ; ++j) {
+              const float4 v = red[((slot * kRB + rb) * kJ + j) * 32 + lane_];
               acc_[rb][j][0] += v.x;
               acc_[rb][j][1] += v.y;
               acc_[rb][j][2] += v.z;
@@ -296,7 +443,7 @@ class MarlinBlock {
 #pragma unroll
         for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
+          for (int j = 0; j < kJ; ++j)
             __stcg(&mine[workspace_index(rb, j)],
                    make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]));
       }
@@ -308,7 +455,7 @@ class MarlinBlock {
 #pragma unroll
           for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < kJ; ++j) {
               const float4 v = __ldcg(&part[workspace_index(rb, j)]);
               acc_[rb][j][0] += v.x;
               acc_[rb][j][1] += v.y;
@@ -331,7 +478,7 @@ class MarlinBlock {
   }
 
   __device__ int workspace_index(int rb, int j) const {
-    return (((row_block0_ + rb) * 4 + j) * Tile::kWarpsN + warp_n_) * 32 + lane_;
+    return (((row_block0_ + rb) * 4 + j0() + j) * Tile::kWarpsN + warp_n_) * 32 + lane_;
   }
 
   // Accumulator layout (m16n8, here n16 x m8): lane (g, t) holds columns
@@ -341,10 +488,10 @@ class MarlinBlock {
     const int col0 = n_tile * Tile::kTileN + warp_n_ * kWarpCols;
     const int g = lane_ / 4, t = lane_ % 4;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < kJ; ++j) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int col = col0 + 16 * j + 8 * half + g;
+        const int col = col0 + 16 * (j0() + j) + 8 * half + g;
         float s = 1.f;
         if constexpr (!Tile::kGrouped) s = to_float(p_.scales[per_channel_position(col)]);
 #pragma unroll
@@ -368,14 +515,23 @@ class MarlinBlock {
   __device__ static T from_float(float v) { return Dtype<T>::from_floats(v, v).x; }
 
   const MarlinParams<T> p_;
-  int4* smem_;
   int4* red_;
+  const uint32_t smem_base_;  // shared address of stage 0
   const int warp_, lane_, warp_n_, warp_mn_, warp_k_, row_block0_;
   const int k_tiles_, n_tiles_;
   const uint64_t evict_first_;
+  // This thread's copies: source offsets (16-byte units, from the k-tile's
+  // start in x / from the tile's start in the packed weight), destination
+  // offsets in a stage (bytes), and for x whether the copy exists and whether
+  // its row is real (else zero-filled).
+  int a_src_[kACopies], a_dst_[kACopies];
+  bool a_copy_[kACopies], a_valid_[kACopies];
+  int b_src_[kBCopies];
+  // Byte offsets in a stage of this lane's first weight, scale and x reads.
+  int b_read_, s_read_, x_read_;
   // acc_[rb][j]: the m16n8 accumulator of output columns 16 j .. 16 j + 15 of
   // the warp's slab (as MMA rows) and rows 8 rb .. 8 rb + 7 of x (as columns).
-  float acc_[kRB][4][4];
+  float acc_[kRB][kJ][4];
 };
 
 template <typename T, typename Tile>

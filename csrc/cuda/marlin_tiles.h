@@ -29,8 +29,14 @@ inline constexpr int kMaxStages = 16;
 // kLoadsOnly is a measuring probe for the tuning tools, never dispatched: the
 // kernel streams its tiles through the pipeline but skips the math, which
 // shows what the memory pipeline alone reaches.
+// kWgmma (sm_90a only): a warpgroup (4 warps) multiplies a 64-column slab by
+// all kTileM rows with one wgmma.m64n{kTileM}k16 per k16 block, warp w
+// supplying columns 16 w .. 16 w + 15 of the slab (its word w of each
+// packed 16-byte unit) as register A fragments; x^T comes from shared memory
+// in the canonical no-swizzle layout. mma.sync's issue rate is what limits
+// the other tiles at M >= 32.
 template <int kRowBlocks_, int kNBlocks_, int kKBlocks_, int kWarps_, bool kGrouped_,
-          int kBlocksPerSM_ = 1, int kWarpsM_ = 1, bool kLoadsOnly_ = false>
+          int kBlocksPerSM_ = 1, int kWarpsM_ = 1, bool kLoadsOnly_ = false, bool kWgmma_ = false>
 struct TileShape {
   static constexpr int kRowBlocks = kRowBlocks_, kNBlocks = kNBlocks_, kKBlocks = kKBlocks_;
   static constexpr int kWarps = kWarps_;
@@ -38,14 +44,18 @@ struct TileShape {
   static constexpr int kBlocksPerSM = kBlocksPerSM_;
   static constexpr int kWarpsM = kWarpsM_;
   static constexpr bool kLoadsOnly = kLoadsOnly_;
+  static constexpr bool kWgmma = kWgmma_;
   static constexpr int kRowBlocksPerWarp = kRowBlocks / kWarpsM;
+  // n16 sub-tiles of its slab a warp accumulates: all 4 with mma.sync, its
+  // own one (of the warpgroup's 4) with wgmma.
+  static constexpr int kSubTilesPerWarp = kWgmma ? 1 : 4;
 
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTileM = 8 * kRowBlocks, kTileN = 16 * kNBlocks, kTileK = 16 * kKBlocks;
   // Warps tile the block's output columns (and, with kWarpsM > 1, its rows);
   // the rest split K and are reduced through shared memory after each tile.
   static constexpr int kWarpsN = kTileN / kWarpCols;
-  static constexpr int kWarpsMN = kWarpsM * kWarpsN;
+  static constexpr int kWarpsMN = kWarpsM * kWarpsN * (kWgmma ? 4 : 1);
   static constexpr int kWarpsK = kWarps / kWarpsMN;
   static constexpr int kKBlocksPerWarp = kKBlocks / kWarpsK;
 
@@ -57,9 +67,9 @@ struct TileShape {
   static constexpr int kScaleRowsMax = kGrouped ? kTileK / 32 : 0;
   static constexpr int kSStage = kScaleRowsMax * kTileN / 8;
   static constexpr int kStage = kAStage + kBStage + kSStage;
-  // Reduction scratch: one 64-column x 8-row fp32 fragment set (16 floats a
-  // lane) per row block, for each warp in the upper half of the K split.
-  static constexpr int kRed = (kWarpsK / 2) * kWarpsMN * kRowBlocksPerWarp * 32 * 4;
+  // Reduction scratch: a warp's fp32 fragments (4 floats a lane per n16
+  // sub-tile and row block), for each warp in the upper half of the K split.
+  static constexpr int kRed = (kWarpsK / 2) * kWarpsMN * kRowBlocksPerWarp * kSubTilesPerWarp * 32;
   static constexpr int kBlockBudget = kSmemBudget / 16 / kBlocksPerSM;  // 16-byte units
   static constexpr int kStages = (kBlockBudget - kRed) / kStage < kMaxStages
                                      ? (kBlockBudget - kRed) / kStage
@@ -75,6 +85,9 @@ struct TileShape {
   static_assert(kKBlocks % kWarpsK == 0, "K split must divide the k-tile");
   static_assert((kWarpsK & (kWarpsK - 1)) == 0, "tree reduction needs a power-of-two K split");
   static_assert(kAChunksPerRow >= 8, "the A swizzle permutes groups of 8 chunks");
+  static_assert(!kWgmma || (kWarpsM == 1 && kWarps % 4 == 0 && (kTileM == 8 || kTileM == 16 ||
+                                                                 kTileM == 32 || kTileM == 64)),
+                "wgmma tiles: whole warpgroups, no M split, 8 to 64 rows");
 };
 
 }  // namespace jax_marlin::cuda

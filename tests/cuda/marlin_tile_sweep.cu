@@ -142,6 +142,11 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, b
                                                   layer, b, m)
 #define SWEEP2(RB, NB, KB, W) \
   time_tile<TileShape<RB, NB, KB, W, true, 2>>("r" #RB " n" #NB " k" #KB " w" #W " x2/SM", layer, b, m)
+// "wgmma": warpgroup MMA tiles (sm_90a; this tool is built for it).
+#define SWEEPW(RB, NB, KB, W)                                                                     \
+  time_tile<TileShape<RB, NB, KB, W, true, 1, 1, false, true>>("r" #RB " n" #NB " k" #KB " w" #W \
+                                                               " wgmma",                        \
+                                                               layer, b, m)
 #define SMALL_M_CANDIDATES(RB) \
   SWEEP(RB, 8, 8, 8);          \
   SWEEP(RB, 8, 8, 16);         \
@@ -193,9 +198,11 @@ int main(int argc, char** argv) {
     }
     for (int m : {1}) {
       SMALL_M_CANDIDATES(1);
+      SWEEPW(1, 8, 16, 8);
     }
     for (int m : {16}) {
       SMALL_M_CANDIDATES(2);
+      SWEEPW(2, 8, 16, 8);
     }
     for (int m : {32}) {
       SWEEP(4, 8, 8, 8);
@@ -203,6 +210,9 @@ int main(int argc, char** argv) {
       SWEEP(4, 16, 8, 8);
       SWEEP(4, 8, 8, 16);
       SWEEP(4, 16, 4, 8);
+      SWEEPW(4, 8, 8, 8);
+      SWEEPW(4, 4, 16, 8);
+      SWEEPW(4, 16, 8, 16);
     }
     for (int m : {64}) {
       SWEEPM2(8, 8, 8, 8);
@@ -210,6 +220,10 @@ int main(int argc, char** argv) {
       SWEEPM2(8, 8, 8, 16);
       SWEEPM2(8, 16, 4, 8);
       SWEEPM2(8, 4, 8, 4);
+      SWEEPW(8, 8, 8, 8);
+      SWEEPW(8, 4, 16, 8);
+      SWEEPW(8, 16, 4, 16);
+      SWEEPW(8, 8, 4, 8);
     }
     {
       // Where the M = 1 time goes: weights in L2 (no HBM), the pipeline
