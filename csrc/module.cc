@@ -15,6 +15,8 @@ namespace nb = nanobind;
 namespace {
 
 constexpr const char* kTarget = "jax_marlin_matmul";
+// 2:4 sparse weights; CPU only until the CUDA kernel lands (issue 8).
+constexpr const char* kSparseTarget = "jax_marlin_sparse_matmul";
 
 // XLA expects a PyCapsule holding the handler's address (no name).
 template <typename Fn>
@@ -27,6 +29,7 @@ nb::dict Registrations() {
   nb::dict out;
   nb::dict cpu;
   cpu[kTarget] = Capsule(MarlinMatmulCpu);
+  cpu[kSparseTarget] = Capsule(SparseMatmulCpu);
   out["cpu"] = cpu;
 #ifdef JAX_MARLIN_WITH_CUDA
   // A stateful handler: one capsule per FFI execution stage.

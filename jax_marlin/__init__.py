@@ -21,6 +21,8 @@ from jax_marlin import sharding
 from jax_marlin.ops import marlin_matmul
 from jax_marlin.quantize import dequantize, pack, quantize, unpack
 from jax_marlin.quantized_weight import QuantizedWeight
+from jax_marlin.sparse_quantize import pack_sparse, quantize_sparse, unpack_sparse
+from jax_marlin.sparse_weight import SparseQuantizedWeight
 
 try:  # pyproject.toml holds the version
     __version__ = _version("jax_marlin")
@@ -55,6 +57,7 @@ def __dir__():
 __all__ = [
     "QuantDense",
     "QuantizedWeight",
+    "SparseQuantizedWeight",
     "backends",
     "convert",
     "dequantize",
@@ -62,10 +65,13 @@ __all__ = [
     "linen",
     "marlin_matmul",
     "pack",
+    "pack_sparse",
     "quantize",
     "quantize_params",
+    "quantize_sparse",
     "sharding",
     "unpack",
+    "unpack_sparse",
 ]
 
 

@@ -5,6 +5,9 @@
 - ``check_layer``: the constructor checks, with messages naming the layer's
   arguments rather than the kernel's (K, N).
 - ``scales_axes``: the logical axis names of the scales, given the kernel's.
+- ``leaf_names`` / ``weight_leaves`` / ``matmul``: the layer's weight
+  parameters for dense ("packed", "scales") and 2:4 sparse ("values", "meta",
+  "scales") weights.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import numpy as np
 from jax_marlin import layout
 from jax_marlin.ops import marlin_matmul
 from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight
+from jax_marlin.sparse_weight import SparseQuantizedWeight
+
+SPARSITIES = (None, "2:4")
 
 
 def dense_matmul(x, packed, scales):
@@ -81,3 +87,51 @@ def quantize_kernel(kernel, group_size, dtype) -> QuantizedWeight:
     from jax_marlin.quantize import quantize
 
     return quantize(jnp.asarray(kernel, jnp.float32), group_size, dtype=dtype)
+
+
+def check_sparsity(sparsity) -> None:
+    if sparsity not in SPARSITIES:
+        raise ValueError(
+            f"QuantDense: sparsity must be None (dense) or \"2:4\" (2:4 sparse along the "
+            f"input dimension), got {sparsity!r}."
+        )
+
+
+def leaf_names(sparsity) -> tuple[str, ...]:
+    """Parameter names of the weight, in the order of its pytree leaves."""
+    return ("values", "meta", "scales") if sparsity == "2:4" else ("packed", "scales")
+
+
+def weight_leaves(qw) -> dict:
+    """{parameter name: array} of a QuantizedWeight or SparseQuantizedWeight."""
+    if isinstance(qw, SparseQuantizedWeight):
+        return {"values": qw.values, "meta": qw.meta, "scales": qw.scales}
+    return {"packed": qw.packed, "scales": qw.scales}
+
+
+def leaf_shape(name: str, K: int, N: int, g: int) -> tuple[tuple[int, int], bool]:
+    """(shape, is_int32) of parameter ``name`` for a (K, N) weight with group size g."""
+    return {
+        "packed": ((K // 16, 2 * N), True),
+        "values": ((K // 32, 2 * N), True),
+        "meta": ((K // 32, N), True),
+        "scales": ((K // g, N), False),
+    }[name]
+
+
+def in_features_of(name: str, leaf) -> int:
+    """K of the weight, read off its first parameter (packed or values)."""
+    return leaf.shape[-2] * (16 if name == "packed" else 32)
+
+
+def matmul(x, leaves: dict):
+    """``x @ W`` for the layer's weight parameters (dense or sparse)."""
+    if "values" in leaves:
+        return marlin_matmul(x, SparseQuantizedWeight(**leaves))
+    return marlin_matmul(x, QuantizedWeight(**leaves))
+
+
+def quantize_sparse_kernel(kernel, group_size, dtype) -> SparseQuantizedWeight:
+    from jax_marlin.sparse_quantize import quantize_sparse
+
+    return quantize_sparse(jnp.asarray(kernel, jnp.float32), group_size, dtype=dtype)

@@ -50,6 +50,7 @@ def _import_ext():
 _ext = _import_ext()
 
 TARGET = "jax_marlin_matmul"
+SPARSE_TARGET = "jax_marlin_sparse_matmul"  # 2:4 sparse weights (CPU handler only, for now)
 
 # _ext names platforms as jax.ffi.register_ffi_target wants them ("cpu",
 # "CUDA"); BACKENDS uses jax.default_backend()-style names ("cpu", "cuda").

@@ -319,3 +319,73 @@ def partitioned(local_fn):
         return op(x, packed, scales, num_groups, packed.shape[0] // num_groups)
 
     return call
+
+
+# --- 2:4 sparse weights: data parallel only (for now) -----------------------------
+# TODO(issue 8): column/row parallel sparse weights. The layout allows them
+# (docs/SPARSE_FORMAT.md: whole 64-column runs and 32-row bands slice into
+# valid weights); the plan above would need a third weight leaf. Until then
+# a sharded sparse weight is refused rather than silently all-gathered.
+
+
+def _sparse_weight_sharded(arg_shapes) -> bool:
+    return any(s.sharding is not None and not s.sharding.is_fully_replicated for s in arg_shapes[1:])
+
+
+def _sparse_refuse() -> None:
+    raise NotImplementedError(
+        "marlin_matmul: sharded 2:4 sparse weights (SparseQuantizedWeight) are not supported "
+        "yet; replicate the weight (its values, meta and scales) across the mesh, e.g. "
+        "jax.device_put(sqw, NamedSharding(mesh, PartitionSpec())). Sharding x along its "
+        "leading (batch) dimensions is supported."
+    )
+
+
+def _sparse_partition(local_fn):
+    def partition(mesh, arg_shapes, result_shape):
+        if _sparse_weight_sharded(arg_shapes):
+            _sparse_refuse()
+        x = arg_shapes[0]
+        if not _all_named((x, result_shape)) or x.sharding is None:
+            return mesh, local_fn, result_shape.sharding, tuple(s.sharding for s in arg_shapes)
+        ndim = len(x.shape)
+        lead = [_entry(a) for a in _spec_axes(x.sharding, ndim)[:-1]]
+        named = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+        args = (named(P(*lead, None)),) + (named(P()),) * (len(arg_shapes) - 1)
+        return mesh, local_fn, named(P(*lead, None)), args
+
+    return partition
+
+
+def _sparse_infer(mesh, arg_shapes, result_shape):
+    del result_shape
+    x = arg_shapes[0]
+    if not _all_named(arg_shapes) or x.sharding is None:
+        known = [s.sharding for s in arg_shapes if s.sharding is not None]
+        replicated = [s for s in known if s.is_fully_replicated]
+        return (replicated or known)[0]
+    lead = [_entry(a) for a in _spec_axes(x.sharding, len(x.shape))[:-1]]
+    return NamedSharding(mesh, P(*lead, None))
+
+
+def partitioned_sparse(local_fn):
+    """Wrap ``local_fn(x, values, meta, scales) -> y`` for jit: data parallel, weight replicated.
+
+    A weight sharded along K or N raises NotImplementedError (see the TODO above).
+    """
+    op = custom_partitioning(local_fn)
+    op.def_partition(
+        partition=_sparse_partition(local_fn),
+        infer_sharding_from_operands=_sparse_infer,
+        propagate_user_sharding=lambda mesh, user_shape: user_shape.sharding,
+        # Weight dimensions share factors with the result's N only through
+        # the scales, so a column-sharded weight reaches ``partition`` (and is
+        # refused there) instead of being gathered by the partitioner.
+        sharding_rule="... k, b w, b n, g n -> ... n",
+    )
+
+    def call(x, values, meta, scales):
+        _check_not_partly_manual()
+        return op(x, values, meta, scales)
+
+    return call

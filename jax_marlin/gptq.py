@@ -18,6 +18,14 @@ weight error. The steps:
   ``jax_marlin.quantize`` (``s = max|w| / 7`` rounded to the scales' dtype),
   so that with a diagonal Hessian GPTQ returns exactly ``quantize(w)``.
 
+With ``sparsegpt_quantize`` the same loop also prunes to 2:4 along K, as
+SparseGPT (Frantar & Alistarh, 2023) does: when a chunk of 4 rows is reached,
+each column keeps the two rows of largest saliency ``w^2 / U[k, k]^2`` (w as
+updated so far) and drops the other two (their value 0 is the "quantized"
+value whose error is pushed onto later rows, the OBS update); the kept rows
+are quantized as in GPTQ. A group's scale is taken over the entries that the
+same saliency rule would keep at the group's first row.
+
 Two jitted programs per layer shape: the factorization (per K) and the
 quantization loop (per K, N, group size, dtype); layers of one shape share them.
 """
@@ -30,9 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_marlin import layout
+from jax_marlin import layout, sparse_layout
 from jax_marlin.quantize import _quantize_arrays
 from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight
+from jax_marlin.sparse_weight import SparseQuantizedWeight
 
 _HI = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes in these f32 matmuls on GPU
 
@@ -72,38 +81,66 @@ def gptq_quantize(
     Returns:
       A QuantizedWeight (the same format as ``quantize``).
     """
+    codes, scales = _run("gptq_quantize", w, h, group_size, dtype, damp, block_size, sparse=False)
+    return QuantizedWeight(packed=layout.pack_codes(codes), scales=layout.permute_scales(scales))
+
+
+def sparsegpt_quantize(
+    w,
+    h,
+    group_size: int | None = 128,
+    *,
+    dtype=None,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> SparseQuantizedWeight:
+    """SparseGPT 2:4 pruning along K with GPTQ quantization of the kept entries.
+
+    Arguments as for ``gptq_quantize``; returns a SparseQuantizedWeight (the
+    format of ``jax_marlin.quantize_sparse``). The 2:4 mask is chosen per
+    chunk of 4 input rows by the OBS saliency ``w^2 / [H^-1 Cholesky]_kk^2``
+    of the weights as updated so far, and every dropped or rounded entry's
+    error is compensated on the rows not yet processed.
+    """
+    codes, scales = _run("sparsegpt_quantize", w, h, group_size, dtype, damp, block_size, sparse=True)
+    values, meta = sparse_layout.pack_codes(codes)
+    return SparseQuantizedWeight(values=values, meta=meta, scales=sparse_layout.permute_scales(scales))
+
+
+def _run(name, w, h, group_size, dtype, damp, block_size, *, sparse: bool):
+    """Checks, then the GPTQ loop: (codes (K, N) uint8, natural-order scales)."""
     w = jnp.asarray(w)
     h = jnp.asarray(h, jnp.float32)
     if w.ndim != 2 or not jnp.issubdtype(w.dtype, jnp.floating):
-        raise ValueError(f"gptq_quantize: w must be a 2-D float array (K, N), got {w.dtype}{tuple(w.shape)}.")
+        raise ValueError(f"{name}: w must be a 2-D float array (K, N), got {w.dtype}{tuple(w.shape)}.")
     K, N = w.shape
     if h.shape != (K, K):
         raise ValueError(
-            f"gptq_quantize: the Hessian must be (K, K) = ({K}, {K}) for a weight of shape "
+            f"{name}: the Hessian must be (K, K) = ({K}, {K}) for a weight of shape "
             f"{(K, N)}, got {tuple(h.shape)}; build it from the layer's inputs (..., {K})."
         )
     if dtype is None:
         dtype = w.dtype if np.dtype(w.dtype) in FLOAT_DTYPES else jnp.float16
     dtype = np.dtype(dtype)
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"gptq_quantize: dtype must be float16 or bfloat16, got {dtype}.")
+        raise TypeError(f"{name}: dtype must be float16 or bfloat16, got {dtype}.")
     if group_size is not None and group_size not in layout.GROUP_SIZES:
         raise ValueError(
-            f"gptq_quantize: group_size must be one of {layout.GROUP_SIZES} or None, got {group_size}."
+            f"{name}: group_size must be one of {layout.GROUP_SIZES} or None, got {group_size}."
         )
     if not damp >= 0:
-        raise ValueError(f"gptq_quantize: damp must be >= 0, got {damp}.")
+        raise ValueError(f"{name}: damp must be >= 0, got {damp}.")
     g = K if group_size is None else group_size
     layout.check_shape(K, N, g)
     block = _block_rows(K, g, block_size)
-    codes, scales, ok = _gptq(w.astype(jnp.float32), h, jnp.float32(damp), g, block, dtype)
+    codes, scales, ok = _gptq(w.astype(jnp.float32), h, jnp.float32(damp), g, block, dtype, sparse)
     if not bool(ok):
         raise ValueError(
-            f"gptq_quantize: the dampened Hessian is not positive definite (Cholesky "
+            f"{name}: the dampened Hessian is not positive definite (Cholesky "
             f"failed) for a weight of shape {(K, N)}; increase damp (now {damp}), "
             f"e.g. damp=0.1, or give more calibration samples."
         )
-    return QuantizedWeight(packed=layout.pack_codes(codes), scales=layout.permute_scales(scales))
+    return codes, scales
 
 
 def _block_rows(K: int, g: int, block_size: int) -> int:
@@ -143,17 +180,27 @@ def _upper_inverse_cholesky(h, damp):
     return jnp.where(ok, u, eye), ok  # keep the loop finite; the caller raises
 
 
-def _gptq(w, h, damp, g: int, block: int, dtype):
+def _gptq(w, h, damp, g: int, block: int, dtype, sparse: bool = False):
     u, ok = _upper_inverse_cholesky(h, damp)
-    codes, scales = _gptq_loop(w, u, g, block, dtype)
+    codes, scales = _gptq_loop(w, u, g, block, dtype, sparse)
     return codes, scales, ok
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _gptq_loop(w, u, g: int, block: int, dtype):
+def _keep_by_saliency(rows, u_diag):
+    """2:4 mask of rows (4m, N): the two largest w^2 / U[k, k]^2 of each chunk of 4."""
+    return sparse_layout.prune_mask(rows * rows / (u_diag[:, None] * u_diag[:, None]))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _gptq_loop(w, u, g: int, block: int, dtype, sparse: bool = False):
     K, N = w.shape
     per_channel = g == K
-    fixed_scale = _scale_rows(w, dtype) if per_channel else None
+    u_diag = jnp.diag(u)
+    if per_channel:
+        rows = jnp.where(_keep_by_saliency(w, u_diag), w, 0.0) if sparse else w
+        fixed_scale = _scale_rows(rows, dtype)
+    else:
+        fixed_scale = None
     groups_per_block = 1 if per_channel else block // g
     rows_per_group = block if per_channel else g
 
@@ -178,16 +225,44 @@ def _gptq_loop(w, u, g: int, block: int, dtype):
             w1 = w1 - u1[j][:, None] * e[None, :]
             return w1, q1.at[j].set(q), err1.at[j].set(e), s
 
+        def chunk_step(c, state):
+            # SparseGPT: choose this chunk's 2:4 mask from the current weights,
+            # then quantize (kept) or drop (pruned) its 4 rows one by one.
+            w1, q1, err1, s = state
+            r = 4 * c
+            rows = jax.lax.dynamic_slice(w1, (r, 0), (4, N))
+            d = jax.lax.dynamic_slice(jnp.diag(u1), (r,), (4,))
+            keep = _keep_by_saliency(rows, d)
+            for i in range(4):
+                j = r + i
+                wj = w1[j]
+                q, wq = quantize_row(wj, s)
+                q = jnp.where(keep[i], q, float(layout.CODE_OFFSET))
+                wq = jnp.where(keep[i], wq, 0.0)
+                e = (wj - wq) / u1[j, j]
+                w1 = w1 - u1[j][:, None] * e[None, :]
+                q1, err1 = q1.at[j].set(q), err1.at[j].set(e)
+            return w1, q1, err1, s
+
         def group_step(gi, state):
             w1, q1, err1, scales = state
             r0 = gi * rows_per_group
             if per_channel:
                 s = fixed_scale
             else:
-                # The group's scale, from its rows as updated so far.
-                s = _scale_rows(jax.lax.dynamic_slice(w1, (r0, 0), (g, N)), dtype)
+                # The group's scale, from its rows as updated so far (sparse:
+                # those the saliency rule would keep now).
+                rows = jax.lax.dynamic_slice(w1, (r0, 0), (g, N))
+                if sparse:
+                    d = jax.lax.dynamic_slice(jnp.diag(u1), (r0,), (g,))
+                    rows = jnp.where(_keep_by_saliency(rows, d), rows, 0.0)
+                s = _scale_rows(rows, dtype)
                 scales = jax.lax.dynamic_update_slice(scales, s[None].astype(dtype), ((i1 + r0) // g, 0))
-            w1, q1, err1, _ = jax.lax.fori_loop(r0, r0 + rows_per_group, row_step, (w1, q1, err1, s))
+            if sparse:
+                w1, q1, err1, _ = jax.lax.fori_loop(
+                    r0 // 4, (r0 + rows_per_group) // 4, chunk_step, (w1, q1, err1, s))
+            else:
+                w1, q1, err1, _ = jax.lax.fori_loop(r0, r0 + rows_per_group, row_step, (w1, q1, err1, s))
             return w1, q1, err1, scales
 
         # A loop, not a Python unroll, over the block's groups: one compiled

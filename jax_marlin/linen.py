@@ -65,6 +65,8 @@ class QuantDense(nn.Module):
         (round-to-nearest) at init; may be wrapped by ``nn.with_partitioning``.
         Real weights come from ``jax_marlin.quantize_params`` or ``jax_marlin.convert``.
       bias_init: bias initializer.
+      sparsity: None (dense) or "2:4": a 2:4 sparse weight (magnitude-pruned
+        along K at init), params ``values``, ``meta``, ``scales``.
 
     Reverse-mode autodiff w.r.t. the input (and scales) works, through the
     dequantized weight; the packed codes get no gradient.
@@ -77,6 +79,7 @@ class QuantDense(nn.Module):
     group_size: int | None = 128
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros_init()
+    sparsity: str | None = None
 
     @nn.compact
     def __call__(self, inputs) -> jax.Array:
@@ -87,46 +90,53 @@ class QuantDense(nn.Module):
         if x.ndim < 1:
             raise ValueError("QuantDense: the input must have at least 1 dimension (..., K).")
         K, N = x.shape[-1], self.features
-        if self.has_variable("params", "packed"):
+        _dense.check_sparsity(self.sparsity)
+        names_ = _dense.leaf_names(self.sparsity)
+        first = names_[0]  # packed or values
+        if self.has_variable("params", first):
             # Clear messages before Flax's own shape check of the params.
-            existing = meta.unbox(self.get_variable("params", "packed"))
-            _dense.check_input(x, existing.shape[-2] * 16)
+            existing = meta.unbox(self.get_variable("params", first))
+            _dense.check_input(x, _dense.in_features_of(first, existing))
             _check_group_size(self.get_variable("params", "scales"), K, self.group_size)
         _dense.check_layer(K, N, self.group_size)
 
         g = K if self.group_size is None else self.group_size
-        if self.has_variable("params", "packed"):
+        if self.has_variable("params", first):
             # Apply: the params exist; Flax evaluates the init functions only
             # abstractly, to check shapes. Describe the shapes, cheaply.
             def init_part(rng, part):
-                shape = (K // 16, 2 * N) if part == "packed" else (K // g, N)
-                return jnp.zeros(shape, jnp.int32 if part == "packed" else param_dtype)
+                shape, is_int = _dense.leaf_shape(part, K, N, g)
+                return jnp.zeros(shape, jnp.int32 if is_int else param_dtype)
 
             names = None
         else:
-            # Init: packed and scales come from one kernel draw, quantized once.
+            # Init: the weight's params come from one kernel draw, quantized once.
             box = self.kernel_init(self.make_rng("params"), (K, N), jnp.float32)
-            qw = _dense.quantize_kernel(meta.unbox(box), self.group_size, param_dtype)
+            if self.sparsity == "2:4":
+                qw = _dense.quantize_sparse_kernel(meta.unbox(box), self.group_size, param_dtype)
+            else:
+                qw = _dense.quantize_kernel(meta.unbox(box), self.group_size, param_dtype)
             names = _names(box)
             made = {
-                "packed": _rebox(box, qw.packed),
-                "scales": _rebox(box, qw.scales, _dense.scales_axes(names, qw.is_per_channel)),
+                name: _rebox(box, leaf, _dense.scales_axes(names, qw.is_per_channel)
+                             if name == "scales" else None)
+                for name, leaf in _dense.weight_leaves(qw).items()
             }
 
             def init_part(rng, part):
                 return made[part]
 
-        packed = self.param("packed", init_part, "packed")
-        scales = self.param("scales", init_part, "scales")
-        _dense.check_input(x, packed.shape[-2] * 16)
-        y = _dense.dense_matmul(x.astype(dtype), packed, scales.astype(dtype))
+        leaves = {name: self.param(name, init_part, name) for name in names_}
+        _dense.check_input(x, _dense.in_features_of(first, leaves[first]))
+        leaves["scales"] = leaves["scales"].astype(dtype)
+        y = _dense.matmul(x.astype(dtype), leaves)
         if self.use_bias:
 
             def init_bias(rng):
                 box = self.bias_init(rng, (N,), param_dtype)
                 if not isinstance(box, meta.AxisMetadata) and names:
                     # Unboxed bias beside a named kernel: name it after the output axis.
-                    return _rebox(made["packed"], jnp.asarray(box, param_dtype), (tuple(names)[-1],))
+                    return _rebox(made[first], jnp.asarray(box, param_dtype), (tuple(names)[-1],))
                 return box
 
             bias = self.param("bias", init_bias)

@@ -73,6 +73,10 @@ class QuantDense(nnx.Module):
       rngs: ``nnx.Rngs`` (stream ``params``).
       kernel_metadata, bias_metadata: extra Variable metadata, as in nnx.Linear
         (given to both ``packed`` and ``scales`` for the kernel).
+      sparsity: None (dense) or "2:4": the kernel is magnitude-pruned to 2:4
+        along in_features and stored as a SparseQuantizedWeight, parameters
+        ``values``, ``meta``, ``scales`` instead of ``packed``, ``scales``
+        (docs/SPARSE_FORMAT.md).
 
     Inference first: reverse-mode autodiff w.r.t. the input (and scales) works,
     through the dequantized weight; the packed codes get no gradient.
@@ -92,6 +96,7 @@ class QuantDense(nnx.Module):
         rngs: nnx.Rngs,
         kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        sparsity: str | None = None,
     ):
         param_dtype = _dense.float16_dtype(param_dtype, "param_dtype")
         self.dtype = param_dtype if dtype is None else _dense.float16_dtype(dtype, "dtype")
@@ -101,16 +106,22 @@ class QuantDense(nnx.Module):
         self.out_features = out_features
         self.use_bias = use_bias
         self.group_size = group_size
+        _dense.check_sparsity(sparsity)
+        self.sparsity = sparsity
 
         kernel, template = _split(kernel_init(rngs.params(), (in_features, out_features), jnp.float32))
-        qw = _dense.quantize_kernel(kernel, group_size, param_dtype)
+        if sparsity == "2:4":
+            qw = _dense.quantize_sparse_kernel(kernel, group_size, param_dtype)
+        else:
+            qw = _dense.quantize_kernel(kernel, group_size, param_dtype)
         metadata = {**(template.metadata if template else {}), **kernel_metadata}
         key, axes = sharding_of(metadata)
         scales_metadata = dict(kernel_metadata)
         if key is not None:
             scales_metadata[key] = _dense.scales_axes(axes, qw.is_per_channel)
-        self.packed = _param(template, qw.packed, kernel_metadata)
-        self.scales = _param(template, qw.scales, scales_metadata)
+        for name, leaf in _dense.weight_leaves(qw).items():
+            md = scales_metadata if name == "scales" else kernel_metadata
+            setattr(self, name, _param(template, leaf, md))
 
         if use_bias:
             bias, bias_template = _split(bias_init(rngs.params(), (out_features,), param_dtype))
@@ -127,8 +138,9 @@ class QuantDense(nnx.Module):
         x = jnp.asarray(inputs)
         _dense.check_input(x, self.in_features)
         x = x.astype(self.dtype)
-        scales = self.scales[...].astype(self.dtype)
-        y = _dense.dense_matmul(x, self.packed[...], scales)
+        leaves = {name: getattr(self, name)[...] for name in _dense.leaf_names(self.sparsity)}
+        leaves["scales"] = leaves["scales"].astype(self.dtype)
+        y = _dense.matmul(x, leaves)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_marlin import _partitioning, dispatch, layout
+from jax_marlin import _partitioning, dispatch, layout, sparse_layout
 from jax_marlin.quantize import dequantize
 from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight
+from jax_marlin.sparse_quantize import dequantize_sparse
+from jax_marlin.sparse_weight import SparseQuantizedWeight
 
 # Device.platform / jax.default_backend() name -> lowering platform of our targets.
 _LOWERING_PLATFORM = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}
@@ -31,10 +33,11 @@ def _ffi():
 
 def _check_operands(x, qw) -> None:
     """All Python-side checks of marlin_matmul's operands; messages say what to change."""
-    if not isinstance(qw, QuantizedWeight):
+    if not isinstance(qw, (QuantizedWeight, SparseQuantizedWeight)):
         raise TypeError(
-            f"marlin_matmul: qw must be a jax_marlin.QuantizedWeight, got "
-            f"{type(qw).__name__}; build one with jax_marlin.quantize(w) or pack(codes, scales)."
+            f"marlin_matmul: qw must be a jax_marlin.QuantizedWeight or SparseQuantizedWeight, "
+            f"got {type(qw).__name__}; build one with jax_marlin.quantize(w) / pack(codes, "
+            f"scales), or quantize_sparse(w) / pack_sparse(codes, scales)."
         )
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
@@ -48,10 +51,10 @@ def _check_operands(x, qw) -> None:
         )
     if x.ndim < 1:
         raise ValueError("marlin_matmul: x must have at least 1 dimension (..., K); got a scalar.")
-    if qw.packed.ndim != 2:
+    if qw.scales.ndim != 2:
         raise ValueError(
-            f"marlin_matmul: qw is a stack of weights (packed shape "
-            f"{tuple(qw.packed.shape)}); pass one weight at a time, e.g. with "
+            f"marlin_matmul: qw is a stack of weights (scales shape "
+            f"{tuple(qw.scales.shape)}); pass one weight at a time, e.g. with "
             f"jax.lax.scan or jax.lax.map over the stack."
         )
     K, N = qw.shape
@@ -205,13 +208,99 @@ def _differentiable_matmul_bwd(res, dy):
 _differentiable_matmul.defvjp(_differentiable_matmul_fwd, _differentiable_matmul_bwd)
 
 
-def marlin_matmul(x, qw: QuantizedWeight) -> jax.Array:
+# --- 2:4 sparse weights (issue 8) ---------------------------------------------------
+# The same stack as above (custom_vjp -> jit -> custom_vmap -> partitioning ->
+# one call per platform) for the three arrays of a SparseQuantizedWeight.
+
+
+def _sparse_cpu_call(x2, values, meta, scales):
+    M, N = x2.shape[0], scales.shape[1]
+    out = jax.ShapeDtypeStruct((M, N), x2.dtype)
+    return jax.ffi.ffi_call(_ffi().SPARSE_TARGET, out)(x2, values, meta, scales)
+
+
+def _sparse_cuda_call(x2, values, meta, scales):
+    # TODO(issue 8): the Sparse-Marlin CUDA kernel (mma.sp.m16n8k32 on this
+    # layout) replaces this dequantize + XLA dot; same numerics contract.
+    w = dequantize_sparse(SparseQuantizedWeight(values=values, meta=meta, scales=scales))
+    return jnp.dot(x2, w, preferred_element_type=jnp.float32).astype(x2.dtype)
+
+
+_SPARSE_CALLS = {"cpu": _sparse_cpu_call, "cuda": _sparse_cuda_call}
+
+
+def _local_sparse_matmul(x, values, meta, scales):
+    K, N = x.shape[-1], scales.shape[-1]
+    lead = x.shape[:-1]
+    M = math.prod(lead)
+    if M == 0:
+        return jnp.zeros((*lead, N), x.dtype)
+    calls = {p: _SPARSE_CALLS[p] for p in _ffi().BACKENDS}
+    y = jax.lax.platform_dependent(x.reshape(M, K), values, meta, scales, **calls)
+    return y.reshape(*lead, N)
+
+
+_partitioned_sparse_matmul = _partitioning.partitioned_sparse(_local_sparse_matmul)
+
+
+@jax.custom_batching.custom_vmap
+def _sparse_matmul(x, values, meta, scales):
+    return _partitioned_sparse_matmul(x, values, meta, scales)
+
+
+@_sparse_matmul.def_vmap
+def _sparse_matmul_vmap(axis_size, in_batched, x, values, meta, scales):
+    if any(in_batched[1:]):
+        raise NotImplementedError(
+            "marlin_matmul: vmap over the quantized weight is not supported (the "
+            "kernel takes one weight); loop over weights with jax.lax.map instead, "
+            "e.g. jax.lax.map(lambda w: marlin_matmul(x, w), stacked_weights)."
+        )
+    return _sparse_matmul(x, values, meta, scales), True
+
+
+_sparse_matmul_jit = jax.jit(_sparse_matmul)
+
+
+@jax.custom_vjp
+def _differentiable_sparse_matmul(x, values, meta, scales):
+    return _sparse_matmul_jit(x, values, meta, scales)
+
+
+def _differentiable_sparse_matmul_fwd(x, values, meta, scales):
+    return _sparse_matmul_jit(x, values, meta, scales), (x, values, meta, scales)
+
+
+def _differentiable_sparse_matmul_bwd(res, dy):
+    # As the dense backward: through the dequantized weight, float32 sums.
+    x, values, meta, scales = res
+    sqw = SparseQuantizedWeight(values=values, meta=meta, scales=scales)
+    w = dequantize_sparse(sqw)
+    hi = jax.lax.Precision.HIGHEST
+    dx = jnp.einsum("...n,kn->...k", dy, w, precision=hi, preferred_element_type=jnp.float32)
+    K, N = sqw.shape
+    G = scales.shape[-2]
+    dw = jnp.einsum("mk,mn->kn", x.reshape(-1, K), dy.reshape(-1, N), precision=hi,
+                    preferred_element_type=jnp.float32)
+    codes = sparse_layout.unpack_codes(values, meta).astype(jnp.float32) - layout.CODE_OFFSET
+    ds = jnp.sum((codes * dw).reshape(G, K // G, N), axis=1)
+    ds = sparse_layout.permute_scales(ds.astype(scales.dtype))
+    zero = lambda a: np.zeros(a.shape, dtype=jax.dtypes.float0)  # noqa: E731 (integer inputs)
+    return dx.astype(x.dtype), zero(values), zero(meta), ds
+
+
+_differentiable_sparse_matmul.defvjp(_differentiable_sparse_matmul_fwd, _differentiable_sparse_matmul_bwd)
+
+
+def marlin_matmul(x, qw: QuantizedWeight | SparseQuantizedWeight) -> jax.Array:
     """y = x @ W, W the (K, N) 4-bit weight in ``qw``, via the Marlin kernel.
 
     Args:
       x: (..., K) float16 or bfloat16; must match ``qw.dtype`` (use
         ``qw.astype(x.dtype)`` to switch a weight's dtype).
-      qw: a QuantizedWeight.
+      qw: a QuantizedWeight, or a SparseQuantizedWeight (2:4 sparse; on CUDA
+        it runs as dequantize + XLA dot until its kernel lands, issue 8; a
+        sharded sparse weight raises NotImplementedError for now).
 
     Returns:
       (..., N) in x's dtype; accumulation is in float32.
@@ -233,6 +322,8 @@ def marlin_matmul(x, qw: QuantizedWeight) -> jax.Array:
     x = x if isinstance(x, jax.Array) else jnp.asarray(x)
     _check_operands(x, qw)
     _check_backend(x)
+    if isinstance(qw, SparseQuantizedWeight):
+        return _differentiable_sparse_matmul(x, qw.values, qw.meta, qw.scales)
     return _differentiable_matmul(x, qw.packed, qw.scales)
 
 

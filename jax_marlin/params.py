@@ -15,13 +15,15 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_marlin import _dense, layout
-from jax_marlin.gptq import gptq_quantize, hessian
+from jax_marlin.gptq import gptq_quantize, hessian, sparsegpt_quantize
 from jax_marlin.quantize import dequantize, quantize
 from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight
+from jax_marlin.sparse_quantize import quantize_sparse
 
 __all__ = ["default_predicate", "quantize_params"]
 
@@ -126,15 +128,13 @@ def _replace_nodes(tree, new_nodes: dict, prefix: Path = ()):
 # --- Per layer ------------------------------------------------------------------
 
 
-def _per_slice(fn, kernel, x=None) -> QuantizedWeight:
-    """fn(w2d[, x]) -> QuantizedWeight for every (K, N) slice of a stacked kernel."""
+def _per_slice(fn, kernel, x=None):
+    """fn(w2d[, x]) -> (Sparse)QuantizedWeight for every (K, N) slice of a stacked kernel."""
     lead = kernel.shape[:-2]
     if not lead:
         return fn(kernel) if x is None else fn(kernel, x)
     qws = [fn(kernel[i]) if x is None else fn(kernel[i], x[i]) for i in np.ndindex(*lead)]
-    packed = jnp.stack([q.packed for q in qws]).reshape(*lead, *qws[0].packed.shape)
-    scales = jnp.stack([q.scales for q in qws]).reshape(*lead, *qws[0].scales.shape)
-    return QuantizedWeight(packed=packed, scales=scales)
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a).reshape(*lead, *a[0].shape), *qws)
 
 
 def _unsupported(K: int, N: int, group_size) -> str | None:
@@ -146,17 +146,16 @@ def _unsupported(K: int, N: int, group_size) -> str | None:
     return None
 
 
-def _quantized_node(node: Mapping, qw: QuantizedWeight, dtype) -> Mapping:
-    """The QuantDense params for a Dense node: packed, scales (+ bias), same boxes."""
+def _quantized_node(node: Mapping, qw, dtype) -> Mapping:
+    """The QuantDense params for a Dense node: packed (or values, meta), scales (+ bias), same boxes."""
     kernel_leaf = node["kernel"]
     _, axes = _axes(kernel_leaf)
     children = {}
     for k, v in node.items():
         if k == "kernel":
-            children["packed"] = _rebox(kernel_leaf, qw.packed, axes)
-            children["scales"] = _rebox(
-                kernel_leaf, qw.scales, _dense.scales_axes(axes, qw.is_per_channel)
-            )
+            for name, leaf in _dense.weight_leaves(qw).items():
+                names = _dense.scales_axes(axes, qw.is_per_channel) if name == "scales" else axes
+                children[name] = _rebox(kernel_leaf, leaf, names)
         elif k == "bias":
             children["bias"] = _rebox(v, jnp.asarray(_unbox(v)).astype(dtype))
         else:
@@ -164,7 +163,7 @@ def _quantized_node(node: Mapping, qw: QuantizedWeight, dtype) -> Mapping:
     return _rebuild_like(node, children)
 
 
-def _fake_quant_node(node: Mapping, qw: QuantizedWeight) -> Mapping:
+def _fake_quant_node(node: Mapping, qw) -> Mapping:
     """The Dense node with its kernel replaced by the dequantized weight (sequential GPTQ)."""
     kernel_leaf = node["kernel"]
     w = dequantize(qw).astype(jnp.asarray(_unbox(kernel_leaf)).dtype)
@@ -214,6 +213,7 @@ def quantize_params(
     damp: float = 0.01,
     block_size: int = 128,
     progress: bool = True,
+    sparsity: str | None = None,
 ):
     """Quantize a Flax model's Dense kernels to 4-bit Marlin weights.
 
@@ -244,6 +244,12 @@ def quantize_params(
       damp: GPTQ dampening (fraction of the Hessian's mean diagonal).
       block_size: GPTQ rows per lazy-update block.
       progress: show a progress bar over layers (tqdm if installed).
+      sparsity: None (dense) or "2:4": prune each kernel to 2:4 along K and
+        store it as a SparseQuantizedWeight (params ``values``, ``meta``,
+        ``scales``; load into ``QuantDense(..., sparsity="2:4")``). With
+        method "rtn" the mask is by magnitude (``quantize_sparse``); with
+        "gptq" it is SparseGPT (``jax_marlin.gptq.sparsegpt_quantize``):
+        Hessian-aware mask and error compensation.
 
     Returns:
       The same tree with each quantized Dense node's ``kernel`` replaced by
@@ -251,6 +257,8 @@ def quantize_params(
       container and box types of the input: load it into the model built with
       QuantDense in place of those Dense layers.
     """
+    if sparsity not in _dense.SPARSITIES:
+        raise ValueError(f'quantize_params: sparsity must be None or "2:4", got {sparsity!r}.')
     if method not in ("rtn", "gptq"):
         raise ValueError(f'quantize_params: method must be "rtn" or "gptq", got {method!r}.')
     if group_size is not None and group_size not in layout.GROUP_SIZES:
@@ -282,6 +290,7 @@ def quantize_params(
             inner = quantize_params(
                 params["params"], group_size, method, calib, predicate, dtype=dtype,
                 sequential=sequential, damp=damp, block_size=block_size, progress=progress,
+                sparsity=sparsity,
             )
             return _rebuild_like(params, {**dict(params), "params": inner})
 
@@ -309,7 +318,8 @@ def quantize_params(
 
     done: dict[Path, Mapping] = {}  # path -> quantized node
     fake: dict[Path, Mapping] = {}  # path -> dense node with dequantized kernel
-    bar = _progress_bar(len(todo), f"quantize_params ({method})", progress)
+    label = method if sparsity is None else f"{method}, {sparsity} sparse"
+    bar = _progress_bar(len(todo), f"quantize_params ({label})", progress)
     try:
         for path, node in todo:
             name = _path_str(path)
@@ -317,7 +327,8 @@ def quantize_params(
                 bar.set_postfix_str(name)
             kernel = jnp.asarray(_unbox(node["kernel"]))
             if method == "rtn":
-                qw = _per_slice(lambda w: quantize(w, group_size, dtype=dtype), kernel)
+                rtn = quantize_sparse if sparsity == "2:4" else quantize
+                qw = _per_slice(lambda w: rtn(w, group_size, dtype=dtype), kernel)
             else:
                 if sequential:
                     current = _replace_nodes(params, fake)
@@ -327,7 +338,8 @@ def quantize_params(
                 if x is None:
                     raise KeyError(_missing_message(name, activations if not sequential else None))
                 qw = _per_slice(
-                    lambda w, xs: _gptq_layer(name, w, xs, group_size, dtype, damp, block_size),
+                    lambda w, xs: _gptq_layer(name, w, xs, group_size, dtype, damp, block_size,
+                                              sparsity),
                     kernel,
                     jnp.asarray(x),
                 )
@@ -361,7 +373,7 @@ def _missing_message(name: str, activations) -> str:
     )
 
 
-def _gptq_layer(name, w, x, group_size, dtype, damp, block_size) -> QuantizedWeight:
+def _gptq_layer(name, w, x, group_size, dtype, damp, block_size, sparsity=None):
     K = w.shape[0]
     if x.ndim < 1 or x.shape[-1] != K:
         raise ValueError(
@@ -370,6 +382,7 @@ def _gptq_layer(name, w, x, group_size, dtype, damp, block_size) -> QuantizedWei
         )
     h = hessian(x)
     try:
-        return gptq_quantize(w, h, group_size, dtype=dtype, damp=damp, block_size=block_size)
+        fn = sparsegpt_quantize if sparsity == "2:4" else gptq_quantize
+        return fn(w, h, group_size, dtype=dtype, damp=damp, block_size=block_size)
     except ValueError as e:
         raise ValueError(f"quantize_params: layer {name!r}: {e}") from None

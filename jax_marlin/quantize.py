@@ -126,7 +126,14 @@ def dequantize(qw: QuantizedWeight) -> jax.Array:
     """The dense weight the kernel multiplies by: (code - 8) * s, shape (K, N), scales' dtype.
 
     A stacked weight (leading dimensions) gives a stacked (..., K, N) result.
+    A SparseQuantizedWeight gives its dense weight (zeros where pruned).
     """
+    from jax_marlin.sparse_weight import SparseQuantizedWeight  # imports this module
+
+    if isinstance(qw, SparseQuantizedWeight):
+        from jax_marlin.sparse_quantize import dequantize_sparse
+
+        return dequantize_sparse(qw)
     codes, scales = unpack(qw)
     *lead, K, N = codes.shape
     G = scales.shape[-2]

@@ -19,6 +19,8 @@ namespace jax_marlin {
 inline constexpr int64_t kBandRows = 16;
 inline constexpr int64_t kChunkCols = 64;
 inline constexpr int64_t kKMultiple = 64;
+// The 2:4 sparse layout's bands (docs/SPARSE_FORMAT.md): one mma.sp k of 32 rows.
+inline constexpr int64_t kSparseBandRowsShape = 32;
 
 // The sizes of one matmul problem, read off validated operands.
 struct MarlinShape {
@@ -48,6 +50,60 @@ inline xla::ffi::Error Invalid(const std::string& what) {
 
 }  // namespace shape_internal
 
+// Checks shared by every target: dtypes of x, scales and y, x (M, K) with K a
+// positive multiple of 64, scales (G, N) with N a positive multiple of 64 and
+// a supported group size, y (M, N). Fills *shape. `target` prefixes messages.
+inline xla::ffi::Error CheckActivationsAndScales(
+    const char* target, xla::ffi::DataType x_type, xla::ffi::Span<const int64_t> x_dims,
+    xla::ffi::DataType scales_type, xla::ffi::Span<const int64_t> scales_dims,
+    xla::ffi::DataType y_type, xla::ffi::Span<const int64_t> y_dims, MarlinShape* shape) {
+  using shape_internal::Dims;
+  using xla::ffi::DataType;
+  auto invalid = [target](const std::string& what) {
+    return xla::ffi::Error::InvalidArgument(std::string(target) + ": " + what);
+  };
+
+  if (x_type != DataType::F16 && x_type != DataType::BF16) {
+    return invalid("x must be float16 or bfloat16");
+  }
+  if (scales_type != x_type) return invalid("scales must have the same dtype as x");
+  if (y_type != x_type) return invalid("the result must have the same dtype as x");
+  if (x_dims.size() != 2) return invalid("x must have rank 2 (M, K), got " + Dims(x_dims));
+  if (scales_dims.size() != 2) {
+    return invalid("scales must have rank 2 (G, N), got " + Dims(scales_dims));
+  }
+  const int64_t m = x_dims[0], k = x_dims[1];
+  const int64_t n = scales_dims[1], groups = scales_dims[0];
+  if (k <= 0 || k % kKMultiple != 0) {
+    return invalid("K = " + std::to_string(k) + " must be a positive multiple of 64");
+  }
+  if (n <= 0 || n % kChunkCols != 0) {
+    return invalid("N = " + std::to_string(n) + " must be a positive multiple of 64");
+  }
+  if (groups <= 0 || k % groups != 0) {
+    return invalid("scales have " + std::to_string(groups) + " rows, which must divide K = " +
+                   std::to_string(k));
+  }
+  const int64_t group_size = k / groups;
+  const bool per_channel = groups == 1;
+  if (!per_channel && group_size != 32 && group_size != 64 && group_size != 128) {
+    return invalid("group size K/G = " + std::to_string(group_size) +
+                   " is unsupported; use 32, 64, 128 or per-channel (G == 1)");
+  }
+  if (y_dims.size() != 2 || y_dims[0] != m || y_dims[1] != n) {
+    return invalid("the result has shape " + Dims(y_dims) + ", expected (M, N) = (" +
+                   std::to_string(m) + ", " + std::to_string(n) + ")");
+  }
+  shape->m = m;
+  shape->k = k;
+  shape->n = n;
+  shape->groups = groups;
+  shape->group_size = group_size;
+  shape->per_channel = per_channel;
+  shape->dtype = x_type;
+  return xla::ffi::Error::Success();
+}
+
 // Checks x (M, K), packed (K/16, 2N) int32, scales (G, N) and the result
 // y (M, N) against the contract; fills *shape on success.
 inline xla::ffi::Error CheckMarlinOperands(
@@ -57,56 +113,46 @@ inline xla::ffi::Error CheckMarlinOperands(
     xla::ffi::DataType y_type, xla::ffi::Span<const int64_t> y_dims, MarlinShape* shape) {
   using shape_internal::Dims;
   using shape_internal::Invalid;
-  using xla::ffi::DataType;
-
-  if (x_type != DataType::F16 && x_type != DataType::BF16) {
-    return Invalid("x must be float16 or bfloat16");
-  }
-  if (scales_type != x_type) return Invalid("scales must have the same dtype as x");
-  if (y_type != x_type) return Invalid("the result must have the same dtype as x");
-  if (packed_type != DataType::S32) return Invalid("packed weights must be int32");
-  if (x_dims.size() != 2) return Invalid("x must have rank 2 (M, K), got " + Dims(x_dims));
-  if (packed_dims.size() != 2) {
-    return Invalid("packed weights must have rank 2 (K/16, 2N), got " + Dims(packed_dims));
-  }
-  if (scales_dims.size() != 2) {
-    return Invalid("scales must have rank 2 (G, N), got " + Dims(scales_dims));
-  }
-
-  const int64_t m = x_dims[0], k = x_dims[1];
-  const int64_t n = scales_dims[1], groups = scales_dims[0];
-  if (k <= 0 || k % kKMultiple != 0) {
-    return Invalid("K = " + std::to_string(k) + " must be a positive multiple of 64");
-  }
-  if (n <= 0 || n % kChunkCols != 0) {
-    return Invalid("N = " + std::to_string(n) + " must be a positive multiple of 64");
-  }
-  if (packed_dims[0] != k / kBandRows || packed_dims[1] != 2 * n) {
+  xla::ffi::Error status = CheckActivationsAndScales(
+      "jax_marlin_matmul", x_type, x_dims, scales_type, scales_dims, y_type, y_dims, shape);
+  if (status.failure()) return status;
+  if (packed_type != xla::ffi::DataType::S32) return Invalid("packed weights must be int32");
+  const int64_t k = shape->k, n = shape->n;
+  if (packed_dims.size() != 2 || packed_dims[0] != k / kBandRows || packed_dims[1] != 2 * n) {
     return Invalid("packed weights have shape " + Dims(packed_dims) + ", expected (K/16, 2N) = (" +
                    std::to_string(k / kBandRows) + ", " + std::to_string(2 * n) + ")");
   }
-  if (groups <= 0 || k % groups != 0) {
-    return Invalid("scales have " + std::to_string(groups) + " rows, which must divide K = " +
-                   std::to_string(k));
-  }
-  const int64_t group_size = k / groups;
-  const bool per_channel = groups == 1;
-  if (!per_channel && group_size != 32 && group_size != 64 && group_size != 128) {
-    return Invalid("group size K/G = " + std::to_string(group_size) +
-                   " is unsupported; use 32, 64, 128 or per-channel (G == 1)");
-  }
-  if (y_dims.size() != 2 || y_dims[0] != m || y_dims[1] != n) {
-    return Invalid("the result has shape " + Dims(y_dims) + ", expected (M, N) = (" +
-                   std::to_string(m) + ", " + std::to_string(n) + ")");
-  }
+  return xla::ffi::Error::Success();
+}
 
-  shape->m = m;
-  shape->k = k;
-  shape->n = n;
-  shape->groups = groups;
-  shape->group_size = group_size;
-  shape->per_channel = per_channel;
-  shape->dtype = x_type;
+// The 2:4 sparse target: x (M, K), values (K/32, 2N) int32, meta (K/32, N)
+// int32, scales (G, N), y (M, N).
+inline xla::ffi::Error CheckSparseOperands(
+    xla::ffi::DataType x_type, xla::ffi::Span<const int64_t> x_dims,
+    xla::ffi::DataType values_type, xla::ffi::Span<const int64_t> values_dims,
+    xla::ffi::DataType meta_type, xla::ffi::Span<const int64_t> meta_dims,
+    xla::ffi::DataType scales_type, xla::ffi::Span<const int64_t> scales_dims,
+    xla::ffi::DataType y_type, xla::ffi::Span<const int64_t> y_dims, MarlinShape* shape) {
+  using shape_internal::Dims;
+  constexpr const char* kTarget = "jax_marlin_sparse_matmul";
+  auto invalid = [](const std::string& what) {
+    return xla::ffi::Error::InvalidArgument(std::string(kTarget) + ": " + what);
+  };
+  xla::ffi::Error status = CheckActivationsAndScales(
+      kTarget, x_type, x_dims, scales_type, scales_dims, y_type, y_dims, shape);
+  if (status.failure()) return status;
+  if (values_type != xla::ffi::DataType::S32 || meta_type != xla::ffi::DataType::S32) {
+    return invalid("values and meta must be int32");
+  }
+  const int64_t bands = shape->k / kSparseBandRowsShape, n = shape->n;
+  if (values_dims.size() != 2 || values_dims[0] != bands || values_dims[1] != 2 * n) {
+    return invalid("values have shape " + Dims(values_dims) + ", expected (K/32, 2N) = (" +
+                   std::to_string(bands) + ", " + std::to_string(2 * n) + ")");
+  }
+  if (meta_dims.size() != 2 || meta_dims[0] != bands || meta_dims[1] != n) {
+    return invalid("meta has shape " + Dims(meta_dims) + ", expected (K/32, N) = (" +
+                   std::to_string(bands) + ", " + std::to_string(n) + ")");
+  }
   return xla::ffi::Error::Success();
 }
 

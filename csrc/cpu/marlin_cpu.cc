@@ -1,4 +1,7 @@
-// CPU Marlin matmul: the portable reference backend (and the one CI tests).
+// CPU Marlin matmul: the portable reference backend (and the one CI tests),
+// for the dense layout (FORMAT.md) and the 2:4 sparse one
+// (docs/SPARSE_FORMAT.md): both decode one band of rows into a dense fp32
+// tile and share everything else.
 //
 // Work is split into 64-column chunks of N, the width of one Marlin
 // permutation run. For each chunk we walk K in 16-row bands: the band's 128
@@ -30,6 +33,7 @@
 #include "common/float16.h"
 #include "common/marlin_layout.h"
 #include "common/marlin_shape.h"
+#include "common/sparse_layout.h"
 #include "cpu/band_accumulate.h"
 
 namespace ffi = xla::ffi;
@@ -52,6 +56,8 @@ struct LayoutTables {
   std::array<int16_t, kRunValues> weight_dest = MarlinWeightUnpermute();
   std::array<int8_t, 64> grouped_scale_inverse = MarlinGroupedScaleInverse();
   std::array<int8_t, 32> per_channel_scale_inverse = MarlinPerChannelScaleInverse();
+  std::array<int16_t, kSparseRunEntries> sparse_value_natural = SparseValueNatural();
+  std::array<int16_t, kSparseRunEntries> sparse_meta_natural = SparseMetaNatural();
 };
 
 const LayoutTables& Tables() {
@@ -65,18 +71,22 @@ inline uint16_t FromFloat(float v, bool bf16) { return bf16 ? FloatToBf16(v) : F
 struct Problem {
   MarlinShape shape;
   bool bf16 = false;
+  bool sparse = false;  // 2:4 sparse layout: packed = values, plus meta
   const uint16_t* x = nullptr;
   const uint32_t* packed = nullptr;
+  const uint32_t* meta = nullptr;
   uint16_t* y = nullptr;
   std::vector<float> scales;  // (G, N), un-permuted, fp32
 };
 
-// Undo the Marlin scale permutation: scales arrive in kernel order.
-std::vector<float> UnpermuteScales(const uint16_t* permuted, const MarlinShape& s, bool bf16) {
+// Undo the Marlin scale permutation: scales arrive in kernel order. The
+// sparse layout keeps the grouped order for per-channel scales too.
+std::vector<float> UnpermuteScales(const uint16_t* permuted, const MarlinShape& s, bool bf16,
+                                   bool channel_order) {
   const LayoutTables& t = Tables();
-  const int run = s.per_channel ? 32 : 64;
+  const int run = channel_order ? 32 : 64;
   const int8_t* inverse =
-      s.per_channel ? t.per_channel_scale_inverse.data() : t.grouped_scale_inverse.data();
+      channel_order ? t.per_channel_scale_inverse.data() : t.grouped_scale_inverse.data();
   std::vector<float> out(static_cast<size_t>(s.groups * s.n));
   for (int64_t base = 0; base < s.groups * s.n; base += run) {  // N % 64 == 0: runs stay in a row
     for (int b = 0; b < run; ++b) out[base + b] = ToFloat(permuted[base + inverse[b]], bf16);
@@ -112,6 +122,42 @@ void BuildDequantTable(const float* scales, bool bf16, float* lut) {
   }
 }
 
+// Dense layout: the band's 128 packed words -> the 16 x 64 tile. Packed value
+// i (word i/8, nibble i%8, lowest first) goes to tile position dest[i].
+void DecodeDenseBand(const uint32_t* words, const float* lut, float* tile) noexcept {
+  const int16_t* dest = Tables().weight_dest.data();
+  for (int w = 0; w < kRunWords; ++w) {
+    uint32_t word = words[w];
+    for (int v = 0; v < 8; ++v, word >>= 4) {
+      const int d = dest[w * 8 + v];
+      tile[d] = lut[(word & 15u) * kRunCols + (d & (kRunCols - 1))];
+    }
+  }
+}
+
+// Sparse layout: a run's 64 metadata words give each kept entry's row in its
+// chunk of 4; its 128 value words give the codes. Fills the 32 x 64 tile
+// (pruned entries 0).
+void DecodeSparseBand(const uint32_t* values, const uint32_t* meta, const float* lut,
+                      float* tile) noexcept {
+  const LayoutTables& t = Tables();
+  std::fill(tile, tile + kSparseBandRows * kSparseRunCols, 0.0f);
+  uint8_t position[kSparseRunEntries];
+  for (int w = 0; w < kSparseRunMetaWords; ++w) {
+    uint32_t word = meta[w];
+    for (int f = 0; f < 16; ++f, word >>= 2) position[t.sparse_meta_natural[w * 16 + f]] = word & 3u;
+  }
+  for (int w = 0; w < kSparseRunValueWords; ++w) {
+    uint32_t word = values[w];
+    for (int v = 0; v < 8; ++v, word >>= 4) {
+      const int natural = t.sparse_value_natural[w * 8 + v];
+      const int col = (natural / 2) % kSparseRunCols, chunk = natural / (2 * kSparseRunCols);
+      const int row = 4 * chunk + position[natural];
+      tile[row * kSparseRunCols + col] = lut[(word & 15u) * kRunCols + col];
+    }
+  }
+}
+
 // Columns [chunk_begin, chunk_end) (in 64-wide chunks) of rows [m0, m0 + mb)
 // of y. xb holds those rows of x in fp32, band-major: xb[(band*mb + m)*16 + r];
 // acc is scratch for mb * 64 floats. Allocates nothing, so it cannot throw
@@ -119,36 +165,36 @@ void BuildDequantTable(const float* scales, bool bf16, float* lut) {
 void RunChunks(const Problem& p, const float* xb, int64_t m0, int64_t mb, int64_t chunk_begin,
                int64_t chunk_end, float* acc) noexcept {
   const MarlinShape& s = p.shape;
-  const int16_t* dest = Tables().weight_dest.data();
-  const int64_t bands = s.k / kRunRows;
+  // A band is what one decode fills: 16 rows (dense) or 32 (sparse), as
+  // 16-row tiles for the accumulate kernel.
+  const int64_t band_rows = p.sparse ? kSparseBandRows : kRunRows;
+  const int64_t tiles_per_band = band_rows / kRunRows;
+  const int64_t bands = s.k / band_rows;
   const int64_t words_per_band = 2 * s.n;
 
   const AccumulateBandFn accumulate = SelectAccumulateBand();
-  alignas(64) float tile[kRunValues];
+  alignas(64) float tile[kSparseBandRows * kRunCols];
   alignas(64) float lut[16 * kRunCols];  // lut[code*64 + col] = W_hat for this group & chunk
 
   for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
     std::fill(acc, acc + mb * kRunCols, 0.0f);
     int64_t lut_group = -1;
     for (int64_t band = 0; band < bands; ++band) {
-      const int64_t group = band * kRunRows / s.group_size;
+      const int64_t group = band * band_rows / s.group_size;  // a band never spans groups
       if (group != lut_group) {
         BuildDequantTable(p.scales.data() + group * s.n + chunk * kRunCols, p.bf16, lut);
         lut_group = group;
       }
 
-      // Decode: packed value i (word i/8, nibble i%8, lowest first) goes to
-      // tile position dest[i].
       const uint32_t* words = p.packed + band * words_per_band + chunk * kRunWords;
-      for (int w = 0; w < kRunWords; ++w) {
-        uint32_t word = words[w];
-        for (int v = 0; v < 8; ++v, word >>= 4) {
-          const int d = dest[w * 8 + v];
-          tile[d] = lut[(word & 15u) * kRunCols + (d & (kRunCols - 1))];
-        }
+      if (p.sparse) {
+        DecodeSparseBand(words, p.meta + band * s.n + chunk * kSparseRunMetaWords, lut, tile);
+      } else {
+        DecodeDenseBand(words, lut, tile);
       }
-
-      accumulate(xb + band * mb * kRunRows, tile, acc, mb);
+      for (int64_t h = 0; h < tiles_per_band; ++h) {
+        accumulate(xb + (band * tiles_per_band + h) * mb * kRunRows, tile + h * kRunValues, acc, mb);
+      }
     }
 
     for (int64_t m = 0; m < mb; ++m) {
@@ -241,10 +287,38 @@ ffi::Error MarlinMatmulCpuImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> packed,
   p.packed = reinterpret_cast<const uint32_t*>(packed.typed_data());
   p.y = static_cast<uint16_t*>(y->untyped_data());
   try {
-    p.scales = UnpermuteScales(static_cast<const uint16_t*>(scales.untyped_data()), p.shape, p.bf16);
+    p.scales = UnpermuteScales(static_cast<const uint16_t*>(scales.untyped_data()), p.shape, p.bf16,
+                               p.shape.per_channel);
     MarlinMatmul(p);
   } catch (const std::exception& e) {  // never let C++ exceptions cross the C ABI
     return ffi::Error::Internal(std::string("jax_marlin_matmul (cpu): ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error SparseMatmulCpuImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> values,
+                               ffi::Buffer<ffi::S32> meta, ffi::AnyBuffer scales,
+                               ffi::Result<ffi::AnyBuffer> y) {
+  Problem p;
+  ffi::Error status = CheckSparseOperands(
+      x.element_type(), x.dimensions(), values.element_type(), values.dimensions(),
+      meta.element_type(), meta.dimensions(), scales.element_type(), scales.dimensions(),
+      y->element_type(), y->dimensions(), &p.shape);
+  if (status.failure()) return status;
+  if (p.shape.m == 0) return ffi::Error::Success();
+
+  p.bf16 = p.shape.dtype == ffi::DataType::BF16;
+  p.sparse = true;
+  p.x = static_cast<const uint16_t*>(x.untyped_data());
+  p.packed = reinterpret_cast<const uint32_t*>(values.typed_data());
+  p.meta = reinterpret_cast<const uint32_t*>(meta.typed_data());
+  p.y = static_cast<uint16_t*>(y->untyped_data());
+  try {
+    p.scales = UnpermuteScales(static_cast<const uint16_t*>(scales.untyped_data()), p.shape, p.bf16,
+                               /*channel_order=*/false);
+    MarlinMatmul(p);
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("jax_marlin_sparse_matmul (cpu): ") + e.what());
   }
   return ffi::Error::Success();
 }
@@ -256,5 +330,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinMatmulCpu, jax_marlin::MarlinMatmulCpuImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()        // x (M, K)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // packed (K/16, 2N)
+                                  .Arg<ffi::AnyBuffer>()        // scales (G, N), permuted
+                                  .Ret<ffi::AnyBuffer>());      // y (M, N)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseMatmulCpu, jax_marlin::SparseMatmulCpuImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()        // x (M, K)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // values (K/32, 2N)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // meta (K/32, N)
                                   .Arg<ffi::AnyBuffer>()        // scales (G, N), permuted
                                   .Ret<ffi::AnyBuffer>());      // y (M, N)
