@@ -7,7 +7,8 @@
 
 gate and up are column parallel, down row parallel (jax_marlin.sharding's
 LLAMA_PROJECTIONS): each device holds 1/n of every weight, and the block
-needs one all-reduce of its output. The attention projections likewise:
+needs one all-reduce of its output. The ``_fused`` blocks use one gate_up
+and one qkv weight, as the Llama model does (fewer, wider kernels). The attention projections likewise:
 q/k/v column parallel (whole heads), o row parallel (its input stands in
 for the attention output, which is head-sharded like q). The sharded result
 is checked against the one-device one; the compiled module's collectives are
@@ -54,6 +55,24 @@ def attn_proj(x, q, k, v, o):
     return jm.marlin_matmul(jm.marlin_matmul(x, q), o), jm.marlin_matmul(x, k), jm.marlin_matmul(x, v)
 
 
+def mlp_fused(x, gate_up, down, chunk=128):
+    # gate and up interleaved in chunks of 128 columns (the Llama model's order):
+    # a contiguous column shard holds matching pieces of both.
+    gu = jm.marlin_matmul(x, gate_up)
+    gu = gu.reshape(*gu.shape[:-1], -1, 2, chunk)
+    h = (jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]).reshape(*x.shape[:-1], -1)
+    return jm.marlin_matmul(h, down)
+
+
+def attn_proj_fused(x, qkv, o, head_dim=128):
+    # Columns grouped per KV head: [its query heads, k, v]; a shard holds whole groups.
+    kv_heads = (qkv.shape[1] - o.shape[0]) // 2 // head_dim
+    t = jm.marlin_matmul(x, qkv)
+    t = t.reshape(*t.shape[:-1], kv_heads, -1, head_dim)
+    q, k, v = t[..., :-2, :], t[..., -2, :], t[..., -1, :]
+    return jm.marlin_matmul(q.reshape(*x.shape[:-1], -1), o), k, v
+
+
 BLOCKS = {
     # name: (function, weights as (K, N) by name, parallel mode of each, output specs:
     # the block's output replicated; k and v stay head-sharded, as attention reads them)
@@ -62,6 +81,11 @@ BLOCKS = {
     "attn": (attn_proj, lambda d, f, kv: {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d)},
              {"q": "column", "k": "column", "v": "column", "o": "row"},
              (P(), P(None, "model"), P(None, "model"))),
+    "mlp_fused": (mlp_fused, lambda d, f, kv: {"gate_up": (d, 2 * f), "down": (f, d)},
+                  {"gate_up": "column", "down": "row"}, P()),
+    "attn_fused": (attn_proj_fused, lambda d, f, kv: {"qkv": (d, d + 2 * kv), "o": (d, d)},
+                   {"qkv": "column", "o": "row"},
+                   (P(), P(None, "model", None), P(None, "model", None))),
 }
 
 
@@ -105,7 +129,8 @@ def main():
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64], help="tokens")
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
-    ap.add_argument("--blocks", nargs="+", choices=sorted(BLOCKS), default=["mlp", "attn"])
+    ap.add_argument("--blocks", nargs="+", choices=sorted(BLOCKS),
+                    default=["mlp", "mlp_fused", "attn", "attn_fused"])
     ap.add_argument("--time", action="store_true", help="time 1 device vs all devices")
     ap.add_argument("--calls", type=int, default=16, help="blocks a timed program runs")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")

@@ -10,6 +10,10 @@ file in a fresh ``python -m pytest`` process with
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -101,3 +105,22 @@ def test_llama_rule_table():
     assert up == jm.QuantizedWeight(packed=P(None, "model"), scales=P(None, "model"))
     # Other rules, e.g. no tensor parallelism: everything replicated.
     assert sharding.projection_mode(("embed", "mlp"), rules=(("mlp", None),)) == "replicated"
+
+
+def test_sharded_blocks_example_on_2_cpu_devices(tmp_path):
+    """examples/sharded_mlp.py (every block, separate and fused projections) on 2 CPU
+    devices: each matches one device and needs exactly one all-reduce of its output."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    run = subprocess.run([sys.executable, str(root / "examples" / "sharded_mlp.py"), "--m", "1", "5"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+    rows = [line for line in run.stdout.splitlines() if " M=" in line]
+    assert len(rows) == 8, run.stdout
+    for line in rows:
+        err = float(line.split("rel. diff sharded vs 1 device ")[1].split(";")[0])
+        assert err < 2e-3, line
+        collectives = line.split("; ", 1)[1]
+        assert collectives.count("all-reduce") == 1 and "all-gather" not in collectives, line
