@@ -2,8 +2,9 @@
 # GPU machine check: build + install, tests, compute-sanitizer, benchmark.
 #
 #   scripts/gpu_check.sh [STEP...]      STEP in: build selftest tests sanitize bench
-#                                       (the default), or the tuning aids kbench, sweep, profile,
-#                                       probe (Hopper wgmma layout facts)
+#                                       (the default), sparse (the 2:4 sparse kernel's
+#                                       self-test, sanitizers and benchmark), or the tuning
+#                                       aids kbench, sweep, profile, probe (Hopper wgmma layout facts)
 #
 # The device copy of the tree has no .git: pass the commit being checked as
 # JAX_MARLIN_COMMIT=<hash> so that benchmark results name it.
@@ -68,6 +69,17 @@ build_selftest() {
   nvcc -std=c++17 -O2 -gencode=arch=compute_90,code=sm_90 -I"$repo/csrc" \
     "$repo/tests/cuda/marlin_selftest.cu" "$repo/csrc/cuda/marlin_dispatch.cu" -o "$selftest_bin"
 }
+# The 2:4 sparse kernel's self-test (issue 8): built like the dense one.
+sparse_bin="$scratch/sparse_selftest"
+build_sparse() {
+  prebuilt sparse_selftest "$sparse_bin" && return 0
+  nvcc -std=c++17 -O2 -gencode=arch=compute_90,code=sm_90 -I"$repo/csrc" -I"$repo/tests/cuda" \
+    "$repo/tests/cuda/sparse_selftest.cu" "$repo/csrc/cuda/sparse_dispatch.cu" \
+    "$repo/csrc/cuda/marlin_dispatch.cu" -o "$sparse_bin"
+}
+sanitize_sparse() {
+  "$sanitizer" --tool "$1" --error-exitcode 1 "$sparse_bin" --quick
+}
 # Tuning aids (not in the default steps): candidate tile shapes timed
 # directly, and an Nsight Compute report of the current M = 1 tile.
 sweep_bin="$scratch/marlin_tile_sweep"
@@ -115,6 +127,12 @@ for s in "${steps[@]}"; do
       step "CUDA self-test" "$OUT/selftest.log" "$selftest_bin"
       step "self-test under memcheck" "$OUT/selftest_memcheck.log" sanitize_selftest memcheck
       step "self-test under racecheck" "$OUT/selftest_racecheck.log" sanitize_selftest racecheck ;;
+    sparse)
+      step "build sparse self-test" "$OUT/sparse_build.log" build_sparse
+      step "sparse self-test" "$OUT/sparse_selftest.log" "$sparse_bin"
+      step "sparse self-test under memcheck" "$OUT/sparse_memcheck.log" sanitize_sparse memcheck
+      step "sparse self-test under racecheck" "$OUT/sparse_racecheck.log" sanitize_sparse racecheck
+      step "sparse kernel benchmark (--bench)" "$OUT/sparse_bench.log" "$sparse_bin" --bench ;;
     kbench)
       # The production launcher's kernel time per shape and M (CUDA graphs,
       # no JAX), against the copy bandwidth measured in the same run.
@@ -139,7 +157,7 @@ for s in "${steps[@]}"; do
         summary+=("skipped benchmark (no jax_marlin/bench.py)")
       fi ;;
     *)
-      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, sanitize, bench, kbench, sweep, profile, probe)")
+      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, sanitize, bench, sparse, kbench, sweep, profile, probe)")
       failed=1 ;;
   esac
 done

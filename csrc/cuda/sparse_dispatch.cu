@@ -1,0 +1,236 @@
+// Dispatch of the 2:4 sparse kernel: its tile table, the choice per problem,
+// the launch. Mirrors marlin_dispatch.cu (instances generated from
+// kSparseConfigs by templates; nothing enumerated by hand).
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <utility>
+
+#include "sparse_kernel.cuh"
+#include "sparse_launch.h"
+
+namespace jax_marlin::cuda {
+namespace {
+
+struct SparseConfig {
+  int n_blocks, bands, warps;
+  constexpr int tile_n() const { return 16 * n_blocks; }
+  constexpr int tile_k() const { return 32 * bands; }
+};
+
+// k x n tiles. Per stage a band of a run costs 768 bytes of weight (512 of
+// values, 256 of metadata) but 64 bytes of x per row of x, so the k-tile
+// shrinks as M grows: 512 x 128 (M <= 16), 128 x 256 (M up to 64), 256 x 128
+// where those do not divide (K, N), and 64 x 64, which covers every K, N
+// multiple of 64. Tiles whose stages do not fit (kFits) drop out.
+constexpr std::array<SparseConfig, 4> kSparseConfigs = {{{8, 16, 8}, {16, 4, 8}, {8, 8, 8}, {4, 2, 2}}};
+constexpr int kNumConfigs = static_cast<int>(kSparseConfigs.size());
+
+constexpr std::array<int, 4> kRowBlockCounts = {1, 2, 4, 8};
+constexpr int kNumRowVariants = static_cast<int>(kRowBlockCounts.size());
+constexpr int row_variant(int rows) { return rows <= 8 ? 0 : rows <= 16 ? 1 : rows <= 32 ? 2 : 3; }
+// At 8 row blocks two warps split the rows of each run (64 accumulators a
+// thread instead of 128).
+constexpr int warps_m(int row_blocks) { return row_blocks == 8 ? 2 : 1; }
+
+constexpr std::array<int, kNumConfigs> preference(int variant) {
+  if (variant <= 1) return {0, 2, 1, 3};
+  return {1, 2, 0, 3};
+}
+
+// (Duplicated from marlin_dispatch.cu, whose helpers are file-local.)
+int multiprocessor_count() {
+  static std::atomic<int> cache[64];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  if (device < 64) {
+    if (int v = cache[device].load(std::memory_order_relaxed)) return v;
+  }
+  int sms = 1;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (device < 64) cache[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
+
+int max_multiprocessor_count() {
+  static const int most = [] {
+    int devices = 0, most = 1;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess) return most;
+    for (int d = 0; d < devices; ++d) {
+      int sms = 0;
+      if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d) == cudaSuccess)
+        most = std::max(most, sms);
+    }
+    return most;
+  }();
+  return most;
+}
+
+int log2_exact(int v) {
+  int s = 0;
+  while ((1 << s) < v) ++s;
+  return s;
+}
+
+template <typename T, typename Tile>
+cudaError_t resident_blocks_per_sm(int* out) {
+  static std::atomic<int> cache[64];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  std::atomic<int>* cached = device < 64 ? &cache[device] : nullptr;
+  int resident = cached ? cached->load(std::memory_order_acquire) : 0;
+  if (resident == 0) {
+    err = cudaFuncSetAttribute(marlin_sparse_kernel<T, Tile>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, marlin_sparse_kernel<T, Tile>,
+                                                        Tile::kThreads, Tile::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    if (resident == 0) return cudaErrorInvalidConfiguration;
+    if (resident > Tile::kBlocksPerSM) resident = Tile::kBlocksPerSM;
+    if (cached) cached->store(resident, std::memory_order_release);
+  }
+  *out = resident;
+  return cudaSuccess;
+}
+
+template <typename T, typename Tile>
+cudaError_t prepare_chunk() {
+  int resident = 0;
+  return resident_blocks_per_sm<T, Tile>(&resident);
+}
+
+using ChunkLauncher = cudaError_t (*)(const SparseProblem&, int row0, int rows, int* locks,
+                                      cudaStream_t);
+using ChunkPreparer = cudaError_t (*)();
+
+template <typename T, typename Tile>
+cudaError_t launch_chunk(const SparseProblem& pr, int row0, int rows, int* locks,
+                         cudaStream_t stream) {
+  int resident_per_sm = 0;
+  if (cudaError_t err = resident_blocks_per_sm<T, Tile>(&resident_per_sm); err != cudaSuccess)
+    return err;
+
+  SparseParams<T> p;
+  p.x = static_cast<const T*>(pr.x) + static_cast<size_t>(row0) * pr.k;
+  p.values = static_cast<const int4*>(pr.values);
+  p.meta = static_cast<const int4*>(pr.meta);
+  p.scales = static_cast<const T*>(pr.scales);
+  p.y = static_cast<T*>(pr.y) + static_cast<size_t>(row0) * pr.n;
+  p.workspace = pr.workspace;
+  p.locks = locks;
+  p.rows = rows;
+  p.k = pr.k;
+  p.n = pr.n;
+  p.group_shift = Tile::kGrouped ? log2_exact(pr.group_size) : 0;
+  // One stripe per resident block: a block may wait on another (ordered
+  // reduction), so the whole grid must be resident at once.
+  const int total = (pr.k / Tile::kTileK) * (pr.n / Tile::kTileN);
+  static_assert(Tile::kBlocksPerSM == 1, "sparse_workspace_floats sizes the grid at one block per SM");
+  const int resident = multiprocessor_count() * resident_per_sm;
+  p.stripes = total < resident ? total : resident;
+
+  marlin_sparse_kernel<T, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+constexpr int table_index(ActDtype dtype, bool grouped, int variant, int config) {
+  return ((static_cast<int>(dtype) * 2 + (grouped ? 1 : 0)) * kNumRowVariants + variant) *
+             kNumConfigs +
+         config;
+}
+
+template <int I, bool Prepare>
+constexpr auto table_entry() {
+  constexpr int config = I % kNumConfigs;
+  constexpr int row_blocks = kRowBlockCounts[(I / kNumConfigs) % kNumRowVariants];
+  constexpr bool grouped = (I / (kNumConfigs * kNumRowVariants)) % 2 == 1;
+  constexpr bool is_bf16 = I / (kNumConfigs * kNumRowVariants * 2) == 1;
+  constexpr SparseConfig c = kSparseConfigs[config];
+  using T = std::conditional_t<is_bf16, __nv_bfloat16, half>;
+  using Tile = SparseTileShape<row_blocks, c.n_blocks, c.bands, c.warps, grouped, warps_m(row_blocks)>;
+  using Entry = std::conditional_t<Prepare, ChunkPreparer, ChunkLauncher>;
+  if constexpr (!Tile::kFits) {
+    return Entry{nullptr};
+  } else if constexpr (Prepare) {
+    return Entry{&prepare_chunk<T, Tile>};
+  } else {
+    return Entry{&launch_chunk<T, Tile>};
+  }
+}
+
+template <bool Prepare, int... I>
+constexpr auto make_table(std::integer_sequence<int, I...>) {
+  return std::array{table_entry<I, Prepare>()...};
+}
+
+constexpr auto kTableSize = std::make_integer_sequence<int, 2 * 2 * kNumRowVariants * kNumConfigs>{};
+constexpr auto kLaunchers = make_table<false>(kTableSize);
+constexpr auto kPreparers = make_table<true>(kTableSize);
+
+int pick_config(int variant, int k, int n) {
+  for (int c : preference(variant)) {
+    if (kLaunchers[table_index(ActDtype::kFloat16, true, variant, c)] == nullptr ||
+        kLaunchers[table_index(ActDtype::kFloat16, false, variant, c)] == nullptr)
+      continue;
+    if (k % kSparseConfigs[c].tile_k() == 0 && n % kSparseConfigs[c].tile_n() == 0) return c;
+  }
+  return -1;
+}
+
+}  // namespace
+
+size_t sparse_workspace_floats(int m, int k, int n) {
+  // As workspace_floats: two slots per block of the larger chunk kind's grid,
+  // sized for the device with the most SMs.
+  size_t most = 0;
+  for (int rows : {m < kMaxRows ? m : kMaxRows, m % kMaxRows}) {
+    if (rows == 0) continue;
+    const int variant = row_variant(rows);
+    const int config = pick_config(variant, k, n);
+    if (config < 0) continue;
+    const SparseConfig& c = kSparseConfigs[config];
+    const size_t total = static_cast<size_t>(k / c.tile_k()) * (n / c.tile_n());
+    const size_t grid = std::min(total, static_cast<size_t>(max_multiprocessor_count()));
+    most = std::max(most, 2 * grid * (8 * kRowBlockCounts[variant]) * c.tile_n());
+  }
+  return most;
+}
+
+const char* sparse_unsupported_reason(int m, int k, int n, int group_size) {
+  // Every shape the sparse format allows is covered by the 64 x 64 tile.
+  return unsupported_reason(m, k, n, group_size);
+}
+
+cudaError_t prepare_sparse_kernels() {
+  for (ChunkPreparer prepare : kPreparers) {
+    if (prepare == nullptr) continue;
+    if (cudaError_t err = prepare(); err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t sparse_matmul(const SparseProblem& pr, cudaStream_t stream) {
+  if (sparse_unsupported_reason(pr.m, pr.k, pr.n, pr.group_size) != nullptr) return cudaErrorInvalidValue;
+  cudaError_t err = cudaSuccess;
+  if (!pr.locks_zeroed) {
+    err = cudaMemsetAsync(pr.locks, 0, lock_count(pr.m, pr.n) * sizeof(int), stream);
+    if (err != cudaSuccess) return err;
+  }
+  const bool grouped = pr.group_size != pr.k;
+  const int locks_per_chunk = pr.n / kWarpCols;
+  for (int row0 = 0, chunk = 0; row0 < pr.m; row0 += kMaxRows, ++chunk) {
+    const int rows = pr.m - row0 < kMaxRows ? pr.m - row0 : kMaxRows;
+    const int variant = row_variant(rows);
+    const int config = pick_config(variant, pr.k, pr.n);
+    if (config < 0) return cudaErrorInvalidValue;
+    err = kLaunchers[table_index(pr.dtype, grouped, variant, config)](
+        pr, row0, rows, pr.locks + chunk * locks_per_chunk, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace jax_marlin::cuda

@@ -1,0 +1,598 @@
+// The 2:4 sparse Marlin kernel (issue 8): y[M, N] = x[M, K] @ W[K, N] for
+// M <= 64, W stored in the sparse layout of docs/SPARSE_FORMAT.md.
+//
+// Same structure as MarlinBlock (marlin_kernel.cuh): y^T = W^T x^T with the
+// dequantized weight as the (sparse) A operand, striped (n-tile, k-tile)
+// iterations over one block per SM, a cp.async multi-stage pipeline running
+// across n-tile boundaries with evict-first weight streams, an in-block K
+// split reduced through shared memory, and the last-arriver reduction of
+// shared n-tiles through the workspace (counters left zeroed).
+//
+// What differs: the weight's unit of K is a *band* of 32 rows (one
+// mma.sp.m16n8k32), and a band of a 64-column run is 512 bytes of values
+// (the same bytes a 16-row dense band takes) plus 256 bytes of metadata. Per
+// byte of weight a k-tile therefore covers twice the K of a dense one, and
+// the tensor cores do half the instructions per k (mma.sp consumes k32).
+// Per band a lane does one 16-byte values load (its A fragments for the
+// warp's four n16 blocks), one 8-byte metadata load (the metadata registers
+// of the two mma pairs), and one ldmatrix.x4 per 8-row block of x.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "marlin_device.cuh"
+#include "marlin_kernel.cuh"  // stripe_of
+#include "marlin_tiles.h"
+
+namespace jax_marlin::cuda {
+
+// ---------------------------------------------------------------------------
+// Tile geometry
+// ---------------------------------------------------------------------------
+
+// kRowBlocks: 8-row blocks of x (1, 2, 4, 8); kNBlocks: 16-column blocks of
+// the output per tile (a multiple of 4: a warp owns a 64-column run);
+// kBands: 32-row bands of K per tile; kWarps: warps per block; kWarpsM:
+// warps sharing a run, each with kRowBlocks / kWarpsM row blocks. Warps not
+// needed to tile M and N split the k-tile's bands.
+template <int kRowBlocks_, int kNBlocks_, int kBands_, int kWarps_, bool kGrouped_, int kWarpsM_ = 1>
+struct SparseTileShape {
+  static constexpr int kRowBlocks = kRowBlocks_, kNBlocks = kNBlocks_, kBands = kBands_;
+  static constexpr int kWarps = kWarps_;
+  static constexpr bool kGrouped = kGrouped_;
+  static constexpr int kWarpsM = kWarpsM_;
+  static constexpr int kBlocksPerSM = 1;
+  static constexpr int kRowBlocksPerWarp = kRowBlocks / kWarpsM;
+
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kTileM = 8 * kRowBlocks, kTileN = 16 * kNBlocks, kTileK = 32 * kBands;
+  static constexpr int kWarpsN = kTileN / kWarpCols;
+  static constexpr int kWarpsMN = kWarpsM * kWarpsN;
+  static constexpr int kWarpsK = kWarps / kWarpsMN;
+  static constexpr int kBandsPerWarp = kBands / kWarpsK;
+
+  // Shared memory per pipeline stage, in 16-byte units: x tile, values
+  // (32 units a band and run), metadata (16 units a band and run), scale rows
+  // (one per group of 32 at most, i.e. one per band).
+  static constexpr int kAChunksPerRow = kTileK / 8;
+  static constexpr int kAStage = kTileM * kAChunksPerRow;
+  static constexpr int kVRow = kWarpsN * 32;  // values units of one band of the tile
+  static constexpr int kMRow = kWarpsN * 16;  // metadata units of one band of the tile
+  static constexpr int kVStage = kBands * kVRow;
+  static constexpr int kMStage = kBands * kMRow;
+  static constexpr int kSStage = kGrouped ? kBands * kTileN / 8 : 0;
+  static constexpr int kStage = kAStage + kVStage + kMStage + kSStage;
+  static constexpr int kRed = (kWarpsK / 2) * kWarpsMN * kRowBlocksPerWarp * 4 * 32;
+  static constexpr int kBlockBudget = kSmemBudget / 16;
+  static constexpr int kStages = (kBlockBudget - kRed) / kStage < kMaxStages
+                                     ? (kBlockBudget - kRed) / kStage
+                                     : kMaxStages;
+  static constexpr int kSmemBytes = 16 * (kStages * kStage + kRed);
+  static constexpr bool kFits = kStages >= 3;
+
+  static_assert(kNBlocks % 4 == 0, "a warp owns 64 output columns");
+  static_assert(kRowBlocks % kWarpsM == 0, "the M split must divide the row blocks");
+  static_assert(kWarps % kWarpsMN == 0 && kWarpsK >= 1, "warps must tile M and N evenly");
+  static_assert(kBands % kWarpsK == 0, "the K split must divide the k-tile's bands");
+  static_assert((kWarpsK & (kWarpsK - 1)) == 0, "tree reduction needs a power-of-two K split");
+  static_assert(kAChunksPerRow >= 8, "the x swizzle permutes groups of 8 chunks");
+  static_assert(kVStage % kThreads == 0, "every thread copies the same number of value units");
+};
+
+// ---------------------------------------------------------------------------
+// Device pieces only the sparse kernel uses
+// ---------------------------------------------------------------------------
+
+// 8 bytes from shared memory.
+__device__ __forceinline__ uint2 ld_shared8(uint32_t smem) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(smem));
+  return v;
+}
+
+// Four 8x8 b16 matrices: lanes 8q .. 8q + 7 point at the rows of matrix q.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&frag)[4], uint32_t smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(frag[0]), "=r"(frag[1]), "=r"(frag[2]), "=r"(frag[3])
+               : "r"(smem));
+}
+
+// mma.sp m16n8k32, f32 accumulation. A: the 16 x 32 sparse W^T block as its
+// 16 x 16 kept values (4 registers), B: 32 k x 8 rows of x (4 registers),
+// e: the metadata register, kSelector: which thread pair of each group of
+// four supplies it (0: lanes t = 0, 1; 1: t = 2, 3; PTX ISA, "Sparse matrix
+// storage"). ::ordered_metadata: our positions are always two distinct,
+// increasing indices, which that variant requires and sm_90 prefers.
+template <typename T>
+struct SparseMmaOp;
+
+template <>
+struct SparseMmaOp<half> {
+  template <int kSelector>
+  static __device__ __forceinline__ void run(const uint32_t (&a)[4], const uint32_t (&b)[4],
+                                             uint32_t e, float (&c)[4]) {
+    asm(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
+          "r"(e), "n"(kSelector));
+  }
+};
+
+template <>
+struct SparseMmaOp<__nv_bfloat16> {
+  template <int kSelector>
+  static __device__ __forceinline__ void run(const uint32_t (&a)[4], const uint32_t (&b)[4],
+                                             uint32_t e, float (&c)[4]) {
+    asm(
+        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]),
+          "r"(e), "n"(kSelector));
+  }
+};
+
+// ---------------------------------------------------------------------------
+// The kernel
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct SparseParams {
+  const T* x;            // (rows, K) activations of this chunk
+  const int4* values;    // (K / 32, 2 N) int32 kept codes, as 16-byte units
+  const int4* meta;      // (K / 32, N) int32 positions, as 16-byte units
+  const T* scales;       // (K / group, N) scales, grouped order for every group size
+  T* y;                  // (rows, N)
+  float* workspace;      // 2 * stripes slots of kTileM * kTileN floats
+  int* locks;            // N / 64 zeroed counters (left zeroed)
+  int rows, k, n;        // rows <= kTileM
+  int group_shift;       // log2(group size); grouped kernels only
+  int stripes;           // gridDim.x
+};
+
+template <typename T, typename Tile>
+class SparseBlock {
+  using T2 = typename Dtype<T>::T2;
+  static constexpr int kRB = Tile::kRowBlocksPerWarp;
+
+ public:
+  __device__ SparseBlock(const SparseParams<T>& p, int4* smem)
+      : p_(p),
+        red_(smem + Tile::kStages * Tile::kStage),
+        smem_base_(smem_addr(smem)),
+        warp_(threadIdx.x / 32),
+        lane_(threadIdx.x % 32),
+        warp_n_(warp_ % Tile::kWarpsN),
+        warp_mn_(warp_ % Tile::kWarpsMN),
+        warp_k_(warp_ / Tile::kWarpsMN),
+        row_block0_(warp_ / Tile::kWarpsN % Tile::kWarpsM * kRB),
+        k_tiles_(p.k / Tile::kTileK),
+        n_tiles_(p.n / Tile::kTileN),
+        evict_first_(make_evict_first_policy()) {
+    const int tid = threadIdx.x;
+#pragma unroll
+    for (int j = 0; j < kACopies; ++j) {
+      const int c = j * Tile::kThreads + tid;
+      const int row = c / Tile::kAChunksPerRow, chunk = c % Tile::kAChunksPerRow;
+      a_copy_[j] = (Tile::kAStage % Tile::kThreads == 0 || c < Tile::kAStage) ? 1 : 0;
+      a_valid_[j] = a_copy_[j] && row < p.rows;
+      // Rows past M read nothing (zero-fill) from row 0, a valid address.
+      a_src_[j] = (a_valid_[j] ? row * (p.k / 8) : 0) + chunk;
+      a_dst_[j] = 16 * a_offset(row, chunk);
+    }
+    const int v_row_stride = p.n / 2;  // 2 N int32 = N / 2 units per band
+#pragma unroll
+    for (int j = 0; j < kVCopies; ++j) {
+      const int c = j * Tile::kThreads + tid;
+      v_src_[j] = (c / Tile::kVRow) * v_row_stride + c % Tile::kVRow;
+    }
+    const int m_row_stride = p.n / 4;  // N int32 = N / 4 units per band
+#pragma unroll
+    for (int j = 0; j < kMCopies; ++j) {
+      const int c = j * Tile::kThreads + tid;
+      m_src_[j] = (c / Tile::kMRow) * m_row_stride + c % Tile::kMRow;
+    }
+    v_read_ = 16 * (Tile::kAStage + (warp_k_ * Tile::kBandsPerWarp * Tile::kWarpsN + warp_n_) * 32 + lane_);
+    m_read_ = 16 * (Tile::kAStage + Tile::kVStage + (warp_k_ * Tile::kBandsPerWarp * Tile::kWarpsN + warp_n_) * 16) +
+              8 * lane_;
+    s_read_ = 16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage + warp_n_ * kWarpCols / 8 + lane_ / 4);
+    x_read_ = 16 * ((row_block0_ * 8 + lane_ % 8) * Tile::kAChunksPerRow);
+  }
+
+  __device__ void run() {
+    const int total = k_tiles_ * n_tiles_;
+    const int begin = static_cast<int>(static_cast<long long>(blockIdx.x) * total / p_.stripes);
+    const int end = static_cast<int>(static_cast<long long>(blockIdx.x + 1) * total / p_.stripes);
+    const int count = end - begin;
+
+    LoadCursor load{begin / k_tiles_, begin % k_tiles_, 0, 0};
+    load.v_tile = v_tile_offset(load.n_tile, load.k_tile);
+    load.m_tile = m_tile_offset(load.n_tile, load.k_tile);
+    Cursor use{load.n_tile, load.k_tile};
+
+    // Prologue: every iteration commits exactly one group (possibly empty),
+    // so wait_group<kStages - 2> always means "the stage to consume landed".
+    // Unrolled on purpose, as in MarlinBlock::run: a rolled loop lets ptxas
+    // 13.0 fold the uniform stage address into the cache-hinted LDGSTS and
+    // miscompile it (scripts/prebuild_tools.sh greps the SASS for it).
+#pragma unroll
+    for (int s = 0; s < Tile::kStages - 1; ++s) {
+      if (s < count) {
+        load_stage(smem_base_ + s * kStageBytes, load);
+        step(load);
+      }
+      cp_async_commit();
+    }
+
+    zero_accumulators();
+    uint32_t read_stage = smem_base_, write_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
+    const uint32_t last_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
+    for (int i = 0; i < count; ++i) {
+      cp_async_wait<Tile::kStages - 2>();
+      // Also guarantees every warp is done with the stage refilled below.
+      __syncthreads();
+      if (i + Tile::kStages - 1 < count) {
+        load_stage(write_stage, load);
+        step(load);
+      }
+      cp_async_commit();
+
+      compute_stage(read_stage);
+      if (use.k_tile == k_tiles_ - 1 || i == count - 1) {
+        finish_tile(use.n_tile, total);
+        zero_accumulators();
+      }
+      if (++use.k_tile == k_tiles_) {
+        use.k_tile = 0;
+        ++use.n_tile;
+      }
+      read_stage = read_stage == last_stage ? smem_base_ : read_stage + kStageBytes;
+      write_stage = write_stage == last_stage ? smem_base_ : write_stage + kStageBytes;
+    }
+    cp_async_wait<0>();
+  }
+
+ private:
+  static constexpr int kStageBytes = 16 * Tile::kStage;
+  static constexpr int kACopies = (Tile::kAStage + Tile::kThreads - 1) / Tile::kThreads;
+  static constexpr int kVCopies = Tile::kVStage / Tile::kThreads;
+  static constexpr int kMCopies = (Tile::kMStage + Tile::kThreads - 1) / Tile::kThreads;
+
+  struct Cursor {
+    int n_tile, k_tile;
+  };
+  // The load cursor also keeps the tile's offsets (16-byte units) in the
+  // values and metadata arrays.
+  struct LoadCursor {
+    int n_tile, k_tile, v_tile, m_tile;
+  };
+  __device__ int v_tile_offset(int n_tile, int k_tile) const {
+    return k_tile * Tile::kBands * (p_.n / 2) + n_tile * Tile::kVRow;
+  }
+  __device__ int m_tile_offset(int n_tile, int k_tile) const {
+    return k_tile * Tile::kBands * (p_.n / 4) + n_tile * Tile::kMRow;
+  }
+  __device__ void step(LoadCursor& c) const {
+    if (++c.k_tile == k_tiles_) {
+      c.k_tile = 0;
+      ++c.n_tile;
+      c.v_tile = c.n_tile * Tile::kVRow;
+      c.m_tile = c.n_tile * Tile::kMRow;
+    } else {
+      c.v_tile += Tile::kBands * (p_.n / 2);
+      c.m_tile += Tile::kBands * (p_.n / 4);
+    }
+  }
+
+  // x tiles keep their 16-byte chunks XOR-swizzled by row (chunk ^ row % 8),
+  // so the 8 rows one ldmatrix phase reads fall into 8 different bank groups.
+  __device__ static int a_offset(int row, int chunk) {
+    return row * Tile::kAChunksPerRow + (chunk ^ (row & 7));
+  }
+
+  // Stage layout (16-byte units): x tile, values, metadata, scale rows.
+  __device__ void load_stage(uint32_t stage, const LoadCursor& at) {
+    const int4* x_tile = reinterpret_cast<const int4*>(p_.x) + at.k_tile * Tile::kAChunksPerRow;
+#pragma unroll
+    for (int j = 0; j < kACopies; ++j) {
+      if (a_copy_[j]) cp_async16_zfill(stage + a_dst_[j], x_tile + a_src_[j], a_valid_[j]);
+    }
+
+    // Values and metadata: kBands rows of each array, copied as they are
+    // (a band's runs are contiguous), both streamed once: evict-first.
+    const int4* v_tile = p_.values + at.v_tile;
+    const uint32_t v_dst = stage + 16 * (Tile::kAStage + threadIdx.x);
+#pragma unroll
+    for (int j = 0; j < kVCopies; ++j) {
+      cp_async16_stream(v_dst + 16 * j * Tile::kThreads, v_tile + v_src_[j], evict_first_);
+    }
+    const int4* m_tile = p_.meta + at.m_tile;
+    const uint32_t m_dst = stage + 16 * (Tile::kAStage + Tile::kVStage + threadIdx.x);
+#pragma unroll
+    for (int j = 0; j < kMCopies; ++j) {
+      if (Tile::kMStage % Tile::kThreads == 0 || j * Tile::kThreads + static_cast<int>(threadIdx.x) < Tile::kMStage)
+        cp_async16_stream(m_dst + 16 * j * Tile::kThreads, m_tile + m_src_[j], evict_first_);
+    }
+
+    // Scales: the group rows this k-tile touches (one when a group spans
+    // several k-tiles).
+    if constexpr (Tile::kGrouped) {
+      const int tid = threadIdx.x;
+      const int first_row = (at.k_tile * Tile::kTileK) >> p_.group_shift;
+      const int rows = max(1, Tile::kTileK >> p_.group_shift);
+      constexpr int kRowChunks = Tile::kTileN / 8;
+      static_assert(Tile::kSStage <= Tile::kThreads, "one scale copy a thread at most");
+      if (tid < rows * kRowChunks) {
+        const int r = tid / kRowChunks, chunk = tid % kRowChunks;
+        const T* src = p_.scales + static_cast<size_t>(first_row + r) * p_.n + at.n_tile * Tile::kTileN;
+        cp_async16(stage + 16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage + tid),
+                   reinterpret_cast<const int4*>(src) + chunk);
+      }
+    }
+  }
+
+  // Group scales applied in fp32 once per k-tile where this warp's share of
+  // it (32 * kBandsPerWarp rows) lies in one group: the mmas take the
+  // unscaled codes (exact in 16 bits) into fresh accumulators, saving the
+  // four half2 multiplies a values word costs otherwise.
+  static constexpr bool kScaleOncePossible = Tile::kGrouped && kRB <= 2;
+  static constexpr int kLog2WarpK = Tile::kBandsPerWarp == 1   ? 5
+                                    : Tile::kBandsPerWarp == 2 ? 6
+                                    : Tile::kBandsPerWarp == 4 ? 7
+                                                               : 30;
+
+  __device__ void compute_stage(uint32_t stage) {
+    if constexpr (kScaleOncePossible) {
+      if (p_.group_shift >= kLog2WarpK) {
+        compute_stage_scaled_once(stage);
+      } else {
+        multiply_stage<true>(stage, acc_);
+      }
+    } else {
+      multiply_stage<Tile::kGrouped>(stage, acc_);
+    }
+  }
+
+  __device__ void compute_stage_scaled_once(uint32_t stage) {
+    float part[kRB][4][4];
+#pragma unroll
+    for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) part[rb][j][e] = 0.f;
+    multiply_stage<false>(stage, part);
+    const int s_row = (warp_k_ * Tile::kBandsPerWarp * 32) >> p_.group_shift;
+    const uint4 s_raw = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
+    const uint32_t scale_words[4] = {s_raw.x, s_raw.y, s_raw.z, s_raw.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // Low half: output column 16 j + g (accumulator elements 0, 1); high: + 8.
+      const float2 s = Dtype<T>::to_floats(as_t2<T2>(scale_words[j]));
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb) {
+        acc_[rb][j][0] += part[rb][j][0] * s.x;
+        acc_[rb][j][1] += part[rb][j][1] * s.x;
+        acc_[rb][j][2] += part[rb][j][2] * s.y;
+        acc_[rb][j][3] += part[rb][j][3] * s.y;
+      }
+    }
+  }
+
+  // This warp's bands of the stage into `acc`; kScaled: the dequantized
+  // values are multiplied by their group scales first (exactly the
+  // reference's W_hat = (code - 8) * s rounded to T).
+  template <bool kScaled>
+  __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][4][4]) {
+#pragma unroll(kRB > 2 ? 1 : Tile::kBandsPerWarp)
+    for (int i = 0; i < Tile::kBandsPerWarp; ++i) {
+      const int band = warp_k_ * Tile::kBandsPerWarp + i;
+      // One 16-byte load: this lane's value words for the run's 4 n-blocks;
+      // one 8-byte load: its metadata registers for the pairs (0, 1), (2, 3).
+      const uint4 q = ld_shared16(stage + v_read_ + 16 * 32 * Tile::kWarpsN * i);
+      const uint2 e = ld_shared8(stage + m_read_ + 16 * 16 * Tile::kWarpsN * i);
+
+      uint4 s_raw = make_uint4(0, 0, 0, 0);
+      if constexpr (kScaled) {
+        const int s_row = (band * 32) >> p_.group_shift;
+        s_raw = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
+      }
+
+      // x^T fragments (k32 x n8): ldmatrix.x4 of 8 rows x 32 columns of x.
+      // Matrix q (addressed by lanes 8q .. 8q + 7) is k 8q .. 8q + 7, so
+      // lane (g, t) gets x[g][8q + 2t, 8q + 2t + 1] in register q: the
+      // m16n8k32 B layout (k rows 2t + 8q, + 1; column g). The swizzle XORs
+      // the chunk with the row's low bits, l % 8 for every row block.
+      const int x_chunk = (band * 4 + lane_ / 8) ^ (lane_ % 8);
+      uint32_t xfrag[kRB][4];
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb) {
+        ldmatrix_x4(xfrag[rb], stage + x_read_ + 16 * (rb * 8 * Tile::kAChunksPerRow + x_chunk));
+      }
+
+      const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+      const uint32_t scale_words[4] = {s_raw.x, s_raw.y, s_raw.z, s_raw.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // The format's nibble interleave makes the dense dequant produce the
+        // A registers in order: {a0, a1, a2, a3} = {f0[0], f0[1], f1[0], f1[1]}
+        // (a0, a2: n-row g; a1, a3: n-row g + 8).
+        uint32_t f0[2], f1[2];
+        Dtype<T>::dequant(words[j], f0, f1);
+        uint32_t a[4] = {f0[0], f0[1], f1[0], f1[1]};
+        if constexpr (kScaled) {
+          const T2 s = as_t2<T2>(scale_words[j]);
+          const T2 lo = Dtype<T>::lo_pair(s), hi = Dtype<T>::hi_pair(s);
+          a[0] = as_u32(__hmul2(as_t2<T2>(a[0]), lo));
+          a[1] = as_u32(__hmul2(as_t2<T2>(a[1]), hi));
+          a[2] = as_u32(__hmul2(as_t2<T2>(a[2]), lo));
+          a[3] = as_u32(__hmul2(as_t2<T2>(a[3]), hi));
+        }
+        // Metadata word j / 2 serves n-blocks 2 (j / 2) (selector 0, from
+        // lanes t = 0, 1) and 2 (j / 2) + 1 (selector 1, lanes t = 2, 3).
+        const uint32_t meta = (j / 2 == 0) ? e.x : e.y;
+#pragma unroll
+        for (int rb = 0; rb < kRB; ++rb) {
+          if (j % 2 == 0) {
+            SparseMmaOp<T>::template run<0>(a, xfrag[rb], meta, acc[rb][j]);
+          } else {
+            SparseMmaOp<T>::template run<1>(a, xfrag[rb], meta, acc[rb][j]);
+          }
+        }
+      }
+    }
+  }
+
+  __device__ void zero_accumulators() {
+#pragma unroll
+    for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_[rb][j][e] = 0.f;
+  }
+
+  // Sum the K-split warps' accumulators into the warps with warp_k_ == 0.
+  __device__ void reduce_within_block() {
+    if constexpr (Tile::kWarpsK > 1) {
+      float4* red = reinterpret_cast<float4*>(red_);
+#pragma unroll
+      for (int half = Tile::kWarpsK / 2; half >= 1; half /= 2) {
+        // Slot layout [slot][rb][j][lane]: conflict-free float4 accesses.
+        if (warp_k_ >= half && warp_k_ < 2 * half) {
+          const int slot = (warp_k_ - half) * Tile::kWarpsMN + warp_mn_;
+#pragma unroll
+          for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+              red[((slot * kRB + rb) * 4 + j) * 32 + lane_] =
+                  make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]);
+        }
+        __syncthreads();
+        if (warp_k_ < half) {
+          const int slot = warp_k_ * Tile::kWarpsMN + warp_mn_;
+#pragma unroll
+          for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const float4 v = red[((slot * kRB + rb) * 4 + j) * 32 + lane_];
+              acc_[rb][j][0] += v.x;
+              acc_[rb][j][1] += v.y;
+              acc_[rb][j][2] += v.z;
+              acc_[rb][j][3] += v.w;
+            }
+        }
+        __syncthreads();
+      }
+    }
+  }
+
+  // End of this block's share of n-tile `n_tile`: reduce over the K split,
+  // then over the blocks sharing the tile (workspace, last arriver, block
+  // order: deterministic); whoever completes the tile writes y.
+  __device__ void finish_tile(int n_tile, int total) {
+    reduce_within_block();
+    const int first = stripe_of(n_tile * k_tiles_, total, p_.stripes);
+    const int last = stripe_of((n_tile + 1) * k_tiles_ - 1, total, p_.stripes);
+    const bool owner = warp_k_ == 0;
+    if (first != last) {
+      if (owner) {
+        float4* mine = slot(static_cast<int>(blockIdx.x), n_tile, total);
+#pragma unroll
+        for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            __stcg(&mine[workspace_index(rb, j)],
+                   make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]));
+      }
+      if (!last_to_arrive(p_.locks + n_tile, last - first + 1)) return;
+      if (owner) {
+        zero_accumulators();
+        for (int b = first; b <= last; ++b) {
+          const float4* part = slot(b, n_tile, total);
+#pragma unroll
+          for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const float4 v = __ldcg(&part[workspace_index(rb, j)]);
+              acc_[rb][j][0] += v.x;
+              acc_[rb][j][1] += v.y;
+              acc_[rb][j][2] += v.z;
+              acc_[rb][j][3] += v.w;
+            }
+        }
+      }
+    }
+    if (owner) write_output(n_tile);
+  }
+
+  // Block b's workspace slot for n-tile `n_tile` (a stripe shares at most
+  // its first and its last n-tile with other blocks: two slots a block).
+  __device__ float4* slot(int b, int n_tile, int total) const {
+    const int begin = static_cast<int>(static_cast<long long>(b) * total / p_.stripes);
+    const int which = begin / k_tiles_ == n_tile ? 0 : 1;
+    return reinterpret_cast<float4*>(p_.workspace) +
+           static_cast<size_t>(2 * b + which) * (Tile::kTileM * Tile::kTileN / 4);
+  }
+
+  __device__ int workspace_index(int rb, int j) const {
+    return (((row_block0_ + rb) * 4 + j) * Tile::kWarpsN + warp_n_) * 32 + lane_;
+  }
+
+  // Accumulator layout (m16n8, here n16 x m8): lane (g, t) holds output
+  // columns 16 j + g (elements 0, 1) and 16 j + g + 8 (elements 2, 3), each
+  // for rows 2 t and 2 t + 1 of the row block.
+  __device__ void write_output(int n_tile) {
+    const int col0 = n_tile * Tile::kTileN + warp_n_ * kWarpCols;
+    const int g = lane_ / 4, t = lane_ % 4;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int c = 16 * j + 8 * half + g;  // column in the run
+        float s = 1.f;
+        // Per-channel scales are in the grouped order too: column c of a run
+        // sits at position 8 (c % 8) + c / 8.
+        if constexpr (!Tile::kGrouped) s = to_float(p_.scales[col0 + 8 * (c % 8) + c / 8]);
+#pragma unroll
+        for (int rb = 0; rb < kRB; ++rb) {
+          const int row = (row_block0_ + rb) * 8 + 2 * t;
+          T* out = p_.y + static_cast<size_t>(row) * p_.n + col0 + c;
+          if (row < p_.rows) out[0] = from_float(acc_[rb][j][2 * half] * s);
+          if (row + 1 < p_.rows) out[p_.n] = from_float(acc_[rb][j][2 * half + 1] * s);
+        }
+      }
+    }
+  }
+
+  __device__ static float to_float(T v) { return Dtype<T>::to_floats(T2(v, v)).x; }
+  __device__ static T from_float(float v) { return Dtype<T>::from_floats(v, v).x; }
+
+  const SparseParams<T> p_;
+  int4* red_;
+  const uint32_t smem_base_;
+  const int warp_, lane_, warp_n_, warp_mn_, warp_k_, row_block0_;
+  const int k_tiles_, n_tiles_;
+  const uint64_t evict_first_;
+  int a_src_[kACopies], a_dst_[kACopies];
+  bool a_copy_[kACopies], a_valid_[kACopies];
+  int v_src_[kVCopies], m_src_[kMCopies];
+  // Byte offsets in a stage of this lane's first values, metadata, scale and x reads.
+  int v_read_, m_read_, s_read_, x_read_;
+  // acc_[rb][j]: the m16n8 accumulator of output columns 16 j .. 16 j + 15
+  // of the warp's run (as mma rows) and rows 8 rb .. 8 rb + 7 of x.
+  float acc_[kRB][4][4];
+};
+
+template <typename T, typename Tile>
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
+    marlin_sparse_kernel(const SparseParams<T> p) {
+  static_assert(Tile::kFits, "the tile's pipeline stages do not fit in shared memory");
+  extern __shared__ int4 smem[];
+  SparseBlock<T, Tile> block(p, smem);
+  block.run();
+}
+
+}  // namespace jax_marlin::cuda

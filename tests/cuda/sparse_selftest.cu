@@ -1,0 +1,364 @@
+// Standalone check of the 2:4 sparse CUDA launcher (issue 8), independent of
+// JAX: random 2:4 codes packed on the host with the layout tables of
+// csrc/common/sparse_layout.h, sparse_matmul against an fp64 host reference
+// of the pruned, dequantized weight.
+//
+//   nvcc -std=c++17 -O2 -arch=sm_90 -Icsrc tests/cuda/sparse_selftest.cu \
+//        csrc/cuda/sparse_dispatch.cu csrc/cuda/marlin_dispatch.cu -o sparse_selftest
+//   ./sparse_selftest            every shape (Llama ones too), M, group size, dtype;
+//                                3 repeats each, bit-identical
+//   ./sparse_selftest --quick    a small subset, for compute-sanitizer
+//   ./sparse_selftest --bench    us/call (CUDA graphs) vs the dense kernel on the
+//                                same shape, and the copy-bandwidth roofline
+//
+// On a failure it prints the error per n-block of a run (nb = column % 64 / 16):
+// nb 1 and 3 wrong with 0 and 2 right means the mma.sp sparsity selector 1
+// (metadata from lanes t = 2, 3) does not read what docs/SPARSE_FORMAT.md says.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/float16.h"
+#include "common/marlin_layout.h"
+#include "common/sparse_layout.h"
+#include "cuda/marlin_launch.h"
+#include "cuda/sparse_launch.h"
+#include "cuda_test_util.h"
+
+using namespace jax_marlin;
+
+namespace {
+
+// splitmix64: fast, and plenty random for test data of ~10^8 entries.
+struct Rng {
+  uint64_t s;
+  uint64_t next() {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  float uniform(float lo, float hi) { return lo + (hi - lo) * (next() >> 40) * (1.0f / (1 << 24)); }
+};
+
+uint16_t to_bits(float v, bool bf16) { return bf16 ? FloatToBf16(v) : FloatToHalf(v); }
+float from_bits(uint16_t b, bool bf16) { return bf16 ? Bf16ToFloat(b) : HalfToFloat(b); }
+
+// Runs fn(begin, end) over [0, n) split across the host's cores.
+template <typename Fn>
+void parallel_for(int n, Fn fn) {
+  const int threads = std::max(1, std::min<int>(n, static_cast<int>(std::thread::hardware_concurrency())));
+  std::vector<std::thread> pool;
+  for (int i = 0; i < threads; ++i) {
+    const int b = static_cast<int>(static_cast<long long>(n) * i / threads);
+    const int e = static_cast<int>(static_cast<long long>(n) * (i + 1) / threads);
+    pool.emplace_back([=] { fn(b, e); });
+  }
+  for (auto& t : pool) t.join();
+}
+
+// A random 2:4 sparse weight, packed. codes (K, N): the dense codes, 8
+// (value 0) at pruned positions; each chunk of 4 rows of a column keeps two
+// distinct positions, increasing.
+struct SparseWeight {
+  int k = 0, n = 0;
+  std::vector<uint8_t> codes;
+  std::vector<uint32_t> values, meta;
+};
+
+SparseWeight make_weight(int k, int n, Rng& rng) {
+  SparseWeight w;
+  w.k = k, w.n = n;
+  w.codes.assign(static_cast<size_t>(k) * n, 8);
+  // kept code and position of (chunk, column, e)
+  std::vector<uint8_t> kept_code(static_cast<size_t>(k / 4) * n * 2), kept_pos(kept_code.size());
+  constexpr int kPairs[6][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}};
+  for (int q = 0; q < k / 4; ++q)
+    for (int col = 0; col < n; ++col) {
+      const uint64_t r = rng.next();
+      const int* pair = kPairs[r % 6];
+      for (int e = 0; e < 2; ++e) {
+        const uint8_t code = static_cast<uint8_t>((r >> (8 + 4 * e)) & 15);
+        const size_t i = (static_cast<size_t>(q) * n + col) * 2 + e;
+        kept_code[i] = code;
+        kept_pos[i] = static_cast<uint8_t>(pair[e]);
+        w.codes[static_cast<size_t>(4 * q + pair[e]) * n + col] = code;
+      }
+    }
+  // Pack (docs/SPARSE_FORMAT.md): band b, run r; nibble i of the run's value
+  // words holds the kept entry with natural index kValue[i], 2-bit field i of
+  // its metadata words the position of kMeta[i]; natural = (q * 64 + c) * 2 + e.
+  static const auto kValue = SparseValueNatural();
+  static const auto kMeta = SparseMetaNatural();
+  w.values.assign(static_cast<size_t>(k / 32) * 2 * n, 0u);
+  w.meta.assign(static_cast<size_t>(k / 32) * n, 0u);
+  for (int b = 0; b < k / 32; ++b)
+    for (int r = 0; r < n / 64; ++r) {
+      auto entry = [&](int natural) {
+        const int q = natural / (2 * kSparseRunCols), c = (natural / 2) % kSparseRunCols, e = natural % 2;
+        return (static_cast<size_t>(8 * b + q) * n + 64 * r + c) * 2 + e;
+      };
+      uint32_t* vw = &w.values[static_cast<size_t>(b) * 2 * n + 128 * r];
+      uint32_t* mw = &w.meta[static_cast<size_t>(b) * n + 64 * r];
+      for (int i = 0; i < kSparseRunEntries; ++i) {
+        vw[i / 8] |= static_cast<uint32_t>(kept_code[entry(kValue[i])]) << (4 * (i % 8));
+        mw[i / 16] |= static_cast<uint32_t>(kept_pos[entry(kMeta[i])]) << (2 * (i % 16));
+      }
+    }
+  return w;
+}
+
+// Natural (K / g, N) scales -> the sparse layout's order: the dense grouped
+// permutation (runs of 64) for every group size, per-channel included.
+std::vector<uint16_t> permute_scales(const std::vector<uint16_t>& s) {
+  static const auto inverse = MarlinGroupedScaleInverse();
+  std::vector<uint16_t> out(s.size());
+  for (size_t base = 0; base < s.size(); base += 64)
+    for (int b = 0; b < 64; ++b) out[base + inverse[b]] = s[base + b];
+  return out;
+}
+
+// fp64 reference of x (m, k) @ W_hat, W_hat = (code - 8) * s rounded to the
+// activation dtype (pruned entries are code 8: exactly 0).
+std::vector<double> reference(const SparseWeight& w, const std::vector<uint16_t>& scales, int group,
+                              const std::vector<uint16_t>& x, int m, bool bf16) {
+  const int k = w.k, n = w.n;
+  std::vector<double> ref(static_cast<size_t>(m) * n, 0.0);
+  std::vector<double> xd(x.size());
+  for (size_t i = 0; i < x.size(); ++i) xd[i] = from_bits(x[i], bf16);
+  parallel_for(n / 64, [&](int r0, int r1) {
+    const int c0 = 64 * r0, c1 = 64 * r1;
+    std::vector<double> wseg(c1 - c0);
+    for (int kk = 0; kk < k; ++kk) {
+      for (int c = c0; c < c1; ++c) {
+        const uint8_t code = w.codes[static_cast<size_t>(kk) * n + c];
+        const float s = from_bits(scales[static_cast<size_t>(kk / group) * n + c], bf16);
+        wseg[c - c0] = code == 8 ? 0.0 : from_bits(to_bits((code - 8) * s, bf16), bf16);
+      }
+      for (int mm = 0; mm < m; ++mm) {
+        const double xv = xd[static_cast<size_t>(mm) * k + kk];
+        if (xv == 0.0) continue;
+        double* r = &ref[static_cast<size_t>(mm) * n + c0];
+        for (int c = 0; c < c1 - c0; ++c) r[c] += xv * wseg[c];
+      }
+    }
+  });
+  return ref;
+}
+
+struct Setup {
+  int k, n, group;  // group == k: per-channel
+  bool bf16;
+};
+
+// Checks sparse_matmul for every M in `ms` (rows 0 .. M-1 of one x) on one
+// weight. Returns the number of failing M; `worst` gets the largest error.
+// Failure codes in the report: NaN/inf, repeats not bit-identical, locks not
+// left at zero, relative error over the tolerance.
+int run_setup(const Setup& st, const std::vector<int>& ms, int repeats, Rng& rng, double* worst) {
+  const bool bf16 = st.bf16;
+  const int k = st.k, n = st.n, groups = k / st.group;
+  const int m_max = *std::max_element(ms.begin(), ms.end());
+  const SparseWeight w = make_weight(k, n, rng);
+  std::vector<uint16_t> scales(static_cast<size_t>(groups) * n);
+  for (auto& v : scales) v = to_bits(rng.uniform(0.002f, 0.02f), bf16);
+  const std::vector<uint16_t> scales_perm = permute_scales(scales);
+  std::vector<uint16_t> x(static_cast<size_t>(m_max) * k);
+  for (auto& v : x) v = to_bits(rng.uniform(-1.f, 1.f), bf16);
+  const std::vector<double> ref = reference(w, scales, st.group, x, m_max, bf16);
+
+  void *dx, *dv, *dm, *ds, *dy;
+  float* dws;
+  int* dlocks;
+  size_t ws_floats = 0, lock_ints = 0;
+  for (int m : ms) {
+    ws_floats = std::max(ws_floats, cuda::sparse_workspace_floats(m, k, n));
+    lock_ints = std::max(lock_ints, cuda::lock_count(m, n));
+  }
+  CHECK_CUDA(cudaMalloc(&dx, x.size() * 2));
+  CHECK_CUDA(cudaMalloc(&dv, w.values.size() * 4));
+  CHECK_CUDA(cudaMalloc(&dm, w.meta.size() * 4));
+  CHECK_CUDA(cudaMalloc(&ds, scales_perm.size() * 2));
+  CHECK_CUDA(cudaMalloc(&dy, static_cast<size_t>(m_max) * n * 2));
+  CHECK_CUDA(cudaMalloc(&dws, std::max<size_t>(ws_floats, 1) * 4));
+  CHECK_CUDA(cudaMalloc(&dlocks, lock_ints * 4));
+  CHECK_CUDA(cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(dv, w.values.data(), w.values.size() * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(dm, w.meta.data(), w.meta.size() * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(ds, scales_perm.data(), scales_perm.size() * 2, cudaMemcpyHostToDevice));
+
+  const double tol = bf16 ? 1e-2 : 2e-3;
+  int failures = 0;
+  for (int m : ms) {
+    // Poison output, workspace and locks: the launcher must not rely on zeros.
+    CHECK_CUDA(cudaMemset(dy, 0xff, static_cast<size_t>(m_max) * n * 2));
+    CHECK_CUDA(cudaMemset(dws, 0x7f, std::max<size_t>(ws_floats, 1) * 4));
+    CHECK_CUDA(cudaMemset(dlocks, 0x55, lock_ints * 4));
+    cuda::SparseProblem p{bf16 ? cuda::ActDtype::kBFloat16 : cuda::ActDtype::kFloat16,
+                          dx, dv, dm, ds, dy, dws, dlocks, false, m, k, n, st.group};
+    std::vector<uint16_t> y(static_cast<size_t>(m) * n), first;
+    const char* why = nullptr;
+    double err = 0;
+    for (int rep = 0; rep < repeats && !why; ++rep) {
+      CHECK_CUDA(cuda::sparse_matmul(p, nullptr));
+      p.locks_zeroed = true;  // the kernel leaves them zeroed
+      CHECK_CUDA(cudaDeviceSynchronize());
+      CHECK_CUDA(cudaMemcpy(y.data(), dy, y.size() * 2, cudaMemcpyDeviceToHost));
+      double num = 0, den = 0;
+      double nb_num[4] = {0, 0, 0, 0}, nb_den[4] = {0, 0, 0, 0};
+      for (size_t i = 0; i < y.size(); ++i) {
+        const double v = from_bits(y[i], bf16), d = (v - ref[i]) * (v - ref[i]);
+        if (!std::isfinite(v)) {
+          why = "NaN/inf in y";
+          break;
+        }
+        num += d;
+        den += ref[i] * ref[i];
+        const int nb = static_cast<int>(i % n) % 64 / 16;
+        nb_num[nb] += d;
+        nb_den[nb] += ref[i] * ref[i];
+      }
+      if (why) break;
+      err = std::fmax(err, std::sqrt(num / den));
+      if (!(err <= tol)) {
+        why = "error over tolerance";
+        std::printf("  rel err by n-block of a run (nb = col %% 64 / 16): %.3g %.3g %.3g %.3g\n",
+                    std::sqrt(nb_num[0] / nb_den[0]), std::sqrt(nb_num[1] / nb_den[1]),
+                    std::sqrt(nb_num[2] / nb_den[2]), std::sqrt(nb_num[3] / nb_den[3]));
+      }
+      if (rep == 0) first = y;
+      else if (std::memcmp(first.data(), y.data(), y.size() * 2) != 0) why = "repeats not bit-identical";
+    }
+    if (!why) {
+      std::vector<int> locks_after(cuda::lock_count(m, n));
+      CHECK_CUDA(cudaMemcpy(locks_after.data(), dlocks, locks_after.size() * 4, cudaMemcpyDeviceToHost));
+      for (int v : locks_after)
+        if (v != 0) why = "locks not left at zero";
+    }
+    *worst = std::fmax(*worst, err);
+    if (why) {
+      ++failures;
+      std::printf("FAIL m=%d k=%d n=%d g=%s %s: %s (rel err %.3g)\n", m, k, n,
+                  st.group == k ? "ch" : std::to_string(st.group).c_str(), bf16 ? "bf16" : "fp16", why, err);
+    }
+  }
+  cudaFree(dx), cudaFree(dv), cudaFree(dm), cudaFree(ds), cudaFree(dy), cudaFree(dws), cudaFree(dlocks);
+  return failures;
+}
+
+// --- kernel-only timing -----------------------------------------------------
+
+int bench() {
+  constexpr size_t kRotateBytes = size_t{200} << 20;  // 4x the 50 MB L2
+  const double bw = copy_bandwidth();
+  std::printf("copy bandwidth (read + write): %.3f TB/s\n", bw / 1e12);
+  std::printf("%6s %6s %5s %5s %10s %10s %7s %10s %7s\n", "K", "N", "M", "group", "sparse_us",
+              "dense_us", "dense/sp", "roof_us", "roof%");
+  const int shapes[][2] = {{4096, 4096}, {4096, 12288}, {11008, 4096}, {8192, 28672}, {28672, 8192}};
+  const int ms[] = {1, 16, 32, 64, 128};
+  for (auto& sh : shapes) {
+    const int k = sh[0], n = sh[1];
+    for (int group : {128, k}) {
+      const size_t v_bytes = static_cast<size_t>(k) * n / 4, m_bytes = static_cast<size_t>(k) * n / 8;
+      const size_t d_bytes = static_cast<size_t>(k) * n / 2, s_bytes = static_cast<size_t>(k / group) * n * 2;
+      const int copies = static_cast<int>(std::max<size_t>(2, (kRotateBytes + d_bytes - 1) / d_bytes));
+      std::vector<void*> v(copies), mt(copies), d(copies), s(copies);
+      // Valid metadata everywhere: positions (0, 1) in every chunk = 0x4 a
+      // nibble. Any value bits are valid codes.
+      for (int c = 0; c < copies; ++c) {
+        CHECK_CUDA(cudaMalloc(&v[c], v_bytes));
+        CHECK_CUDA(cudaMalloc(&mt[c], m_bytes));
+        CHECK_CUDA(cudaMalloc(&d[c], d_bytes));
+        CHECK_CUDA(cudaMalloc(&s[c], s_bytes));
+        CHECK_CUDA(cudaMemset(v[c], 0x5a + c, v_bytes));
+        CHECK_CUDA(cudaMemset(mt[c], 0x44, m_bytes));
+        CHECK_CUDA(cudaMemset(d[c], 0x5a + c, d_bytes));
+        CHECK_CUDA(cudaMemset(s[c], 0x1c, s_bytes));  // fp16 0x1c1c ~ 0.004
+      }
+      for (int m : ms) {
+        void *x, *y;
+        float* ws;
+        int* locks;
+        const size_t ws_floats = std::max(cuda::sparse_workspace_floats(m, k, n), cuda::workspace_floats(m, k, n));
+        CHECK_CUDA(cudaMalloc(&x, static_cast<size_t>(m) * k * 2));
+        CHECK_CUDA(cudaMalloc(&y, static_cast<size_t>(m) * n * 2));
+        CHECK_CUDA(cudaMalloc(&ws, ws_floats * 4));
+        CHECK_CUDA(cudaMalloc(&locks, cuda::lock_count(m, n) * 4));
+        CHECK_CUDA(cudaMemset(x, 0x3c, static_cast<size_t>(m) * k * 2));
+        CHECK_CUDA(cudaMemset(locks, 0, cuda::lock_count(m, n) * 4));
+        const float sparse_us = median_us_per_call(
+            [&](int i, cudaStream_t stream) {
+              const int c = i % copies;
+              cuda::SparseProblem p{cuda::ActDtype::kFloat16, x, v[c], mt[c], s[c], y, ws, locks, true, m, k, n, group};
+              CHECK_CUDA(cuda::sparse_matmul(p, stream));
+            },
+            4 * copies);
+        const float dense_us = median_us_per_call(
+            [&](int i, cudaStream_t stream) {
+              const int c = i % copies;
+              cuda::MarlinProblem p{cuda::ActDtype::kFloat16, x, d[c], s[c], y, ws, locks, true, m, k, n, group};
+              CHECK_CUDA(cuda::marlin_matmul(p, stream));
+            },
+            4 * copies);
+        const double bytes = double(v_bytes) + m_bytes + s_bytes + 2.0 * m * (k + n);
+        const double roof_us = bytes / bw * 1e6;
+        std::printf("%6d %6d %5d %5s %10.2f %10.2f %7.2f %10.2f %6.0f%%\n", k, n, m,
+                    group == k ? "ch" : "128", sparse_us, dense_us, dense_us / sparse_us, roof_us,
+                    100 * roof_us / sparse_us);
+        cudaFree(x), cudaFree(y), cudaFree(ws), cudaFree(locks);
+      }
+      for (int c = 0; c < copies; ++c) cudaFree(v[c]), cudaFree(mt[c]), cudaFree(d[c]), cudaFree(s[c]);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "--bench") == 0) return bench();
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  Rng rng{1234};
+  std::vector<Setup> setups;
+  std::vector<int> ms;
+  if (quick) {
+    ms = {1, 33, 70};
+    const int shapes[][2] = {{256, 192}, {512, 512}, {1024, 256}};
+    for (bool bf16 : {false, true})
+      for (auto& s : shapes)
+        for (int g : {64, s[0]}) setups.push_back({s[0], s[1], g, bf16});
+  } else {
+    ms = {1, 2, 7, 16, 33, 64, 100, 128};
+    // Small shapes reach every tile of the table (512 x 128, 128 x 256,
+    // 256 x 128, 64 x 64) at every group size; 8192 x 2048 and the Llama
+    // shapes have more tiles than SMs, so blocks share n-tiles.
+    const int small[][2] = {{64, 64}, {128, 192}, {256, 256}, {384, 320}, {768, 384},
+                            {1024, 768}, {4096, 512}, {8192, 2048}};
+    for (bool bf16 : {false, true})
+      for (auto& s : small)
+        for (int g : {32, 64, 128, s[0]})
+          if (s[0] % g == 0) setups.push_back({s[0], s[1], g, bf16});
+    const int llama[][2] = {{4096, 4096}, {4096, 12288}, {11008, 4096}, {8192, 28672}};
+    for (auto& s : llama) {
+      for (int g : {32, 64, 128, s[0]}) setups.push_back({s[0], s[1], g, false});
+      for (int g : {128, s[0]}) setups.push_back({s[0], s[1], g, true});
+    }
+  }
+  int failures = 0, cases = 0;
+  double worst[2] = {0, 0};
+  for (const Setup& st : setups) {
+    failures += run_setup(st, ms, quick ? 1 : 3, rng, &worst[st.bf16]);
+    cases += static_cast<int>(ms.size());
+  }
+  std::printf("sparse selftest: %d cases, %d failures; max rel err fp16 %.3g, bf16 %.3g\n", cases,
+              failures, worst[0], worst[1]);
+  return failures ? 1 : 0;
+}
