@@ -8,6 +8,7 @@
 #ifdef JAX_MARLIN_WITH_CUDA
 #include "cuda/marlin_cuda_ffi.h"
 #include "cuda/marlin_launch.h"
+#include "cuda/sparse_launch.h"
 #endif
 
 namespace nb = nanobind;
@@ -15,7 +16,7 @@ namespace nb = nanobind;
 namespace {
 
 constexpr const char* kTarget = "jax_marlin_matmul";
-// 2:4 sparse weights; CPU only until the CUDA kernel lands (issue 8).
+// 2:4 sparse weights (issue 8).
 constexpr const char* kSparseTarget = "jax_marlin_sparse_matmul";
 
 // XLA expects a PyCapsule holding the handler's address (no name).
@@ -36,8 +37,12 @@ nb::dict Registrations() {
   nb::dict stages;
   stages["instantiate"] = Capsule(MarlinMatmulCudaInstantiate);
   stages["execute"] = Capsule(MarlinMatmulCuda);
+  nb::dict sparse_stages;
+  sparse_stages["instantiate"] = Capsule(SparseMatmulCudaInstantiate);
+  sparse_stages["execute"] = Capsule(SparseMatmulCuda);
   nb::dict cuda;
   cuda[kTarget] = stages;
+  cuda[kSparseTarget] = sparse_stages;
   out["CUDA"] = cuda;
 #endif
   return out;
@@ -80,6 +85,10 @@ NB_MODULE(_ext, m) {
     return jax_marlin::cuda::workspace_floats(m_rows, k, n);
   }, nb::arg("m"), nb::arg("k"), nb::arg("n"),
   "float32 workspace the CUDA handler needs for an (m, k) x (k, n) product.");
+  m.def("cuda_sparse_workspace_floats", [](int m_rows, int k, int n) {
+    return jax_marlin::cuda::sparse_workspace_floats(m_rows, k, n);
+  }, nb::arg("m"), nb::arg("k"), nb::arg("n"),
+  "float32 workspace the sparse CUDA handler needs for an (m, k) x (k, n) product.");
   m.def("cuda_captured_calls", &jax_marlin::cuda::captured_call_count,
         "Executions of the CUDA handler so far that were captured into a CUDA graph.");
 #endif

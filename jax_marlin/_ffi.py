@@ -50,7 +50,7 @@ def _import_ext():
 _ext = _import_ext()
 
 TARGET = "jax_marlin_matmul"
-SPARSE_TARGET = "jax_marlin_sparse_matmul"  # 2:4 sparse weights (CPU handler only, for now)
+SPARSE_TARGET = "jax_marlin_sparse_matmul"  # 2:4 sparse weights
 
 # _ext names platforms as jax.ffi.register_ffi_target wants them ("cpu",
 # "CUDA"); BACKENDS uses jax.default_backend()-style names ("cpu", "cuda").
@@ -62,6 +62,11 @@ BACKENDS: frozenset[str] = frozenset(p.lower() for p in _REGISTRATIONS)
 def cuda_workspace_floats(m: int, k: int, n: int) -> int:
     """float32 workspace the CUDA kernel needs for an (m, k) x (k, n) product."""
     return int(_ext.cuda_workspace_floats(m, k, n))
+
+
+def cuda_sparse_workspace_floats(m: int, k: int, n: int) -> int:
+    """float32 workspace the CUDA 2:4 sparse kernel needs for an (m, k) x (k, n) product."""
+    return int(_ext.cuda_sparse_workspace_floats(m, k, n))
 
 
 _lock = threading.Lock()

@@ -39,11 +39,15 @@ def load_table(device_kind: str) -> tuple:
     return tuple(json.loads(path.read_text())["entries"])
 
 
-def use_dense(device_kind: str, M: int, K: int, N: int, dtype_name: str) -> bool:
+def use_dense(device_kind: str, M: int, K: int, N: int, dtype_name: str,
+              fmt: str = "dense") -> bool:
     """Whether an (M, K) x (K, N) product should take the dense path. Shapes
     that were not measured take the entry of the nearest measured shape (by
-    weight size, then K) of the same dtype."""
-    entries = [e for e in load_table(device_kind) if e["dtype"] == dtype_name]
+    weight size, then K) of the same dtype. ``fmt`` is the weight format:
+    "dense" (Marlin) or "sparse" (2:4); an entry belongs to the format in its
+    "format" key (absent: "dense")."""
+    entries = [e for e in load_table(device_kind)
+               if e["dtype"] == dtype_name and e.get("format", "dense") == fmt]
     if not entries:
         return False
 

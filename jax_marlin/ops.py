@@ -219,11 +219,32 @@ def _sparse_cpu_call(x2, values, meta, scales):
     return jax.ffi.ffi_call(_ffi().SPARSE_TARGET, out)(x2, values, meta, scales)
 
 
-def _sparse_cuda_call(x2, values, meta, scales):
-    # TODO(issue 8): the Sparse-Marlin CUDA kernel (mma.sp.m16n8k32 on this
-    # layout) replaces this dequantize + XLA dot; same numerics contract.
+def _sparse_dense_call(x2, values, meta, scales):
+    """Dequantize the sparse weight once and let XLA run a dense GEMM (f32 accumulation)."""
     w = dequantize_sparse(SparseQuantizedWeight(values=values, meta=meta, scales=scales))
     return jnp.dot(x2, w, preferred_element_type=jnp.float32).astype(x2.dtype)
+
+
+def _sparse_kernel_call(x2, values, meta, scales):
+    """The CUDA 2:4 sparse kernel (mma.sp.m16n8k32) through the FFI target."""
+    (M, K), N = x2.shape, scales.shape[1]
+    outs = (
+        jax.ShapeDtypeStruct((M, N), x2.dtype),
+        # Scratch for the kernel's cross-block partial sums (discarded here).
+        jax.ShapeDtypeStruct((_ffi().cuda_sparse_workspace_floats(M, K, N),), jnp.float32),
+    )
+    y, _ = jax.ffi.ffi_call(_ffi().SPARSE_TARGET, outs)(
+        x2, values, meta, scales, rows=np.int64(M), cols=np.int64(N))
+    return y
+
+
+def _sparse_cuda_call(x2, values, meta, scales):
+    (M, K), N = x2.shape, scales.shape[1]
+    # Large M: a measured table (dispatch.py, entries with "format": "sparse")
+    # may send it to dequantize + dot; without one the kernel always runs.
+    if dispatch.use_dense(_gpu_kind(), M, K, N, np.dtype(x2.dtype).name, fmt="sparse"):
+        return _sparse_dense_call(x2, values, meta, scales)
+    return _sparse_kernel_call(x2, values, meta, scales)
 
 
 _SPARSE_CALLS = {"cpu": _sparse_cpu_call, "cuda": _sparse_cuda_call}
@@ -298,9 +319,9 @@ def marlin_matmul(x, qw: QuantizedWeight | SparseQuantizedWeight) -> jax.Array:
     Args:
       x: (..., K) float16 or bfloat16; must match ``qw.dtype`` (use
         ``qw.astype(x.dtype)`` to switch a weight's dtype).
-      qw: a QuantizedWeight, or a SparseQuantizedWeight (2:4 sparse; on CUDA
-        it runs as dequantize + XLA dot until its kernel lands, issue 8; a
-        sharded sparse weight raises NotImplementedError for now).
+      qw: a QuantizedWeight, or a SparseQuantizedWeight (2:4 sparse: the
+        mma.sp kernel on CUDA, issue 8; a sharded sparse weight raises
+        NotImplementedError for now).
 
     Returns:
       (..., N) in x's dtype; accumulation is in float32.

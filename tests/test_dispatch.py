@@ -77,6 +77,43 @@ def test_cuda_branch_follows_the_table(dense, util, monkeypatch):
     assert ("jax_marlin_matmul" in jaxpr) != dense
 
 
+def test_sparse_entries_are_separate(table, tmp_path):
+    """Entries with "format": "sparse" serve only the sparse path, and the
+    dense entries (no format key) only the dense one."""
+    path = tmp_path / dispatch.table_name(table)
+    data = json.loads(path.read_text())
+    data["entries"].append(dict(K=4096, N=4096, dtype="float16", min_m=128, format="sparse"))
+    path.write_text(json.dumps(data))
+    dispatch.load_table.cache_clear()
+    assert dispatch.use_dense(table, 200, 4096, 4096, "float16", fmt="sparse")
+    assert not dispatch.use_dense(table, 200, 4096, 4096, "float16")
+    assert not dispatch.use_dense(table, 4096, 4096, 4096, "bfloat16", fmt="sparse")
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_sparse_cuda_branch_follows_the_table(dense, monkeypatch):
+    """Traced (not run): the sparse CUDA branch is dequantize + dot when the
+    table says so, the sparse FFI call otherwise."""
+    import jax
+
+    import jax_marlin as jm
+    from jax_marlin import _ffi
+
+    if not _ffi._ext.has_cuda():
+        pytest.skip("this build has no CUDA handler")
+    seen = []
+    monkeypatch.setattr(dispatch, "use_dense", lambda *a, **kw: seen.append((a, kw)) or dense)
+    rng = np.random.default_rng(3)
+    sqw = jm.quantize_sparse(jnp.asarray(rng.standard_normal((256, 128), np.float32)), 128,
+                             dtype=jnp.float16)
+    x = jnp.asarray(rng.standard_normal((310 + dense, 256), np.float32), jnp.float16)
+    jaxpr = str(jax.make_jaxpr(ops._sparse_cuda_call)(x, sqw.values, sqw.meta, sqw.scales))
+    assert seen and seen[0][0][1:] == (310 + dense, 256, 128, "float16")
+    assert seen[0][1] == {"fmt": "sparse"}
+    assert ("dot_general" in jaxpr) == dense
+    assert ("jax_marlin_sparse_matmul" in jaxpr) != dense
+
+
 @pytest.mark.gpu
 def test_tune_dispatch_entries():
     """The tuning loop times both paths and finds the crossover (tiny shapes)."""

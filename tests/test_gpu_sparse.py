@@ -1,7 +1,7 @@
-"""2:4 sparse weights on the GPU at Llama shapes (marked `gpu`: skipped without a GPU).
+"""2:4 sparse weights on the GPU (marked `gpu`: skipped without a GPU).
 
-Until the Sparse-Marlin kernel lands (issue 8) the CUDA path is dequantize +
-XLA dot; these tests pin its numbers so the kernel can replace it.
+The CUDA path is the mma.sp kernel (issue 8, csrc/cuda/sparse_kernel.cuh);
+tests/cuda/sparse_selftest.cu checks it without JAX, at more shapes.
 """
 
 from __future__ import annotations
@@ -33,3 +33,29 @@ def test_sparse_matmul_at_llama_shapes(K, N, M, dtype, g):
                      precision=jax.lax.Precision.HIGHEST)
     err = float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
     assert err <= TOLERANCE[np.dtype(dtype)], err
+
+
+def test_sparse_kernel_is_called():
+    sqw = jm.quantize_sparse(jnp.ones((128, 64), jnp.float32), 64, dtype=jnp.float16)
+    x = jnp.ones((3, 128), jnp.float16)
+    text = jax.jit(jm.marlin_matmul).lower(x, sqw).as_text()
+    assert "jax_marlin_sparse_matmul" in text
+
+
+@pytest.mark.parametrize("K,N", [(256, 192), (1024, 768), (4096, 512)])
+@pytest.mark.parametrize("M", [1, 7, 16, 33, 64, 100])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("g", [32, 64, 128, None])
+def test_sparse_kernel_every_group_and_m(K, N, M, dtype, g):
+    rng = np.random.default_rng(K + 7 * N + M)
+    w = jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.02)
+    sqw = jm.quantize_sparse(w, g, dtype=dtype)
+    x = jnp.asarray(rng.standard_normal((M, K), np.float32), dtype)
+    f = jax.jit(jm.marlin_matmul)
+    y = f(x, sqw)
+    ref = jnp.matmul(x.astype(jnp.float32), jm.dequantize(sqw).astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    err = float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+    assert err <= TOLERANCE[np.dtype(dtype)], err
+    # Deterministic: the cross-block reduction runs in a fixed order.
+    assert np.array_equal(np.asarray(f(x, sqw)), np.asarray(y))

@@ -1,5 +1,5 @@
-// The "jax_marlin_matmul" FFI target on CUDA: validates the operands with the
-// checks every backend shares, then hands raw pointers to the launcher.
+// The "jax_marlin_matmul" and "jax_marlin_sparse_matmul" FFI targets on CUDA: validate the operands with the
+// checks every backend shares, then hand raw pointers to the launchers.
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -10,6 +10,7 @@
 #include "common/marlin_shape.h"
 #include "cuda/marlin_cuda_ffi.h"
 #include "cuda/marlin_launch.h"
+#include "cuda/sparse_launch.h"
 
 namespace ffi = xla::ffi;
 
@@ -40,10 +41,12 @@ struct LockBuffer {
 ffi::TypeId LockBuffer::id = {};
 const XLA_FFI_TypeInfo kLockBufferInfo = ffi::MakeTypeInfo<LockBuffer>();
 
-ffi::ErrorOr<std::unique_ptr<LockBuffer>> InstantiateLocks(int64_t rows, int64_t cols) {
+// `target` names the FFI target in messages; `prepare` sets up its kernels.
+ffi::ErrorOr<std::unique_ptr<LockBuffer>> MakeLocks(const char* target, cudaError_t (*prepare)(),
+                                                     int64_t rows, int64_t cols) {
   if (rows < 0 || cols <= 0 || cols % 64 != 0) {
     return ffi::Unexpected(ffi::Error::InvalidArgument(
-        "jax_marlin_matmul (CUDA): bad rows/cols attributes " + std::to_string(rows) + ", " +
+        std::string(target) + " (CUDA): bad rows/cols attributes " + std::to_string(rows) + ", " +
         std::to_string(cols)));
   }
   auto buffer = std::make_unique<LockBuffer>();
@@ -61,14 +64,24 @@ ffi::ErrorOr<std::unique_ptr<LockBuffer>> InstantiateLocks(int64_t rows, int64_t
     // XLA's streams do not wait on the legacy stream the memset ran on.
     if (err == cudaSuccess) err = cudaDeviceSynchronize();
     // Kernel attributes now, not on first execution (which may be captured).
-    if (err == cudaSuccess) err = prepare_kernels();
+    if (err == cudaSuccess) err = prepare();
   }
   cudaSetDevice(current);
   if (err != cudaSuccess) {
     return ffi::Unexpected(ffi::Error::Internal(
-        std::string("jax_marlin_matmul (CUDA): lock buffer: ") + cudaGetErrorString(err)));
+        std::string(target) + " (CUDA): lock buffer: " + cudaGetErrorString(err)));
   }
   return std::move(buffer);
+}
+
+ffi::ErrorOr<std::unique_ptr<LockBuffer>> InstantiateLocks(int64_t rows, int64_t cols) {
+  return MakeLocks("jax_marlin_matmul", &prepare_kernels, rows, cols);
+}
+
+// The sparse target's state is the same lock buffer (same FFI type): the
+// sparse kernel counts its shared n-tiles exactly as the dense one does.
+ffi::ErrorOr<std::unique_ptr<LockBuffer>> InstantiateSparseLocks(int64_t rows, int64_t cols) {
+  return MakeLocks("jax_marlin_sparse_matmul", &prepare_sparse_kernels, rows, cols);
 }
 
 // Executions that found their stream being captured into a CUDA graph (an
@@ -144,6 +157,77 @@ ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::Any
   return ffi::Error::Success();
 }
 
+// The "jax_marlin_sparse_matmul" target: the operand checks the CPU handler
+// makes (CheckSparseOperands), then the same lock/workspace contract as the
+// dense target.
+ffi::Error SparseMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::AnyBuffer x,
+                                ffi::Buffer<ffi::S32> values, ffi::Buffer<ffi::S32> meta,
+                                ffi::AnyBuffer scales, ffi::Result<ffi::AnyBuffer> y,
+                                ffi::Result<ffi::Buffer<ffi::F32>> workspace, int64_t rows,
+                                int64_t cols) {
+  constexpr const char* kWho = "jax_marlin_sparse_matmul (CUDA): ";
+  MarlinShape shape;
+  if (ffi::Error err = CheckSparseOperands(x.element_type(), x.dimensions(), values.element_type(),
+                                           values.dimensions(), meta.element_type(),
+                                           meta.dimensions(), scales.element_type(),
+                                           scales.dimensions(), y->element_type(), y->dimensions(),
+                                           &shape);
+      err.failure()) {
+    return err;
+  }
+  if (shape.m == 0) return ffi::Error::Success();
+
+  const int m = static_cast<int>(shape.m), k = static_cast<int>(shape.k),
+            n = static_cast<int>(shape.n), group = static_cast<int>(shape.group_size);
+  if (const char* why = sparse_unsupported_reason(m, k, n, group)) {
+    return ffi::Error::InvalidArgument(std::string(kWho) + why);
+  }
+  if (rows != shape.m || cols != shape.n || locks->count < lock_count(m, n)) {
+    return ffi::Error::InvalidArgument(
+        std::string(kWho) + "the call was instantiated for (rows, cols) = (" +
+        std::to_string(rows) + ", " + std::to_string(cols) + ") but got y of shape (" +
+        std::to_string(shape.m) + ", " + std::to_string(shape.n) + ")");
+  }
+  if (const size_t needed = sparse_workspace_floats(m, k, n); workspace->element_count() < needed) {
+    return ffi::Error::InvalidArgument(std::string(kWho) + "workspace needs " +
+                                       std::to_string(needed) + " floats, got " +
+                                       std::to_string(workspace->element_count()));
+  }
+  int device = -1;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) {
+    return ffi::Error::Internal(std::string(kWho) + "current device: " + cudaGetErrorString(err));
+  }
+  if (device < 0 || device >= static_cast<int>(locks->per_device.size())) {
+    return ffi::Error::Internal(std::string(kWho) + "the call runs on device " +
+                                std::to_string(device) + ", which had no lock buffer made for it");
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
+      capture == cudaStreamCaptureStatusActive) {
+    g_captured_calls.fetch_add(1, std::memory_order_relaxed);
+  }
+
+  SparseProblem problem;
+  problem.dtype = shape.dtype == ffi::DataType::BF16 ? ActDtype::kBFloat16 : ActDtype::kFloat16;
+  problem.x = x.untyped_data();
+  problem.values = values.typed_data();
+  problem.meta = meta.typed_data();
+  problem.scales = scales.untyped_data();
+  problem.y = y->untyped_data();
+  problem.workspace = workspace->typed_data();
+  problem.locks = locks->per_device[device];
+  problem.locks_zeroed = true;
+  problem.m = m;
+  problem.k = k;
+  problem.n = n;
+  problem.group_size = group;
+  if (cudaError_t err = sparse_matmul(problem, stream); err != cudaSuccess) {
+    return ffi::Error::Internal(std::string(kWho) + "kernel launch failed: " +
+                                cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_TypeId* lock_buffer_type_id() { return &LockBuffer::id; }
@@ -165,6 +249,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinMatmulCuda, jax_marlin::cuda::MarlinMatmulCu
                                   .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<xla::ffi::State<jax_marlin::cuda::LockBuffer>>()
                                   .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Attr<int64_t>("rows")
+                                  .Attr<int64_t>("cols"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseMatmulCudaInstantiate, jax_marlin::cuda::InstantiateSparseLocks,
+                              xla::ffi::Ffi::BindInstantiate()
+                                  .Attr<int64_t>("rows")
+                                  .Attr<int64_t>("cols"));
+
+// 2:4 sparse weights: x, values, meta, scales -> y, workspace. Command-buffer
+// compatible for the same reasons as the dense handler.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseMatmulCuda, jax_marlin::cuda::SparseMatmulCudaImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<xla::ffi::State<jax_marlin::cuda::LockBuffer>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
                                   .Arg<xla::ffi::AnyBuffer>()
                                   .Ret<xla::ffi::AnyBuffer>()

@@ -13,6 +13,13 @@
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MarlinMatmulCudaInstantiate);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(MarlinMatmulCuda);
 
+// The 2:4 sparse target (docs/SPARSE_FORMAT.md), stateful the same way (the
+// same lock-buffer type). Execute operands: x (M, K), values (K/32, 2N) s32,
+// meta (K/32, N) s32, scales (K/g, N) in x's dtype (grouped order for every
+// g); results: y (M, N), workspace f32 (>= sparse_workspace_floats(M, K, N)).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(SparseMatmulCudaInstantiate);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(SparseMatmulCuda);
+
 namespace jax_marlin::cuda {
 
 // The per-call state's type, for jax.ffi.register_ffi_type (it must be
