@@ -71,7 +71,7 @@ def make_models(args):
 
         t0 = time.perf_counter()
         model = hf.load_llama(args.checkpoint, quantize=None, dtype=dtype)
-        if isinstance(model.layers[0].attn.q_proj, jm.QuantDense):  # a GPTQ checkpoint: 4-bit already
+        if isinstance(model.layers[0].mlp.down_proj, jm.QuantDense):  # a GPTQ checkpoint: 4-bit already
             int4, bf16 = model, llama.dequantized_model(model)
         else:
             bf16, int4 = model, llama.quantize_model(model, group)

@@ -12,6 +12,35 @@ from jax_marlin import layout
 from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight, check_scales
 
 
+def check_codes(codes, scales, who: str, quantizer: str):
+    """(codes, scales) as arrays, after the checks every packer makes: integer codes
+    (K, N) in 0..15 (their range only when concrete, not under ``jax.jit``) and
+    scales (K // g, N) in a float dtype. ``who`` names the caller in messages;
+    ``quantizer`` is the function to suggest for float weights."""
+    codes = codes if hasattr(codes, "dtype") else np.asarray(codes)
+    scales = scales if hasattr(scales, "dtype") else np.asarray(scales)
+    if not jnp.issubdtype(codes.dtype, jnp.integer):
+        raise TypeError(
+            f"{who}: codes must be an integer array (uint8 values 0..15), got "
+            f"{codes.dtype}. To quantize float weights use {quantizer}."
+        )
+    if codes.ndim != 2:
+        raise ValueError(f"{who}: codes must be 2-D (K, N), got shape {tuple(codes.shape)}.")
+    K, N = codes.shape
+    check_scales(scales, K, N, f"{who}: scales")
+    try:
+        lo, hi = int(codes.min()), int(codes.max())
+    except jax.errors.ConcretizationTypeError:  # traced: values unknown until run
+        lo, hi = 0, 0
+    if lo < 0 or hi > layout.CODE_MAX:
+        raise ValueError(
+            f"{who}: codes must lie in 0..{layout.CODE_MAX} (value = code - "
+            f"{layout.CODE_OFFSET}), got values in {lo}..{hi}. Signed int4 "
+            f"values v in -8..7 are codes v + {layout.CODE_OFFSET}."
+        )
+    return codes, scales
+
+
 def pack(codes, scales) -> QuantizedWeight:
     """Pack 4-bit codes and natural-order scales into the Marlin layout.
 
@@ -26,27 +55,7 @@ def pack(codes, scales) -> QuantizedWeight:
       A QuantizedWeight whose ``packed`` and ``scales`` are bit-exact with
       FORMAT.md.
     """
-    codes = codes if hasattr(codes, "dtype") else np.asarray(codes)
-    scales = scales if hasattr(scales, "dtype") else np.asarray(scales)
-    if not jnp.issubdtype(codes.dtype, jnp.integer):
-        raise TypeError(
-            f"pack: codes must be an integer array (uint8 values 0..15), got "
-            f"{codes.dtype}. To quantize float weights use jax_marlin.quantize(w)."
-        )
-    if codes.ndim != 2:
-        raise ValueError(f"pack: codes must be 2-D (K, N), got shape {tuple(codes.shape)}.")
-    K, N = codes.shape
-    check_scales(scales, K, N, "pack: scales")
-    try:
-        lo, hi = int(codes.min()), int(codes.max())
-    except jax.errors.ConcretizationTypeError:  # traced: values unknown until run
-        lo, hi = 0, 0
-    if lo < 0 or hi > layout.CODE_MAX:
-        raise ValueError(
-            f"pack: codes must lie in 0..{layout.CODE_MAX} (value = code - "
-            f"{layout.CODE_OFFSET}), got values in {lo}..{hi}. Signed int4 "
-            f"values v in -8..7 are codes v + {layout.CODE_OFFSET}."
-        )
+    codes, scales = check_codes(codes, scales, "pack", "jax_marlin.quantize(w)")
     return QuantizedWeight(
         packed=layout.pack_codes(codes), scales=layout.permute_scales(scales)
     )
@@ -58,6 +67,27 @@ def unpack(qw: QuantizedWeight) -> tuple[jax.Array, jax.Array]:
     A stacked weight (leading dimensions) gives stacked codes and scales.
     """
     return layout.unpack_codes(qw.packed), layout.unpermute_scales(qw.scales)
+
+
+def check_float_weight(w, group_size, dtype, who: str):
+    """(w as an array, the group size g (K for per-channel), the scales' dtype) after
+    the checks every quantizer makes; ``who`` names the caller in messages."""
+    w = w if hasattr(w, "dtype") else np.asarray(w)
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"{who}: w must be a float array, got {w.dtype}.")
+    if w.ndim != 2:
+        raise ValueError(f"{who}: w must be 2-D (K, N), got shape {tuple(w.shape)}.")
+    if dtype is None:
+        dtype = w.dtype if np.dtype(w.dtype) in FLOAT_DTYPES else jnp.float16
+    dtype = np.dtype(dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{who}: dtype must be float16 or bfloat16, got {dtype}.")
+    if group_size is not None and group_size not in layout.GROUP_SIZES:
+        raise ValueError(
+            f"{who}: group_size must be one of {layout.GROUP_SIZES} or None "
+            f"(per-channel), got {group_size}."
+        )
+    return w, (w.shape[0] if group_size is None else group_size), dtype
 
 
 def quantize(w, group_size: int | None = 128, *, dtype=None) -> QuantizedWeight:
@@ -77,24 +107,8 @@ def quantize(w, group_size: int | None = 128, *, dtype=None) -> QuantizedWeight:
         be used with): float16 or bfloat16. Defaults to w's dtype when that is
         float16/bfloat16, else float16.
     """
-    w = w if hasattr(w, "dtype") else np.asarray(w)
-    if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise TypeError(f"quantize: w must be a float array, got {w.dtype}.")
-    if w.ndim != 2:
-        raise ValueError(f"quantize: w must be 2-D (K, N), got shape {tuple(w.shape)}.")
-    if dtype is None:
-        dtype = w.dtype if np.dtype(w.dtype) in FLOAT_DTYPES else jnp.float16
-    dtype = np.dtype(dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"quantize: dtype must be float16 or bfloat16, got {dtype}.")
-    K, N = w.shape
-    if group_size is not None and group_size not in layout.GROUP_SIZES:
-        raise ValueError(
-            f"quantize: group_size must be one of {layout.GROUP_SIZES} or None "
-            f"(per-channel), got {group_size}."
-        )
-    g = K if group_size is None else group_size
-    layout.check_shape(K, N, g)
+    w, g, dtype = check_float_weight(w, group_size, dtype, "quantize")
+    layout.check_shape(*w.shape, g)
 
     codes, scales = _quantize_arrays(w, g, dtype)
     return QuantizedWeight(packed=layout.pack_codes(codes), scales=layout.permute_scales(scales))

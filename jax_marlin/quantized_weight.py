@@ -18,8 +18,42 @@ def _is_array_like(a) -> bool:
     return hasattr(a, "shape") and hasattr(a, "dtype")
 
 
+class _ScaledWeight:
+    """What every quantized weight type derives from its ``scales`` leaf (K // g, N)
+    and its ``shape`` property: the group size, per-channel-ness, the dtype, and a
+    copy with the scales in the other 16-bit dtype."""
+
+    @property
+    def group_size(self) -> int:
+        """Rows of the weight sharing one scale; K for per-channel."""
+        return self.shape[0] // self.scales.shape[-2]
+
+    @property
+    def is_per_channel(self) -> bool:
+        return self.scales.shape[-2] == 1
+
+    @property
+    def dtype(self):
+        """The scales' dtype: activations passed to marlin_matmul must match it."""
+        return self.scales.dtype
+
+    def astype(self, dtype):
+        """Return a copy with scales converted to ``dtype`` (float16 or bfloat16).
+
+        Use it to run with activations of the other 16-bit dtype. The codes are
+        unchanged; scales are rounded to the new dtype (float16 -> bfloat16
+        loses mantissa bits, bfloat16 -> float16 may overflow past 65504).
+        """
+        dtype = np.dtype(dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{type(self).__name__}.astype: dtype must be float16 or bfloat16, got {dtype}."
+            )
+        return dataclasses.replace(self, scales=jnp.asarray(self.scales).astype(dtype))
+
+
 @dataclasses.dataclass(frozen=True)
-class QuantizedWeight:
+class QuantizedWeight(_ScaledWeight):
     """A (K, N) weight in the Marlin 4-bit layout (FORMAT.md).
 
     Attributes:
@@ -54,34 +88,6 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         """The dense weight's shape (K, N)."""
         return (self.packed.shape[-2] * 16, self.packed.shape[-1] // 2)
-
-    @property
-    def group_size(self) -> int:
-        """Rows of the weight sharing one scale; K for per-channel."""
-        return self.shape[0] // self.scales.shape[-2]
-
-    @property
-    def is_per_channel(self) -> bool:
-        return self.scales.shape[-2] == 1
-
-    @property
-    def dtype(self):
-        """The scales' dtype: activations passed to marlin_matmul must match it."""
-        return self.scales.dtype
-
-    def astype(self, dtype) -> "QuantizedWeight":
-        """Return a copy with scales converted to ``dtype`` (float16 or bfloat16).
-
-        Use it to run with activations of the other 16-bit dtype. The codes are
-        unchanged; scales are rounded to the new dtype (float16 -> bfloat16
-        loses mantissa bits, bfloat16 -> float16 may overflow past 65504).
-        """
-        dtype = np.dtype(dtype)
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"QuantizedWeight.astype: dtype must be float16 or bfloat16, got {dtype}."
-            )
-        return QuantizedWeight(packed=self.packed, scales=jnp.asarray(self.scales).astype(dtype))
 
 
 def _validate(packed, scales) -> None:

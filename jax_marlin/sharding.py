@@ -151,6 +151,10 @@ def row_parallel_matmul(x, qw: QuantizedWeight, axis_name, *, group_size: int,
 # names, since a split of K or N in valid shards is a split of those leaves
 # in the same places. Per-channel scales have one row: their first name must
 # be None. Attention projections are flattened: heads * head_dim columns.
+# The fused projections (jax_marlin.models.fusion) have names of their own:
+# their columns are not plain heads or MLP units but groups ordered so that
+# any contiguous equal split over "model" that the model's
+# check_tensor_parallel accepts holds whole groups.
 
 DATA_AXIS = "data"  # mesh axis for batch (data parallel)
 MODEL_AXIS = "model"  # mesh axis for tensor parallel (column/row)
@@ -163,10 +167,13 @@ LOGICAL_AXIS_RULES = (
     ("heads", MODEL_AXIS),  # query heads * head_dim
     ("kv_heads", MODEL_AXIS),  # key/value heads * head_dim (GQA)
     ("mlp", MODEL_AXIS),  # MLP hidden width
+    ("qkv", MODEL_AXIS),  # fused q/k/v: per KV head, its query heads, k and v (* head_dim)
+    ("gate_up", MODEL_AXIS),  # fused gate/up: 2 * MLP hidden width, interleaved in chunks
 )
 
 # Projection -> (input logical axis, output logical axis). With the rules above
-# q/k/v/gate/up are column parallel (N on "model") and o/down row parallel
+# q/k/v/gate/up (and the fused qkv and gate_up) are column parallel (N on
+# "model") and o/down row parallel
 # (K on "model"): each column/row pair needs one all-reduce and no
 # resharding between them, since the column output is split where the row
 # input is.
@@ -178,6 +185,8 @@ LLAMA_PROJECTIONS = {
     "gate_proj": ("embed", "mlp"),
     "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"),
+    "qkv_proj": ("embed", "qkv"),  # fused q, k, v
+    "gate_up_proj": ("embed", "gate_up"),  # fused gate, up
 }
 
 

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_marlin import layout, sparse_layout
-from jax_marlin.quantize import _quantize_arrays
-from jax_marlin.quantized_weight import FLOAT_DTYPES, check_scales
+from jax_marlin.quantize import _quantize_arrays, check_codes, check_float_weight
 from jax_marlin.sparse_weight import SparseQuantizedWeight
 
 
@@ -41,26 +40,7 @@ def pack_sparse(codes, scales) -> SparseQuantizedWeight:
       scales: float16 or bfloat16 (K // g, N), NOT permuted; one row means
         per-channel.
     """
-    codes = codes if hasattr(codes, "dtype") else np.asarray(codes)
-    scales = scales if hasattr(scales, "dtype") else np.asarray(scales)
-    if not jnp.issubdtype(codes.dtype, jnp.integer):
-        raise TypeError(
-            f"pack_sparse: codes must be an integer array (uint8 values 0..15), got "
-            f"{codes.dtype}. To prune and quantize float weights use jax_marlin.quantize_sparse(w)."
-        )
-    if codes.ndim != 2:
-        raise ValueError(f"pack_sparse: codes must be 2-D (K, N), got shape {tuple(codes.shape)}.")
-    K, N = codes.shape
-    check_scales(scales, K, N, "pack_sparse: scales")
-    try:
-        lo, hi = int(codes.min()), int(codes.max())
-    except jax.errors.ConcretizationTypeError:
-        lo, hi = 0, 0
-    if lo < 0 or hi > layout.CODE_MAX:
-        raise ValueError(
-            f"pack_sparse: codes must lie in 0..{layout.CODE_MAX} (value = code - "
-            f"{layout.CODE_OFFSET}), got values in {lo}..{hi}."
-        )
+    codes, scales = check_codes(codes, scales, "pack_sparse", "jax_marlin.quantize_sparse(w)")
     _check_two_of_four(codes)
     values, meta = sparse_layout.pack_codes(codes)
     return SparseQuantizedWeight(values=values, meta=meta, scales=sparse_layout.permute_scales(scales))
@@ -87,24 +67,8 @@ def quantize_sparse(w, group_size: int | None = 128, *, dtype=None) -> SparseQua
     group, rounded to ``dtype``; pruned entries get code 8, the value 0).
     Arguments as for ``quantize``.
     """
-    w = w if hasattr(w, "dtype") else np.asarray(w)
-    if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise TypeError(f"quantize_sparse: w must be a float array, got {w.dtype}.")
-    if w.ndim != 2:
-        raise ValueError(f"quantize_sparse: w must be 2-D (K, N), got shape {tuple(w.shape)}.")
-    if dtype is None:
-        dtype = w.dtype if np.dtype(w.dtype) in FLOAT_DTYPES else jnp.float16
-    dtype = np.dtype(dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"quantize_sparse: dtype must be float16 or bfloat16, got {dtype}.")
-    if group_size is not None and group_size not in layout.GROUP_SIZES:
-        raise ValueError(
-            f"quantize_sparse: group_size must be one of {layout.GROUP_SIZES} or None "
-            f"(per-channel), got {group_size}."
-        )
-    K, N = w.shape
-    g = K if group_size is None else group_size
-    sparse_layout.check_shape(K, N, g)
+    w, g, dtype = check_float_weight(w, group_size, dtype, "quantize_sparse")
+    sparse_layout.check_shape(*w.shape, g)
     codes, scales = _quantize_arrays(prune_2_4(w), g, dtype)
     values, meta = sparse_layout.pack_codes(codes)
     return SparseQuantizedWeight(values=values, meta=meta, scales=sparse_layout.permute_scales(scales))

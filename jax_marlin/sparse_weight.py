@@ -5,15 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jax_marlin import sparse_layout
-from jax_marlin.quantized_weight import FLOAT_DTYPES, _is_array_like, check_scales
+from jax_marlin.quantized_weight import _is_array_like, _ScaledWeight, check_scales
 
 
 @dataclasses.dataclass(frozen=True)
-class SparseQuantizedWeight:
+class SparseQuantizedWeight(_ScaledWeight):
     """A (K, N) weight, 2:4 sparse along K, in the Sparse-Marlin 4-bit layout.
 
     Attributes (docs/SPARSE_FORMAT.md, ``jax_marlin.sparse_layout``):
@@ -42,30 +41,6 @@ class SparseQuantizedWeight:
     def shape(self) -> tuple[int, int]:
         """The dense weight's shape (K, N)."""
         return (self.meta.shape[-2] * sparse_layout.BAND, self.meta.shape[-1])
-
-    @property
-    def group_size(self) -> int:
-        return self.shape[0] // self.scales.shape[-2]
-
-    @property
-    def is_per_channel(self) -> bool:
-        return self.scales.shape[-2] == 1
-
-    @property
-    def dtype(self):
-        """The scales' dtype: activations passed to marlin_matmul must match it."""
-        return self.scales.dtype
-
-    def astype(self, dtype) -> "SparseQuantizedWeight":
-        """A copy with scales converted to ``dtype`` (float16 or bfloat16)."""
-        dtype = np.dtype(dtype)
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"SparseQuantizedWeight.astype: dtype must be float16 or bfloat16, got {dtype}."
-            )
-        return SparseQuantizedWeight(
-            values=self.values, meta=self.meta, scales=jnp.asarray(self.scales).astype(dtype)
-        )
 
 
 def _validate(values, meta, scales) -> None:

@@ -2,8 +2,9 @@
 compiled generation loop, sampling, stop tokens, the HF loader, and (in a subprocess
 with 8 CPU devices, tests/multidevice_llama.py) tensor-parallel generation.
 
-One tiny model (2 layers, width 256, 4 query / 2 KV heads) serves every test; its
-programs compile once per shape and are shared by the tests through jit's cache.
+One tiny model (2 layers, width 256, 4 query / 2 KV heads, fused projections)
+serves most tests; its programs compile once per shape and are shared by the tests
+through jit's cache. Its unfused twin checks the fusion (jax_marlin.models.fusion).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 nnx = pytest.importorskip("flax.nnx")
 
 import jax_marlin as jm  # noqa: E402
+from jax_marlin.models import fusion  # noqa: E402
 from jax_marlin.models import generate as gen  # noqa: E402
 from jax_marlin.models import llama  # noqa: E402
 
@@ -60,10 +62,15 @@ def teacher_forced(generator, result, ps):
 
 def test_int4_model_has_marlin_layers(models):
     q = models["int4"].layers[0]
-    assert isinstance(q.attn.q_proj, jm.QuantDense) and isinstance(q.mlp.down_proj, jm.QuantDense)
-    assert isinstance(models["bf16"].layers[0].attn.q_proj, nnx.Linear)
-    # Names and logical axes are the sharding table's (q column-, o row-parallel).
-    assert q.attn.q_proj.packed.get_metadata()["out_sharding"] == ("embed", "heads")
+    assert isinstance(q.attn.qkv_proj, jm.QuantDense) and isinstance(q.mlp.down_proj, jm.QuantDense)
+    assert isinstance(models["bf16"].layers[0].attn.qkv_proj, nnx.Linear)
+    # Four projections a layer, fused by default.
+    assert not hasattr(q.attn, "q_proj") and not hasattr(q.mlp, "up_proj")
+    assert q.attn.qkv_proj.packed.shape == (CFG.dim // 16, 2 * (4 + 2 * 2) * 64)
+    assert q.mlp.gate_up_proj.scales.shape == (CFG.dim // 128, 2 * CFG.ffn_dim)
+    # Names and logical axes are the sharding table's (qkv column-, o row-parallel).
+    assert q.attn.qkv_proj.packed.get_metadata()["out_sharding"] == ("embed", "qkv")
+    assert q.mlp.gate_up_proj.packed.get_metadata()["out_sharding"] == ("embed", "gate_up")
     assert q.attn.o_proj.scales.get_metadata()["out_sharding"] == ("heads", "embed")
 
 
@@ -80,6 +87,92 @@ def test_int4_logits_close_to_bf16(gens):
     twin = gens["deq"].generate(ps, 8, return_logits=True)
     c = gen.compare_greedy(r, twin)
     assert c["ok"], c
+
+
+# --- fused projections -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unfused():
+    """The unfused tiny model (7 projections a layer), 16-bit and int4 (RTN, group 128)."""
+    bf16 = llama.random_model(CFG.replace(fused_projections=False), "dense", jnp.bfloat16, seed=5)
+    return {"bf16": bf16, "int4": llama.quantize_model(bf16, 128)}
+
+
+def test_fusion_column_orders():
+    """The segments (weights) and split_* (outputs) agree, and say what fusion.py promises."""
+    H, KV, hd, F = 6, 2, 8, 192  # G = 3 query heads per KV head; F % 128 != 0: C = 64
+    rng = np.random.default_rng(0)
+    parts = {"q": rng.standard_normal((4, H * hd)), "k": rng.standard_normal((4, KV * hd)),
+             "v": rng.standard_normal((4, KV * hd))}
+    segs = fusion.qkv_columns(H, KV, hd)
+    fused = fusion.fuse(parts, segs)
+    assert fused.shape == (4, (H + 2 * KV) * hd)
+    # Group j = [q heads 3j..3j+2, k head j, v head j], hd columns each.
+    group1 = fused[:, (H // KV + 2) * hd:2 * (H // KV + 2) * hd]
+    np.testing.assert_array_equal(group1[:, :3 * hd], parts["q"][:, 3 * hd:6 * hd])
+    np.testing.assert_array_equal(group1[:, 3 * hd:4 * hd], parts["k"][:, hd:2 * hd])
+    np.testing.assert_array_equal(group1[:, 4 * hd:], parts["v"][:, hd:])
+    q, k, v = fusion.split_qkv(fused, H, KV, hd)  # rows as tokens: (4, heads, hd)
+    np.testing.assert_array_equal(q, parts["q"].reshape(4, H, hd))
+    np.testing.assert_array_equal(k, parts["k"].reshape(4, KV, hd))
+    np.testing.assert_array_equal(v, parts["v"].reshape(4, KV, hd))
+    for p, a in fusion.unfuse(fused, segs).items():
+        np.testing.assert_array_equal(a, parts[p])
+
+    gu = {"gate": rng.standard_normal((4, F)), "up": rng.standard_normal((4, F))}
+    fused = fusion.fuse(gu, fusion.gate_up_columns(F))
+    np.testing.assert_array_equal(fused[:, 64:128], gu["up"][:, :64])  # [g 0:64, u 0:64, g 64:128, ...]
+    np.testing.assert_array_equal(fused[:, 128:192], gu["gate"][:, 64:128])
+    g, u = fusion.split_gate_up(fused, F)
+    np.testing.assert_array_equal(g.reshape(4, F), gu["gate"])
+    np.testing.assert_array_equal(u.reshape(4, F), gu["up"])
+    assert fusion.gate_up_chunk(256) == 128 and fusion.gate_up_chunk(192) == 64
+    with pytest.raises(ValueError, match="multiple of 64"):
+        fusion.gate_up_chunk(96)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        CFG.replace(ffn_dim=800)
+    CFG.replace(ffn_dim=800, fused_projections=False)  # unfused: no interleave, no limit
+
+
+@pytest.mark.parametrize("hd", [64, 32], ids=["slices", "repack"])
+def test_fuse_packed_weights_is_exact(hd):
+    """Quantized parts fused in the packed format == the fused float weight quantized (RTN)."""
+    H, KV, K = 4, 2, 256
+    rng = np.random.default_rng(hd)
+    parts = {p: jnp.asarray(rng.standard_normal((K, n * hd)) * 0.05, jnp.bfloat16)
+             for p, n in (("q", H), ("k", KV), ("v", KV))}
+    segs = fusion.qkv_columns(H, KV, hd)
+    for g in (128, None):
+        got = fusion.fuse({p: jm.quantize(w, g) for p, w in parts.items()}, segs)
+        want = jm.quantize(fusion.fuse(parts, segs), g)
+        np.testing.assert_array_equal(got.packed, want.packed)
+        np.testing.assert_array_equal(got.scales, want.scales)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+def test_fused_model_equals_unfused(unfused, kind):
+    """Same weights, rearranged into qkv_proj and gate_up_proj: same logits."""
+    model = unfused[kind]
+    fused = llama.fused_model(model)
+    assert fused.cfg.fused_projections and not model.cfg.fused_projections
+    assert len(nnx.to_pure_dict(nnx.state(fused.layers[0], nnx.Param))["attn"]) == 2  # qkv, o
+    ids = np.random.default_rng(9).integers(0, CFG.vocab_size, (2, 12))
+    a = gen.Generator(model, max_len=16).logits(ids)
+    b = gen.Generator(fused, max_len=16).logits(ids)
+    # Each output column is the same dot product; only XLA's blocking of the
+    # wider matmul could change the order of its sums.
+    assert rel(b, a) < 1e-3, rel(b, a)
+    if kind == "int4":
+        # RTN scales are per column: quantizing the fused weights gives the same bits.
+        dense = llama.fused_model(unfused["bf16"])
+        requant = llama.quantize_model(dense, 128).layers[1]
+        for name in ("attn.qkv_proj", "mlp.gate_up_proj"):
+            mod, proj = name.split(".")
+            want = getattr(getattr(requant, mod), proj)
+            got = getattr(getattr(fused.layers[1], mod), proj)
+            np.testing.assert_array_equal(got.packed[...], want.packed[...])
+            np.testing.assert_array_equal(got.scales[...], want.scales[...])
 
 
 # --- the KV cache and padding --------------------------------------------------------
@@ -179,12 +272,24 @@ def test_bad_requests(gens):
         gens["int4"].generate(prompts(0), 40)
     with pytest.raises(ValueError, match="at least one token"):
         gen.pad_prompts([[1, 2], []])
-    with pytest.raises(ValueError, match="multiples of tp=4"):
-        llama.check_tensor_parallel(CFG, 4)
-    with pytest.raises(ValueError, match="64 \\* tp"):
-        llama.check_tensor_parallel(CFG.replace(n_heads=8, n_kv_heads=8, head_dim=8), 2)
-    llama.check_tensor_parallel(CFG, 2)
-    llama.check_tensor_parallel(llama.CONFIGS["llama2-70b"], 8)
+    for fused in (True, False):
+        cfg = CFG.replace(fused_projections=fused)
+        with pytest.raises(ValueError, match="multiples of tp=4"):
+            llama.check_tensor_parallel(cfg, 4)
+        with pytest.raises(ValueError, match="64 \\* tp"):
+            llama.check_tensor_parallel(cfg.replace(n_heads=8, n_kv_heads=8, head_dim=8), 2)
+        llama.check_tensor_parallel(cfg, 2)
+        assert llama.max_tensor_parallel(cfg, 8) == 2
+        for name in ("llama2-7b", "llama2-13b", "llama2-70b"):
+            llama.check_tensor_parallel(llama.CONFIGS[name].replace(fused_projections=fused), 2)
+        llama.check_tensor_parallel(llama.CONFIGS["llama2-70b"].replace(fused_projections=fused), 8)
+    # 8 KV heads, F = 768: 4 devices would get 192 columns of gate and up each,
+    # not whole 128-column chunk pairs. Unfused (group 64) that split is fine.
+    wide = CFG.replace(n_heads=8, n_kv_heads=8, head_dim=64)
+    with pytest.raises(ValueError, match="gate_up_proj interleaves gate and up in chunks of 128"):
+        llama.check_tensor_parallel(wide, 4, group_size=64)
+    llama.check_tensor_parallel(wide.replace(fused_projections=False), 4, group_size=64)
+    llama.check_tensor_parallel(wide, 2, group_size=64)
 
 
 # --- Hugging Face checkpoints ---------------------------------------------------------
@@ -267,6 +372,10 @@ def write_checkpoint(directory, c, tensors):
     save_file({n: tensors[n] for n in names[half:]}, str(directory / "model-00002-of-00002.safetensors"))
 
 
+def qkv_columns(cfg):
+    return fusion.qkv_columns(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+
+
 def forward(model, ids):
     return gen.Generator(model, max_len=len(ids)).logits(np.asarray([ids]))[0]
 
@@ -282,17 +391,36 @@ def test_hf_checkpoint_round_trip(tmp_path, tied):
     ids = np.random.default_rng(0).integers(0, c["vocab_size"], 12)
     ref = hf_reference(t, c, ids)
 
-    # 16-bit path in float32: the checkpoint's names, layout and rotary convention.
+    # 16-bit path in float32: the checkpoint's names, layout and rotary convention,
+    # fused (default) or not.
     f32 = hf.load_llama(tmp_path, quantize=None, dtype=jnp.float32)
     assert f32.cfg.n_kv_heads == 1 and f32.cfg.tie_embeddings == tied
+    assert f32.cfg.fused_projections
     assert rel(forward(f32, ids), ref) < 1e-4
+    # The fused kernels hold the HF weights in fusion's column orders.
+    p, layer = "model.layers.1.", f32.layers[1]
+    for proj, segs, names in (
+            (layer.attn.qkv_proj, qkv_columns(f32.cfg), {x: f"self_attn.{x}_proj" for x in "qkv"}),
+            (layer.mlp.gate_up_proj, fusion.gate_up_columns(f32.cfg.ffn_dim),
+             {x: f"mlp.{x}_proj" for x in ("gate", "up")})):
+        parts = fusion.unfuse(np.asarray(proj.kernel[...]), segs)
+        for part, name in names.items():
+            np.testing.assert_array_equal(parts[part], t[f"{p}{name}.weight"].T)
+    f32_unfused = hf.load_llama(tmp_path, quantize=None, dtype=jnp.float32, fused=False)
+    assert hasattr(f32_unfused.layers[0].attn, "k_proj")
+    assert rel(forward(f32_unfused, ids), ref) < 1e-4
 
-    # Quantized on load: exactly quantize_params/quantize of the transposed weight.
+    # Quantized on load: exactly quantize_params/quantize of the transposed weight
+    # (for fused projections, of the parts, fused after quantizing: the same bits).
     q = hf.load_llama(tmp_path, quantize="rtn", group_size=64)
     w = jnp.asarray(t["model.layers.1.mlp.down_proj.weight"].T, jnp.bfloat16)
     want = jm.quantize(w, 64, dtype=jnp.bfloat16)
     np.testing.assert_array_equal(q.layers[1].mlp.down_proj.packed[...], want.packed)
     np.testing.assert_array_equal(q.layers[1].mlp.down_proj.scales[...], want.scales)
+    want = fusion.fuse({x: jm.quantize(jnp.asarray(t[f"{p}mlp.{x}_proj.weight"].T, jnp.bfloat16), 64)
+                        for x in ("gate", "up")}, fusion.gate_up_columns(q.cfg.ffn_dim))
+    np.testing.assert_array_equal(q.layers[1].mlp.gate_up_proj.packed[...], want.packed)
+    np.testing.assert_array_equal(q.layers[1].mlp.gate_up_proj.scales[...], want.scales)
     assert rel(forward(q, ids), ref) < 0.1
 
 
@@ -320,18 +448,24 @@ def test_hf_gptq_checkpoint_and_gptq_on_load(tmp_path):
                                               sym=True, desc_act=False))
     write_checkpoint(tmp_path / "gptq", c_gptq, gptq)
     m = hf.load_llama(tmp_path / "gptq")
-    layer = m.layers[0].attn.k_proj
-    want = expected["model.layers.0.self_attn.k_proj.weight"]
+    # Fused in the packed format: the parts' 64-column slices, no requantization.
+    layer = m.layers[0].attn.qkv_proj
+    want = fusion.fuse({x: expected[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qkv"},
+                       qkv_columns(m.cfg))
     np.testing.assert_array_equal(layer.packed[...], want.packed)
     np.testing.assert_array_equal(layer.scales[...], want.scales)  # float16 kept
     assert layer.scales[...].dtype == jnp.float16 and layer.dtype == jnp.bfloat16
     assert rel(forward(m, ids), ref) < 0.1
+    unfused = hf.load_llama(tmp_path / "gptq", fused=False)
+    np.testing.assert_array_equal(unfused.layers[0].attn.k_proj.packed[...],
+                                  expected["model.layers.0.self_attn.k_proj.weight"].packed)
+    np.testing.assert_allclose(forward(unfused, ids), forward(m, ids), rtol=1e-3, atol=1e-3)
 
     # GPTQ on load, calibrated on token batches.
     write_checkpoint(tmp_path / "float", c, t)
     calib = [np.random.default_rng(s).integers(0, c["vocab_size"], (4, 32)) for s in (3, 4)]
     g = hf.load_llama(tmp_path / "float", quantize="gptq", calib=calib, group_size=64)
-    assert isinstance(g.layers[0].mlp.up_proj, jm.QuantDense)
+    assert isinstance(g.layers[0].mlp.gate_up_proj, jm.QuantDense)
     assert rel(forward(g, ids), ref) < 0.1
 
     with pytest.raises(ValueError, match="calib"):

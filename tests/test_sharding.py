@@ -95,7 +95,7 @@ def test_llama_rule_table():
              for name, axes in sharding.LLAMA_PROJECTIONS.items()}
     assert modes == {"q_proj": "column", "k_proj": "column", "v_proj": "column",
                      "o_proj": "row", "gate_proj": "column", "up_proj": "column",
-                     "down_proj": "row"}
+                     "down_proj": "row", "qkv_proj": "column", "gate_up_proj": "column"}
     down = sharding.logical_weight_specs(sharding.LLAMA_PROJECTIONS["down_proj"])
     assert down == jm.QuantizedWeight(packed=P("model", None), scales=P("model", None))
     down_pc = sharding.logical_weight_specs(sharding.LLAMA_PROJECTIONS["down_proj"],

@@ -301,6 +301,9 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
+    ap.add_argument("--unfused", action="store_true",
+                    help="7 projections a layer (q, k, v, o, gate, up, down) instead of the "
+                         "fused 4 (qkv, o, gate_up, down)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--prefill", action="store_true", help="also time the prefill")
@@ -313,7 +316,7 @@ def main(argv=None):
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
 
-    cfg = llama.CONFIGS[args.config]
+    cfg = llama.CONFIGS[args.config].replace(fused_projections=not args.unfused)
     if args.layers:
         cfg = cfg.replace(n_layers=args.layers)
     llama.check_tensor_parallel(cfg, args.tp, args.group_size)
@@ -329,7 +332,8 @@ def main(argv=None):
 
     log(f"{args.tp} x {dev.device_kind} ({dev.platform}), jax {jax.__version__}; {args.config} shapes "
         f"with {cfg.n_layers} layers ({cfg.n_params() / 1e6:,.0f}M parameters), random weights; "
-        f"{args.dtype}, group {args.group_size}; decode {args.new_tokens} tokens after "
+        f"{args.dtype}, group {args.group_size}, {'unfused (7)' if args.unfused else 'fused (4)'} "
+        f"projections a layer; decode {args.new_tokens} tokens after "
         f"{args.prompt_len} cache slots")
     rows = []
     for variant in args.variants.split(","):
@@ -340,6 +344,7 @@ def main(argv=None):
         platform=dev.platform, devices=args.tp, jax=jax.__version__,
         commit=args.commit or git_commit(), date=stamp, config=args.config, layers=cfg.n_layers,
         params=cfg.n_params(), tp=args.tp, dtype=args.dtype, group_size=args.group_size,
+        fused_projections=cfg.fused_projections,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps,
         weights="random", memory_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default"),
         rows=rows, log=logs)
@@ -347,7 +352,8 @@ def main(argv=None):
     for b, s in result["speedup_int4_vs_bf16"].items():
         log(f"batch {b}: int4 / bf16 decode speed {s:.2f}x")
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"llama_decode_{args.config}_L{cfg.n_layers}_tp{args.tp}_{stamp}")
+    base = os.path.join(args.out, f"llama_decode_{args.config}_L{cfg.n_layers}_tp{args.tp}"
+                        f"{'_unfused' if args.unfused else ''}_{stamp}")
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=1)
     try:

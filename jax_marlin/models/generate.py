@@ -39,7 +39,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_marlin.models.llama import MODEL_RULES, cache_shardings, init_cache, param_shardings
+from jax_marlin.models.llama import (MODEL_RULES, cache_shardings, check_tensor_parallel,
+                                     init_cache, param_shardings)
 
 __all__ = ["Generator", "GenerationResult", "Sampling", "TRACES", "pad_prompts", "sample"]
 
@@ -223,6 +224,13 @@ class Generator:
         self.graphdef, state = nnx.split(model)
         self._cache_shardings = None
         if mesh is not None:
+            # A split that cuts heads or gate/up chunk pairs would still compute
+            # the right thing under jit, through collectives on every layer:
+            # refuse it instead, saying what fits.
+            tp_axis = dict(rules).get("kv_heads")
+            down = model.layers[0].mlp.down_proj
+            check_tensor_parallel(self.cfg, mesh.shape.get(tp_axis, 1),
+                                  getattr(down, "group_size", None))
             state = jax.device_put(state, param_shardings(state, mesh, rules))
             self._cache_shardings = cache_shardings(self.cfg, mesh, rules)
         self.state = state

@@ -10,6 +10,11 @@ num_attention_heads, num_key_value_heads, ...) and ``*.safetensors`` with
 Hugging Face's tensor names (``model.layers.0.self_attn.q_proj.weight``,
 torch's (out, in) layout: transposed here). The rotary convention of those
 checkpoints ("rotate half") is the model's own, so nothing is permuted.
+By default the model has fused projections (``LlamaConfig.fused_projections``):
+q/k/v and gate/up are fused as read, in ``fusion``'s column orders, before
+quantizing (exact for RTN, whose scales are per column; for GPTQ right, since
+the three share one input and so one Hessian). ``fused=False`` gives the
+unfused model.
 
 - ``quantize="rtn"`` (default): each projection is quantized as it is read,
   through ``jax_marlin.quantize_params``, so only one float layer is in
@@ -19,7 +24,8 @@ checkpoints ("rotate half") is the model's own, so nothing is permuted.
   ``calib`` (token arrays), captured by ``jax_marlin.nnx.calibration``.
 - A checkpoint whose config has ``quantization_config.quant_method == "gptq"``
   (AutoGPTQ / Optimum: 4 bits, sym, desc_act=False) is repacked exactly with
-  ``jax_marlin.convert.from_gptq``; its scales keep their float16.
+  ``jax_marlin.convert.from_gptq``, then fused in the packed format (column
+  slices, no requantization); its scales keep their float16.
 - ``quantize=None``: the 16-bit model (the baseline).
 """
 
@@ -34,12 +40,10 @@ import numpy as np
 from flax import nnx
 
 import jax_marlin as jm
+from jax_marlin.models import fusion
 from jax_marlin.models.llama import Llama, LlamaConfig, dense_factory, init_cache
 
 __all__ = ["config_from_hf", "load_llama"]
-
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def config_from_hf(hf: dict) -> LlamaConfig:
@@ -102,16 +106,36 @@ def _set(var, array, dtype):
     var.set_value(jnp.asarray(np.asarray(array), dtype))
 
 
-def _projection(layer, i):
-    """[(attribute path, HF module name)] of layer i's projections."""
-    for p in _ATTN:
-        yield (layer.attn, p), f"model.layers.{i}.self_attn.{p}"
-    for p in _MLP:
-        yield (layer.mlp, p), f"model.layers.{i}.mlp.{p}"
+def _projections(layer, i, cfg: LlamaConfig):
+    """[(projection module, {part: HF module name}, column segments)] of layer i.
+
+    Part "q" is HF's "q_proj" etc. A fused projection's segments are
+    ``fusion``'s column order; an unfused one's are None (one part).
+    """
+    attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+    if cfg.fused_projections:
+        yield (layer.attn.qkv_proj, {p: f"{attn}{p}_proj" for p in fusion.QKV_PARTS},
+               fusion.qkv_columns(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim))
+    else:
+        for p in fusion.QKV_PARTS:
+            yield getattr(layer.attn, f"{p}_proj"), {p: f"{attn}{p}_proj"}, None
+    yield layer.attn.o_proj, {"o": f"{attn}o_proj"}, None
+    if cfg.fused_projections:
+        yield (layer.mlp.gate_up_proj, {p: f"{mlp}{p}_proj" for p in fusion.GATE_UP_PARTS},
+               fusion.gate_up_columns(cfg.ffn_dim))
+    else:
+        for p in fusion.GATE_UP_PARTS:
+            yield getattr(layer.mlp, f"{p}_proj"), {p: f"{mlp}{p}_proj"}, None
+    yield layer.mlp.down_proj, {"down": f"{mlp}down_proj"}, None
+
+
+def _fused(parts: dict, segments):
+    return fusion.fuse(parts, segments) if segments else next(iter(parts.values()))
 
 
 def load_llama(path, *, quantize: str | None = "rtn", group_size: int | None = 128,
-               dtype=jnp.bfloat16, calib=None, progress: bool = False) -> Llama:
+               dtype=jnp.bfloat16, calib=None, fused: bool = True,
+               progress: bool = False) -> Llama:
     """Build a ``Llama`` from a Hugging Face Llama checkpoint directory (see the module doc).
 
     Args:
@@ -122,10 +146,12 @@ def load_llama(path, *, quantize: str | None = "rtn", group_size: int | None = 1
       dtype: activations, norms, embedding, lm_head and (except for GPTQ
         checkpoints) the int4 scales: bfloat16 or float16.
       calib: for "gptq": a list of int32 token arrays (B, T) to calibrate on.
+      fused: one qkv_proj and one gate_up_proj per layer (default), or
+        Hugging Face's seven projections (False).
     """
     directory = pathlib.Path(path)
     hf = json.loads((directory / "config.json").read_text())
-    cfg = config_from_hf(hf)
+    cfg = config_from_hf(hf).replace(fused_projections=fused)
     dtype = jnp.dtype(dtype)
     qc = hf.get("quantization_config") or {}
     gptq_ckpt = qc.get("quant_method") == "gptq"
@@ -164,25 +190,23 @@ def load_llama(path, *, quantize: str | None = "rtn", group_size: int | None = 1
     for i, layer in layers:
         _set(layer.attn_norm.scale, t[f"model.layers.{i}.input_layernorm.weight"], dtype)
         _set(layer.mlp_norm.scale, t[f"model.layers.{i}.post_attention_layernorm.weight"], dtype)
-        for (parent, attr), name in _projection(layer, i):
-            proj = getattr(parent, attr)
+        for proj, names, segments in _projections(layer, i, cfg):
             if gptq_ckpt:
-                get = lambda s: t[f"{name}.{s}"] if f"{name}.{s}" in t else None  # noqa: E731
-                qw = jm.convert.from_gptq(
-                    t[f"{name}.qweight"], t[f"{name}.scales"], get("qzeros"), get("g_idx"),
-                    checkpoint_format=qc.get("checkpoint_format", "gptq"))
-                if get("bias") is not None and np.any(get("bias")):
-                    raise ValueError(f"load_llama: {name} has a non-zero bias; Llama has none.")
+                qw = _fused({p: _gptq_weight(t, name, qc) for p, name in names.items()}, segments)
                 proj.packed.set_value(qw.packed)
                 proj.scales.set_value(qw.scales.astype(proj.scales.get_value().dtype))
-            elif quantize == "rtn":
+                continue
+            # Fused before quantizing: RTN scales are per column, so this is
+            # exactly the parts quantized one by one and then fused.
+            kernel = _fused({p: t[f"{name}.weight"].T for p, name in names.items()}, segments)
+            if quantize == "rtn":
                 # quantize_params on this one layer: one float kernel in memory at a time.
-                kernel = jnp.asarray(t[f"{name}.weight"].T, dtype)
-                q = jm.quantize_params({"kernel": kernel}, group_size, dtype=dtype, progress=False)
+                q = jm.quantize_params({"kernel": jnp.asarray(kernel, dtype)}, group_size,
+                                       dtype=dtype, progress=False)
                 proj.packed.set_value(q["packed"])
                 proj.scales.set_value(q["scales"])
             else:
-                _set(proj.kernel, t[f"{name}.weight"].T, dtype)
+                _set(proj.kernel, kernel, dtype)
 
     unused = [n for n in t.unused() if not n.endswith("rotary_emb.inv_freq")]
     if unused:
@@ -191,6 +215,16 @@ def load_llama(path, *, quantize: str | None = "rtn", group_size: int | None = 1
     if quantize == "gptq" and not gptq_ckpt:
         model = _gptq(model, cfg, factory, dtype, group_size, calib, progress)
     return model
+
+
+def _gptq_weight(t: _Tensors, name: str, qc: dict) -> jm.QuantizedWeight:
+    """HF module ``name`` of a GPTQ checkpoint, repacked into the Marlin format."""
+    get = lambda s: t[f"{name}.{s}"] if f"{name}.{s}" in t else None  # noqa: E731
+    qw = jm.convert.from_gptq(t[f"{name}.qweight"], t[f"{name}.scales"], get("qzeros"),
+                              get("g_idx"), checkpoint_format=qc.get("checkpoint_format", "gptq"))
+    if get("bias") is not None and np.any(get("bias")):
+        raise ValueError(f"load_llama: {name} has a non-zero bias; Llama has none.")
+    return qw
 
 
 def _gptq(model, cfg, factory, dtype, group_size, calib, progress):

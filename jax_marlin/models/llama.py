@@ -11,11 +11,16 @@ attention with rotary embeddings (the "rotate half" convention) -> residual,
 RMSNorm -> SwiGLU MLP -> residual; final RMSNorm; lm_head (or the embedding
 transposed when tied).
 
-The seven projections of each layer come from ``dense(in, out, axes, rngs)``,
-so one model code serves the int4 model (``jax_marlin.QuantDense``) and the
-16-bit baseline (``nnx.Linear``). Their names and logical axes are
-``jax_marlin.sharding.LLAMA_PROJECTIONS``: with ``MODEL_RULES`` q/k/v/gate/up
-are column parallel and o/down row parallel over the mesh axis "model".
+The projections of each layer come from ``dense(in, out, axes, rngs)``, so
+one model code serves the int4 model (``jax_marlin.QuantDense``) and the
+16-bit baseline (``nnx.Linear``). By default (``cfg.fused_projections``) a
+layer has four: ``qkv_proj`` (q, k and v in one matmul), ``o_proj``,
+``gate_up_proj`` (gate and up in one) and ``down_proj``; their column orders
+are ``fusion.py``'s. With ``fused_projections=False`` it has Hugging Face's
+seven (q, k, v, o, gate, up, down). Their names and logical axes are
+``jax_marlin.sharding.LLAMA_PROJECTIONS``: with ``MODEL_RULES`` qkv (q/k/v)
+and gate_up (gate/up) are column parallel and o/down row parallel over the
+mesh axis "model". ``fused_model`` turns an unfused model into its fused twin.
 
 The KV cache is a list of per-layer ``(k, v)`` arrays ``(batch, max_len,
 kv_heads, head_dim)`` preallocated at their full length (static shapes: one
@@ -38,12 +43,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jax_marlin as jm
+from jax_marlin.models import fusion
 from jax_marlin.nnx import sharding_of
 from jax_marlin.sharding import LLAMA_PROJECTIONS, LOGICAL_AXIS_RULES, MODEL_AXIS
 
 __all__ = ["CONFIGS", "Llama", "LlamaConfig", "MODEL_RULES", "check_tensor_parallel",
-           "dense_factory", "init_cache", "cache_shardings", "param_shardings",
-           "random_state"]
+           "dense_factory", "fused_model", "init_cache", "cache_shardings",
+           "max_tensor_parallel", "param_shardings", "random_state"]
 
 # The library's rules plus the vocabulary: the embedding table and lm_head are
 # split over "model" along the vocabulary (XLA adds the collectives).
@@ -64,6 +70,8 @@ class LlamaConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02  # random init of the projections
     embed_std: float = 0.02  # random init of the embedding (and lm_head)
+    # One qkv_proj and one gate_up_proj per layer (4 matmuls, not 7); see fusion.py.
+    fused_projections: bool = True
 
     def __post_init__(self):
         if not self.head_dim:
@@ -73,6 +81,8 @@ class LlamaConfig:
                              f"n_kv_heads ({self.n_kv_heads}).")
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: head_dim must be even (rotary pairs), got {self.head_dim}.")
+        if self.fused_projections:
+            fusion.gate_up_chunk(self.ffn_dim)  # raises unless ffn_dim can be interleaved
 
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
@@ -184,19 +194,28 @@ class Attention(nnx.Module):
         D, hd = cfg.dim, cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
         self.theta = cfg.rope_theta
+        self.fused = cfg.fused_projections
         std = cfg.init_std
         P_ = LLAMA_PROJECTIONS
-        self.q_proj = dense(D, cfg.n_heads * hd, P_["q_proj"], rngs, std)
-        self.k_proj = dense(D, cfg.n_kv_heads * hd, P_["k_proj"], rngs, std)
-        self.v_proj = dense(D, cfg.n_kv_heads * hd, P_["v_proj"], rngs, std)
+        if self.fused:
+            self.qkv_proj = dense(D, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd, P_["qkv_proj"],
+                                  rngs, std)
+        else:
+            self.q_proj = dense(D, cfg.n_heads * hd, P_["q_proj"], rngs, std)
+            self.k_proj = dense(D, cfg.n_kv_heads * hd, P_["k_proj"], rngs, std)
+            self.v_proj = dense(D, cfg.n_kv_heads * hd, P_["v_proj"], rngs, std)
         self.o_proj = dense(cfg.n_heads * hd, D, P_["o_proj"], rngs, std)
 
     def __call__(self, x, kv, index, pad, positions):
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q = rope(self.q_proj(x).reshape(B, T, H, hd), positions, self.theta)
-        k = rope(self.k_proj(x).reshape(B, T, KV, hd), positions, self.theta)
-        v = self.v_proj(x).reshape(B, T, KV, hd)
+        if self.fused:
+            q, k, v = fusion.split_qkv(self.qkv_proj(x), H, KV, hd)
+        else:
+            q = self.q_proj(x).reshape(B, T, H, hd)
+            k = self.k_proj(x).reshape(B, T, KV, hd)
+            v = self.v_proj(x).reshape(B, T, KV, hd)
+        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
         k_cache, v_cache = kv
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
@@ -219,13 +238,22 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: LlamaConfig, dense: DenseFactory, rngs: nnx.Rngs):
         D, F, std = cfg.dim, cfg.ffn_dim, cfg.init_std
-        self.gate_proj = dense(D, F, LLAMA_PROJECTIONS["gate_proj"], rngs, std)
-        self.up_proj = dense(D, F, LLAMA_PROJECTIONS["up_proj"], rngs, std)
+        self.ffn_dim, self.fused = F, cfg.fused_projections
+        if self.fused:
+            self.gate_up_proj = dense(D, 2 * F, LLAMA_PROJECTIONS["gate_up_proj"], rngs, std)
+        else:
+            self.gate_proj = dense(D, F, LLAMA_PROJECTIONS["gate_proj"], rngs, std)
+            self.up_proj = dense(D, F, LLAMA_PROJECTIONS["up_proj"], rngs, std)
         self.down_proj = dense(F, D, LLAMA_PROJECTIONS["down_proj"], rngs, std)
 
     def __call__(self, x):
-        h = jax.nn.silu(self.gate_proj(x).astype(jnp.float32)) * self.up_proj(x).astype(jnp.float32)
-        return self.down_proj(h.astype(x.dtype))
+        if self.fused:
+            gate, up = fusion.split_gate_up(self.gate_up_proj(x), self.ffn_dim)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        h = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
+        # Fused: (..., F/C, C) chunks in gate/up order, which is F's order.
+        return self.down_proj(h.reshape(*x.shape[:-1], self.ffn_dim).astype(x.dtype))
 
 
 class Block(nnx.Module):
@@ -361,7 +389,8 @@ def param_shardings(state, mesh, rules=MODEL_RULES):
 
 
 def cache_shardings(cfg: LlamaConfig, mesh, rules=MODEL_RULES):
-    """Per-layer (k, v) shardings: batch over "data", KV heads over "model" (as k_proj's output)."""
+    """Per-layer (k, v) shardings: batch over "data", KV heads over "model" (as k_proj's output,
+    or the fused qkv_proj's, whose shards hold whole KV-head groups in the same order)."""
     table = dict(rules)
     batch_axis = table.get("batch") if table.get("batch") in mesh.shape else None
     head_axis = table.get("kv_heads") if table.get("kv_heads") in mesh.shape else None
@@ -374,27 +403,111 @@ def cache_shardings(cfg: LlamaConfig, mesh, rules=MODEL_RULES):
 def check_tensor_parallel(cfg: LlamaConfig, tp: int, group_size: int | None = 128) -> None:
     """Raise ValueError (saying what to change) unless ``cfg`` splits over ``tp`` devices.
 
-    Every device must get whole attention heads and KV heads, and int4 weight
-    shards must be multiples of 64 columns (column parallel) or of 64 rows in
-    whole groups (row parallel).
+    Every device must get whole KV heads with their query heads (for the fused
+    qkv_proj: whole column groups, see ``fusion``), whole gate/up chunk pairs
+    (fused gate_up_proj), and int4 weight shards must be multiples of 64
+    columns (column parallel) or of 64 rows in whole groups (row parallel).
     """
     if tp <= 1:
         return
     problems = []
-    if cfg.n_heads % tp or cfg.n_kv_heads % tp:
-        problems.append(f"n_heads={cfg.n_heads} and n_kv_heads={cfg.n_kv_heads} must both be "
-                        f"multiples of tp={tp} (whole heads per device)")
-    hd = cfg.head_dim
-    for name, width in (("n_heads * head_dim", cfg.n_heads * hd),
-                        ("n_kv_heads * head_dim", cfg.n_kv_heads * hd), ("ffn_dim", cfg.ffn_dim)):
+    H, KV, hd, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    if KV % tp:  # H = G * KV: then H % tp too
+        problems.append(f"n_heads={H} and n_kv_heads={KV} must both be multiples of tp={tp} "
+                        f"(whole KV heads, with their query heads, per device)")
+    # Output widths of column-parallel weights, input widths of row-parallel ones.
+    if cfg.fused_projections:
+        columns = {"(n_heads + 2 * n_kv_heads) * head_dim": (H + 2 * KV) * hd, "2 * ffn_dim": 2 * F}
+    else:
+        columns = {"n_heads * head_dim": H * hd, "n_kv_heads * head_dim": KV * hd, "ffn_dim": F}
+    rows = {"n_heads * head_dim": H * hd, "ffn_dim": F}
+    for name, width in columns.items():
         if width % (64 * tp):
             problems.append(f"{name} = {width} must be a multiple of 64 * tp = {64 * tp}")
-        elif group_size and name != "n_kv_heads * head_dim" and width % (group_size * tp):
+    for name, width in rows.items():
+        if width % (64 * tp):
+            if name not in columns:  # else already said
+                problems.append(f"{name} = {width} must be a multiple of 64 * tp = {64 * tp}")
+        elif group_size and width % (group_size * tp):
             problems.append(f"{name} = {width} must be a multiple of group_size * tp = "
                             f"{group_size * tp} (row-parallel shards hold whole groups)")
+    if cfg.fused_projections:
+        C = fusion.gate_up_chunk(F)
+        if F % (C * tp):
+            problems.append(f"ffn_dim = {F} must be a multiple of {C} * tp = {C * tp} (the fused "
+                            f"gate_up_proj interleaves gate and up in chunks of {C} columns; "
+                            f"each device needs whole chunk pairs), or use "
+                            f"fused_projections=False")
     if problems:
         raise ValueError(f"tensor parallelism over {tp} devices does not fit this model: "
                          + "; ".join(problems) + ". Use a --tp that divides them.")
+
+
+def max_tensor_parallel(cfg: LlamaConfig, limit: int, group_size: int | None = 128) -> int:
+    """The largest tp <= ``limit`` that ``check_tensor_parallel`` accepts."""
+    for tp in range(limit, 1, -1):
+        try:
+            check_tensor_parallel(cfg, tp, group_size)
+            return tp
+        except ValueError:
+            pass
+    return 1
+
+
+# --- Fusing an unfused model ---------------------------------------------------------
+
+
+def _projection_params(module) -> dict:
+    """A projection's weight as a fusion.fuse part: QuantizedWeight (int4) or kernel (16-bit)."""
+    if isinstance(module, jm.QuantDense):
+        return jm.QuantizedWeight(packed=module.packed.get_value(), scales=module.scales.get_value())
+    return module.kernel.get_value()
+
+
+def _set_projection(module, weight) -> None:
+    if isinstance(weight, jm.QuantizedWeight):
+        module.packed.set_value(weight.packed)
+        module.scales.set_value(weight.scales)
+    else:
+        module.kernel.set_value(weight)
+
+
+def fused_model(model: Llama) -> Llama:
+    """The fused twin of an unfused ``model`` (int4 or 16-bit): the same function, 4 matmuls a layer.
+
+    q/k/v and gate/up are fused in ``fusion``'s column orders; int4 weights
+    are fused in the packed format (no requantization). Everything else is
+    shared as is.
+    """
+    cfg = model.cfg
+    if cfg.fused_projections:
+        return model
+    fcfg = cfg.replace(fused_projections=True)
+    proj = model.layers[0].mlp.down_proj
+    if isinstance(proj, jm.QuantDense):
+        factory = dense_factory("int4", proj.dtype, group_size=proj.group_size,
+                                scales_dtype=proj.param_dtype)
+    else:
+        factory = dense_factory("dense", proj.kernel.get_value().dtype)
+    out = nnx.eval_shape(lambda: Llama(fcfg, dense=factory, dtype=model.dtype, rngs=nnx.Rngs(0)))
+
+    def shared(dst, src):  # every parameter both models have (all but q/k/v/gate/up)
+        return {k: shared(v, src[k]) if isinstance(v, dict) else src[k]
+                for k, v in dst.items() if k in src}
+
+    state = nnx.state(out, nnx.Param)
+    nnx.replace_by_pure_dict(state, shared(nnx.to_pure_dict(state),
+                                           nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    nnx.update(out, state)
+    qkv = fusion.qkv_columns(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+    gate_up = fusion.gate_up_columns(cfg.ffn_dim)
+    for src, dst in zip(model.layers, out.layers):
+        _set_projection(dst.attn.qkv_proj, fusion.fuse(
+            {p: _projection_params(getattr(src.attn, f"{p}_proj")) for p in fusion.QKV_PARTS}, qkv))
+        _set_projection(dst.mlp.gate_up_proj, fusion.fuse(
+            {p: _projection_params(getattr(src.mlp, f"{p}_proj")) for p in fusion.GATE_UP_PARTS},
+            gate_up))
+    return out
 
 
 # --- Random weights at any size ------------------------------------------------------
