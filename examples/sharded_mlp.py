@@ -91,7 +91,9 @@ BLOCKS = {
 
 def collectives(jitted, *args):
     text = jitted.lower(*args).compile().as_text()
-    pattern = r"= (\S+) (all-reduce|all-gather|reduce-scatter|all-to-all)(?:-start)?\("
+    # Shapes may be tuples with spaces (async or combined collectives): match lazily.
+    pattern = (r"= ([^=\n]+?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+               r"(?:-start)?\(")
     return [f"{m.group(2)} {m.group(1)}" for m in re.finditer(pattern, text)]
 
 

@@ -8,7 +8,8 @@ Parameters (collection ``params``):
 
 Logical axis names: when ``kernel_init`` is wrapped by ``nn.with_partitioning``
 or ``nn.with_logical_partitioning`` (say ("embed", "mlp")), ``packed`` and
-``scales`` are boxed with the same names (per-channel scales: (None, "mlp")),
+``scales`` (2:4 sparse: ``values``, ``meta``, ``scales``) are boxed with the
+same names (per-channel scales: (None, "mlp")),
 and the bias with ``bias_init``'s names or else ("mlp",).
 """
 

@@ -8,7 +8,8 @@ Parameters (all ``nnx.Param``):
 
 Logical axis names: the kernel's names (from ``kernel_init=nnx.with_partitioning(
 init, ("embed", "mlp"))`` or ``kernel_metadata={"out_sharding": ...}``) go to
-``packed`` and ``scales`` unchanged (both are laid out (K-ish, N-ish)); a
+``packed`` and ``scales`` (2:4 sparse: ``values``, ``meta`` and ``scales``)
+unchanged (all are laid out (K-ish, N-ish)); a
 per-channel weight's single scale row gets ``(None, "mlp")``. The bias gets its
 own names, or ``("mlp",)`` (the kernel's output axis) when it has none.
 """

@@ -128,6 +128,35 @@ def _kernel_call(x2, packed, scales):
     return y
 
 
+def _varying_axes(*arrays) -> set:
+    """The manual mesh axes (inside shard_map) any of ``arrays`` varies over."""
+    axes = set()
+    for a in arrays:
+        aval = jax.typeof(a)
+        varying = getattr(aval, "vma", None)
+        if varying is None:  # newer jax: the manual axis type holds them
+            varying = getattr(getattr(aval, "mat", None), "varying", ())
+        axes |= set(varying or ())
+    return axes
+
+
+def _varying_like_operands(call):
+    """``call`` whose result varies over every manual mesh axis its operands do.
+
+    An FFI call's result carries no such axes (jax cannot see inside it), an
+    XLA dot's carries its operands'; inside shard_map the branches of
+    ``platform_dependent`` (kernel vs dequantize + dot) must agree, and a
+    psum needs its operand marked varying. At run time this is nothing.
+    """
+
+    def varying_call(*operands):
+        y = call(*operands)
+        missing = tuple(sorted(_varying_axes(*operands) - _varying_axes(y)))
+        return jax.lax.pcast(y, missing, to="varying") if missing else y
+
+    return varying_call
+
+
 _CALLS = {"cpu": _cpu_call, "cuda": _cuda_call}
 
 
@@ -141,7 +170,7 @@ def _local_matmul(x, packed, scales):
     M = math.prod(lead)
     if M == 0:  # nothing to compute; the kernel needs M >= 1
         return jnp.zeros((*lead, N), x.dtype)
-    calls = {p: _CALLS[p] for p in _ffi().BACKENDS}
+    calls = {p: _varying_like_operands(_CALLS[p]) for p in _ffi().BACKENDS}
     y = jax.lax.platform_dependent(x.reshape(M, K), packed, scales, **calls)
     return y.reshape(*lead, N)
 
@@ -149,7 +178,7 @@ def _local_matmul(x, packed, scales):
 # Under jax.jit with sharded operands each device runs _local_matmul on its
 # shards instead of XLA gathering the weight (rules in _partitioning.py); on
 # one device, and inside shard_map, it is _local_matmul itself.
-_partitioned_matmul = _partitioning.partitioned(_local_matmul)
+_partitioned_matmul = _partitioning.partitioned(_local_matmul, _partitioning.DENSE)
 
 
 @jax.custom_batching.custom_vmap
@@ -256,12 +285,13 @@ def _local_sparse_matmul(x, values, meta, scales):
     M = math.prod(lead)
     if M == 0:
         return jnp.zeros((*lead, N), x.dtype)
-    calls = {p: _SPARSE_CALLS[p] for p in _ffi().BACKENDS}
+    calls = {p: _varying_like_operands(_SPARSE_CALLS[p]) for p in _ffi().BACKENDS}
     y = jax.lax.platform_dependent(x.reshape(M, K), values, meta, scales, **calls)
     return y.reshape(*lead, N)
 
 
-_partitioned_sparse_matmul = _partitioning.partitioned_sparse(_local_sparse_matmul)
+# Same partitioning rules as the dense weight, over the sparse type's three leaves.
+_partitioned_sparse_matmul = _partitioning.partitioned(_local_sparse_matmul, _partitioning.SPARSE)
 
 
 @jax.custom_batching.custom_vmap
@@ -320,8 +350,7 @@ def marlin_matmul(x, qw: QuantizedWeight | SparseQuantizedWeight) -> jax.Array:
       x: (..., K) float16 or bfloat16; must match ``qw.dtype`` (use
         ``qw.astype(x.dtype)`` to switch a weight's dtype).
       qw: a QuantizedWeight, or a SparseQuantizedWeight (2:4 sparse: the
-        mma.sp kernel on CUDA, issue 8; a sharded sparse weight raises
-        NotImplementedError for now).
+        mma.sp kernel on CUDA, issue 8).
 
     Returns:
       (..., N) in x's dtype; accumulation is in float32.
@@ -337,8 +366,9 @@ def marlin_matmul(x, qw: QuantizedWeight | SparseQuantizedWeight) -> jax.Array:
     was measured to be faster.
 
     Under ``jax.jit`` with sharded operands each device runs the kernel on its
-    shard (data, column and row parallel; the weight is never gathered), and
-    inside ``shard_map`` it runs on the local shards: see ``jax_marlin.sharding``.
+    shard (data, column and row parallel, for both weight types; the weight is
+    never gathered), and inside ``shard_map`` it runs on the local shards: see
+    ``jax_marlin.sharding``.
     """
     x = x if isinstance(x, jax.Array) else jnp.asarray(x)
     _check_operands(x, qw)

@@ -3,7 +3,11 @@
 Under ``jax.jit`` nothing is needed beyond sharded operands:
 ``jax_marlin.marlin_matmul`` carries partitioning rules (``_partitioning.py``,
 for Shardy and GSPMD) so that each device runs the kernel on its shard and
-the 4-bit weight never moves. The modes, by how the weight is sharded:
+the 4-bit weight never moves. Everything here holds for both weight types,
+``QuantizedWeight`` (leaves packed, scales) and the 2:4 sparse
+``SparseQuantizedWeight`` (values, meta, scales: all split alike, in whole
+64-column runs / whole 32-row bands and groups). The modes, by how the
+weight is sharded:
 
 - ``"replicated"`` (data parallel): x sharded on its leading dims, weight
   replicated; no communication.
@@ -24,15 +28,19 @@ table for a Llama-style decoder (``LOGICAL_AXIS_RULES``, ``LLAMA_PROJECTIONS``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_marlin import _partitioning, layout
+from jax_marlin import _partitioning
 from jax_marlin.ops import marlin_matmul
 from jax_marlin.quantized_weight import QuantizedWeight
+from jax_marlin.sparse_weight import SparseQuantizedWeight
+
+Weight = QuantizedWeight | SparseQuantizedWeight
 
 MODES = ("replicated", "column", "row")
 
@@ -41,11 +49,12 @@ def _axes(axis) -> tuple[str, ...]:
     return () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
 
 
-def weight_specs(qw: QuantizedWeight, mode: str, axis=None) -> QuantizedWeight:
-    """PartitionSpecs of ``qw``'s leaves for ``mode``, as a QuantizedWeight of specs.
+def weight_specs(qw: Weight, mode: str, axis=None) -> Weight:
+    """PartitionSpecs of ``qw``'s leaves for ``mode``, as a weight of ``qw``'s type of specs.
 
     Args:
-      qw: the weight (only its shapes are used).
+      qw: the weight, a QuantizedWeight or SparseQuantizedWeight (only its
+        type and shapes are used).
       mode: ``"replicated"``, ``"column"`` (split N) or ``"row"`` (split K).
       axis: mesh axis name, or tuple of names, to split over (not for
         ``"replicated"``).
@@ -62,15 +71,11 @@ def weight_specs(qw: QuantizedWeight, mode: str, axis=None) -> QuantizedWeight:
             f"mode {mode!r} needs axis=None" if mode == "replicated"
             else f"mode {mode!r} needs a mesh axis to split over, e.g. axis='model'."
         )
-    if mode == "column":
-        return QuantizedWeight(packed=P(None, entry), scales=P(None, entry))
-    if mode == "row":
-        return QuantizedWeight(packed=P(entry, None),
-                               scales=P(None if qw.is_per_channel else entry, None))
-    return QuantizedWeight(packed=P(None, None), scales=P(None, None))
+    k, n = {"column": (None, entry), "row": (entry, None)}.get(mode, (None, None))
+    return _partitioning.kind_of(qw).specs(k, n, qw.is_per_channel)
 
 
-def weight_shardings(mesh, qw: QuantizedWeight, mode: str, axis=None) -> QuantizedWeight:
+def weight_shardings(mesh, qw: Weight, mode: str, axis=None) -> Weight:
     """NamedShardings of ``qw``'s leaves for ``mode`` on ``mesh``, checked.
 
     Raises ValueError (saying what to change) when the split is unusable:
@@ -93,7 +98,7 @@ def weight_shardings(mesh, qw: QuantizedWeight, mode: str, axis=None) -> Quantiz
                         is_leaf=lambda s: isinstance(s, P))
 
 
-def shard_weight(qw: QuantizedWeight, mesh, mode: str, axis=None) -> QuantizedWeight:
+def shard_weight(qw: Weight, mesh, mode: str, axis=None) -> Weight:
     """``jax.device_put(qw, weight_shardings(mesh, qw, mode, axis))``."""
     return jax.device_put(qw, weight_shardings(mesh, qw, mode, axis))
 
@@ -110,13 +115,14 @@ def shard_weight(qw: QuantizedWeight, mesh, mode: str, axis=None) -> QuantizedWe
 # (x split on K over the same axes for row parallel).
 
 
-def row_parallel_matmul(x, qw: QuantizedWeight, axis_name, *, group_size: int,
+def row_parallel_matmul(x, qw: Weight, axis_name, *, group_size: int,
                         scatter_dimension: int | None = None) -> jax.Array:
     """Row-parallel x @ W inside ``shard_map``: local kernel call, then psum.
 
     Args:
       x: this device's (..., K / shards) slice of the activations.
-      qw: this device's row shard of the weight (``weight_specs(qw, "row", axis)``).
+      qw: this device's row shard of the weight (``weight_specs(qw, "row", axis)``),
+        dense or 2:4 sparse.
       axis_name: the mesh axis (or tuple of axes) K is split over.
       group_size: the group size of the whole, unsharded weight
         (``qw.group_size`` before sharding; K for per-channel). A shard
@@ -134,10 +140,10 @@ def row_parallel_matmul(x, qw: QuantizedWeight, axis_name, *, group_size: int,
             f"({k_local} rows, {g_local} scale rows, {shards} shards); pass the unsharded "
             f"weight's qw.group_size (its K = {k_local * shards} for per-channel)."
         )
-    if g_local == 1 and group_size == k_local and shards > 1:
+    regroup = _partitioning.kind_of(qw).one_group_scales
+    if g_local == 1 and group_size == k_local and shards > 1 and regroup is not None:
         # One group per shard: reorder its scales as the per-channel path reads them.
-        qw = QuantizedWeight(packed=qw.packed,
-                             scales=layout.grouped_scales_as_per_channel(qw.scales))
+        qw = dataclasses.replace(qw, scales=regroup(qw.scales))
     y = marlin_matmul(x, qw)
     if scatter_dimension is None:
         return jax.lax.psum(y, axis_name)
@@ -147,9 +153,10 @@ def row_parallel_matmul(x, qw: QuantizedWeight, axis_name, *, group_size: int,
 # --- Logical axes of a Llama-style decoder -----------------------------------------
 #
 # A QuantDense layer's weight is (K, N) = (input features, output features);
-# its packed (K/16, 2N) and scales (K/g, N) leaves carry the same two logical
-# names, since a split of K or N in valid shards is a split of those leaves
-# in the same places. Per-channel scales have one row: their first name must
+# its packed (K/16, 2N) and scales (K/g, N) leaves (2:4 sparse: values
+# (K/32, 2N), meta (K/32, N), scales) carry the same two logical names, since
+# a split of K or N in valid shards is a split of those leaves in the same
+# places. Per-channel scales have one row: their first name must
 # be None. Attention projections are flattened: heads * head_dim columns.
 # The fused projections (jax_marlin.models.fusion) have names of their own:
 # their columns are not plain heads or MLP units but groups ordered so that
@@ -200,14 +207,19 @@ def _mesh_axis(name, rules):
 
 
 def logical_weight_specs(logical_axes, *, per_channel: bool = False,
-                         rules=LOGICAL_AXIS_RULES) -> QuantizedWeight:
+                         rules=LOGICAL_AXIS_RULES, sparsity: str | None = None) -> Weight:
     """PartitionSpecs for a weight whose (K, N) carry ``logical_axes`` (in, out).
 
     E.g. ``logical_weight_specs(LLAMA_PROJECTIONS["down_proj"])`` gives
     ``packed=P("model", None), scales=P("model", None)`` (row parallel).
+    ``sparsity="2:4"`` (as QuantDense's) gives a SparseQuantizedWeight of
+    specs: values, meta and scales split alike.
     """
+    if sparsity not in (None, "2:4"):
+        raise ValueError(f"sparsity must be None or \"2:4\", got {sparsity!r}.")
     k, n = (_mesh_axis(a, rules) for a in logical_axes)
-    return QuantizedWeight(packed=P(k, n), scales=P(None if per_channel else k, n))
+    kind = _partitioning.SPARSE if sparsity == "2:4" else _partitioning.DENSE
+    return kind.specs(k, n, per_channel)
 
 
 def projection_mode(logical_axes, rules=LOGICAL_AXIS_RULES) -> str:

@@ -90,6 +90,26 @@ def test_weight_specs(util):
         sharding.weight_specs(grouped, "rows", "model")
 
 
+def test_weight_specs_sparse():
+    """The 2:4 sparse weight: values, meta and scales split alike (per-channel scales
+    replicated in row mode), as a SparseQuantizedWeight of specs."""
+    rng = np.random.default_rng(0)
+    grouped = jm.quantize_sparse(rng.standard_normal((256, 128)).astype(np.float32), 64)
+    per_channel = jm.quantize_sparse(rng.standard_normal((256, 128)).astype(np.float32), None)
+    assert sharding.weight_specs(grouped, "column", "model") == jm.SparseQuantizedWeight(
+        values=P(None, "model"), meta=P(None, "model"), scales=P(None, "model"))
+    assert sharding.weight_specs(grouped, "row", ("data", "model")) == jm.SparseQuantizedWeight(
+        values=P(("data", "model"), None), meta=P(("data", "model"), None),
+        scales=P(("data", "model"), None))
+    row_pc = sharding.weight_specs(per_channel, "row", "model")
+    assert (row_pc.meta, row_pc.scales) == (P("model", None), P(None, None))
+    down = sharding.logical_weight_specs(sharding.LLAMA_PROJECTIONS["down_proj"], sparsity="2:4")
+    assert down == jm.SparseQuantizedWeight(values=P("model", None), meta=P("model", None),
+                                            scales=P("model", None))
+    with pytest.raises(ValueError, match="sparsity"):
+        sharding.logical_weight_specs(("embed", "mlp"), sparsity="1:2")
+
+
 def test_llama_rule_table():
     modes = {name: sharding.projection_mode(axes)
              for name, axes in sharding.LLAMA_PROJECTIONS.items()}

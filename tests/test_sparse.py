@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jax_marlin as jm
+from jax_marlin import _partitioning
 from jax_marlin import sparse_layout as sl
 
 DTYPES = [jnp.float16, jnp.bfloat16]
@@ -92,6 +93,14 @@ def test_whole_tile_slices_are_valid_weights():
     np.testing.assert_array_equal(np.asarray(rows.values), np.asarray(full.values)[2:6])
     np.testing.assert_array_equal(np.asarray(rows.meta), np.asarray(full.meta)[2:6])
     np.testing.assert_array_equal(np.asarray(rows.scales), np.asarray(full.scales)[1:3])
+    # A slice of exactly one group is, as it stands, the per-channel weight of
+    # its rows: the sparse layout orders one scale row like several (the dense
+    # one does not: tests/test_sharding.py::test_row_slices_are_packed_weights),
+    # so a row shard holding one group needs no reordering.
+    one = jm.pack_sparse(codes[64:128], scales[1:2])
+    np.testing.assert_array_equal(np.asarray(one.values), np.asarray(full.values)[2:4])
+    np.testing.assert_array_equal(np.asarray(one.scales), np.asarray(full.scales)[1:2])
+    assert _partitioning.SPARSE.one_group_scales is None
     # and the kernel computes with the slices what it computes with the whole
     x = jnp.asarray(np.random.default_rng(0).standard_normal((5, K)), jnp.float16)
     y = np.asarray(jm.marlin_matmul(x, full), np.float32)

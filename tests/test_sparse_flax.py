@@ -12,6 +12,7 @@ from flax import nnx
 import jax_marlin as jm
 from jax_marlin import linen as jl
 from jax_marlin.gptq import gptq_quantize, hessian, sparsegpt_quantize
+from jax_marlin.nnx import sharding_of
 
 
 def _two_of_four(codes):
@@ -46,6 +47,26 @@ def test_linen_quant_dense_sparse():
     sqw = jm.SparseQuantizedWeight(values=p["values"], meta=p["meta"], scales=p["scales"])
     ref = jm.ops.marlin_matmul_reference(x, sqw) + p["bias"]
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_sparse_quant_dense_logical_axes():
+    """values, meta and scales carry the kernel's logical names (per-channel scales:
+    no name along K), in NNX and Linen, so a rule table shards them like the dense leaves."""
+    init = nnx.with_partitioning(nnx.initializers.normal(0.05), ("mlp", "embed"))
+    for g, scales_axes in [(64, ("mlp", "embed")), (None, (None, "embed"))]:
+        with nnx.use_eager_sharding(False):  # names only
+            layer = jm.QuantDense(128, 64, sparsity="2:4", group_size=g, kernel_init=init,
+                                  rngs=nnx.Rngs(0))
+        names = {leaf: tuple(sharding_of(getattr(layer, leaf).get_metadata())[1])
+                 for leaf in ("values", "meta", "scales", "bias")}
+        assert names == {"values": ("mlp", "embed"), "meta": ("mlp", "embed"),
+                         "scales": scales_axes, "bias": ("embed",)}, names
+        linen = jl.QuantDense(64, sparsity="2:4", group_size=g,
+                              kernel_init=nn.with_logical_partitioning(
+                                  nn.initializers.normal(0.05), ("mlp", "embed")))
+        params = linen.init(jax.random.key(0), jnp.ones((1, 128), jnp.float16))["params"]
+        boxed = {leaf: params[leaf].names for leaf in ("values", "meta", "scales", "bias")}
+        assert boxed == names, boxed
 
 
 class _MLP(nn.Module):
