@@ -2,6 +2,7 @@
 
     python -m jax_marlin.bench [--quick] [--sets llama2-7b,llama2-70b,16k] [--out DIR]
     python -m jax_marlin.bench --tune-dispatch [--sets ...]   # the large-M dispatch table
+    python -m jax_marlin.bench --sparse ...   # also 2:4 sparse int4 weights on every row
 
 For every layer (K, N), batch M, dtype and group size it times, on the device:
   * marlin    ``marlin_matmul(x, qw)`` (4-bit Marlin weight),
@@ -206,6 +207,14 @@ def marlin_weights(key, K, N, group, dtype, copies):
     return out
 
 
+def sparse_weights(key, K, N, group, dtype, copies):
+    """2:4 sparse weights: magnitude-pruned, RTN-quantized random weights (the
+    metadata must name valid positions, so they are made, not drawn)."""
+    return [jm.quantize_sparse(jax.random.normal(jax.random.fold_in(key, 500 + i), (K, N), dtype),
+                               group, dtype=dtype)
+            for i in range(copies)]
+
+
 def dense_weights(key, K, N, dtype, copies):
     return [jax.random.normal(jax.random.fold_in(key, i), (K, N), dtype) * 0.02
             for i in range(copies)]
@@ -240,6 +249,12 @@ def marlin_bytes(M, K, N, group, itemsize=2):
     return K * N // 2 + G * N * itemsize + M * K * itemsize + M * N * itemsize
 
 
+def sparse_bytes(M, K, N, group, itemsize=2):
+    """2:4 sparse: values (K N / 4) + metadata (K N / 8) + scales + x + y."""
+    G = 1 if group is None else K // group
+    return K * N // 4 + K * N // 8 + G * N * itemsize + M * K * itemsize + M * N * itemsize
+
+
 def measure_copy_bandwidth(timer_cls, reps: int = 7, n: int = 2**28) -> float:
     """Bytes read + written per second by a large device-to-device pass
     (default 1 GiB of float32), timed like the products."""
@@ -256,13 +271,15 @@ def measure_copy_bandwidth(timer_cls, reps: int = 7, n: int = 2**28) -> float:
 # --------------------------------------------------------------------------
 
 
-def bench_layer(K, N, dtype_name, batches, reps, timer_cls):
+def bench_layer(K, N, dtype_name, batches, reps, timer_cls, sparse=False):
     dtype = DTYPES[dtype_name]
     key = jax.random.PRNGKey(K * 7 + N)
     timer = timer_cls(reps)
     groups = (128, None)
     mw = {g: marlin_weights(key, K, N, g, dtype, copies_for(marlin_bytes(0, K, N, g)))
           for g in groups}
+    sw = ({g: sparse_weights(key, K, N, g, dtype, copies_for(sparse_bytes(0, K, N, g)))
+           for g in groups} if sparse else {})
     dw = dense_weights(key, K, N, dtype, copies_for(2 * K * N))
     iw = int4_weights(key, K, N, 128, dtype, copies_for(K * N // 2))
     for M in batches:
@@ -271,6 +288,11 @@ def bench_layer(K, N, dtype_name, batches, reps, timer_cls):
             calls = calls_for(len(mw[g]), marlin_bytes(M, K, N, g), flops)
             xs = activations(key, M, K, dtype, calls)
             timer.add(("marlin", M, g), unrolled(jm.marlin_matmul), (xs, rotate(mw[g], calls)), calls)
+            if sparse:
+                calls = calls_for(len(sw[g]), sparse_bytes(M, K, N, g), flops)
+                xs = activations(key, M, K, dtype, calls)
+                timer.add(("sparse", M, g), unrolled(jm.marlin_matmul), (xs, rotate(sw[g], calls)),
+                          calls)
         calls = calls_for(len(dw), 2 * (K * N + M * K + M * N), flops)
         xs = activations(key, M, K, dtype, calls)
         timer.add(("dense", M), unrolled(jnp.dot), (xs, rotate(dw, calls)), calls)
@@ -281,9 +303,12 @@ def bench_layer(K, N, dtype_name, batches, reps, timer_cls):
     rows = []
     for M in batches:
         for g in groups:
-            rows.append(dict(K=K, N=N, M=M, dtype=dtype_name, group=g or "channel",
-                             marlin_s=t[("marlin", M, g)], bytes=marlin_bytes(M, K, N, g),
-                             dense_s=t[("dense", M)], xla_int4_s=t[("xla_int4", M)]))
+            row = dict(K=K, N=N, M=M, dtype=dtype_name, group=g or "channel",
+                       marlin_s=t[("marlin", M, g)], bytes=marlin_bytes(M, K, N, g),
+                       dense_s=t[("dense", M)], xla_int4_s=t[("xla_int4", M)])
+            if sparse:
+                row.update(sparse_s=t[("sparse", M, g)], sparse_bytes=sparse_bytes(M, K, N, g))
+            rows.append(row)
     return rows
 
 
@@ -338,6 +363,10 @@ def summarize(rows, bw):
         r["roofline_frac"] = r["roofline_s"] / r["marlin_s"]
         r["speedup_vs_dense"] = r["dense_s"] / r["marlin_s"]
         r["speedup_vs_xla_int4"] = r["xla_int4_s"] / r["marlin_s"]
+        if "sparse_s" in r:
+            r["sparse_roofline_frac"] = r["sparse_bytes"] / bw / r["sparse_s"]
+            r["sparse_speedup_vs_marlin"] = r["marlin_s"] / r["sparse_s"]
+            r["sparse_speedup_vs_dense"] = r["dense_s"] / r["sparse_s"]
     return rows
 
 
@@ -348,7 +377,9 @@ def print_table(rows):
         print(f"{r.get('set', ''):<11}{r['K']:>6}{r['N']:>6}{r['M']:>5} {r['dtype']:<5}"
               f"{str(r['group']):>7} {r['marlin_s'] * 1e6:>10.1f}{100 * r['roofline_frac']:>6.0f}%"
               + f"{r['dense_s'] * 1e6:>10.1f}{r['speedup_vs_dense']:>8.2f}"
-              f"{r['xla_int4_s'] * 1e6:>9.1f}{r['speedup_vs_xla_int4']:>7.2f}")
+              f"{r['xla_int4_s'] * 1e6:>9.1f}{r['speedup_vs_xla_int4']:>7.2f}"
+              + (f"  2:4 sparse {r['sparse_s'] * 1e6:.1f} us, {100 * r['sparse_roofline_frac']:.0f}% roof, "
+                 f"{r['sparse_speedup_vs_marlin']:.2f}x dense int4" if "sparse_s" in r else ""))
 
 
 def by_set(rows, group=128):
@@ -392,6 +423,13 @@ def plot(rows, path):
             Ms = sorted(m for (s_, d_, m) in summary if s_ == s and d_ == dt)
             sp = [summary[(s, dt, m)]["speedup_vs_dense"] for m in Ms]
             ax.plot(Ms, sp, marker="o", label=f"marlin {dt}, g128")
+            sparse = [r for r in rows if r["set"] == s and r["dtype"] == dt and r["group"] == 128
+                      and "sparse_s" in r]
+            if sparse:
+                sMs = sorted({r["M"] for r in sparse})
+                ssp = [sum(r["dense_s"] for r in sparse if r["M"] == m)
+                       / sum(r["sparse_s"] for r in sparse if r["M"] == m) for m in sMs]
+                ax.plot(sMs, ssp, marker="s", linestyle=":", label=f"2:4 sparse {dt}, g128")
         ax.axhline(4.0, color="gray", linestyle="--", label="4x ideal")
         ax.axhline(1.0, color="black", linewidth=0.5)
         ax.set_xscale("log", base=2)
@@ -476,6 +514,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
     ap.add_argument("--commit", default=None,
                     help="commit id to record (default: git rev-parse HEAD, if available)")
+    ap.add_argument("--sparse", action="store_true",
+                    help="also time 2:4 sparse int4 weights (jm.quantize_sparse) on every row")
     ap.add_argument("--tune-dispatch", action="store_true",
                     help="measure the kernel vs dequantize + dot at large M and write the "
                          "dispatch table for this GPU kind (copy it into jax_marlin/dispatch_tables/)")
@@ -517,7 +557,7 @@ def main(argv=None):
         for K, N in layers:
             for dt in args.dtypes.split(","):
                 t0 = time.time()
-                new = bench_layer(K, N, dt, batches, args.reps, TIMERS[args.timer])
+                new = bench_layer(K, N, dt, batches, args.reps, TIMERS[args.timer], args.sparse)
                 for r in new:
                     r["set"] = set_name
                 rows += summarize(new, bw)

@@ -507,3 +507,31 @@ def test_bench_reads_gpu_kernel_time(tmp_path):
     s = bench.kernel_summary(events, wall_s=80e-6)
     assert s["marlin_share"] == pytest.approx(0.75) and s["gpu_busy_share"] == pytest.approx(0.5)
     assert bench.kernel_summary([], 1.0)["marlin_share"] is None
+
+
+def test_decode_benchmark_keeps_rows_of_a_run_cut_short(tmp_path, monkeypatch):
+    """The decode benchmark's JSON is rewritten after every row: a run that dies
+    part way (here: the second batch size fails) leaves the rows it measured,
+    marked incomplete; a whole run is marked complete."""
+    from jax_marlin.models import bench
+
+    argv = ["--config", "tiny", "--layers", "1", "--batches", "1,2", "--new-tokens", "4",
+            "--reps", "1", "--no-profile", "--variants", "int4", "--out", str(tmp_path / "ok")]
+    result = bench.main(argv)
+    assert result["complete"] and [r["batch"] for r in result["rows"]] == [1, 2]
+
+    real = bench.decode_runner
+
+    def failing_runner(graphdef, state, cfg, batch, *args):
+        if batch == 2:
+            raise RuntimeError("cut off")
+        return real(graphdef, state, cfg, batch, *args)
+
+    monkeypatch.setattr(bench, "decode_runner", failing_runner)
+    out = tmp_path / "cut"
+    with pytest.raises(RuntimeError, match="cut off"):
+        bench.main(argv[:-1] + [str(out)])
+    (path,) = out.glob("*.json")
+    saved = json.loads(path.read_text())
+    assert not saved["complete"]
+    assert [r["batch"] for r in saved["rows"]] == [1] and saved["rows"][0]["decode_tokens_per_s"] > 0

@@ -25,7 +25,9 @@ weights and cache do not fit the devices' memory is reported as not fitting
 Llama-2-70B on two 80 GB GPUs. JAX preallocates 75% of GPU memory by
 default; ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`` gives each variant more.
 
-Results: ``llama_decode_<config>_tp<N>_<date>.json`` and ``.png`` under ``--out``.
+Results: ``llama_decode_<config>_L<layers>_tp<N>_<date>.json`` and ``.png`` under
+``--out``. The JSON is rewritten after every row (``"complete": false`` until the
+run ends), so a run cut off by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ def is_oom(e: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in s or "out of memory" in s.lower() or "Out of memory" in s
 
 
-def bench_variant(variant, cfg, args, mesh, log):
+def bench_variant(variant, cfg, args, mesh, log, on_row=lambda row: None):
     dtype = jnp.dtype(args.dtype)
     rows = []
     limit = device_memory_limit()
@@ -178,7 +180,9 @@ def bench_variant(variant, cfg, args, mesh, log):
             msg = (f"does not fit: ~{need / 2**30:.1f} GiB a device (weights + KV cache at batch "
                    f"{max(args.batches)}) > {limit / 2**30:.1f} GiB available")
             log(f"{variant}: {msg}")
-            return [dict(variant=variant, fits=False, note=msg, weight_bytes=factory_bytes)]
+            row = dict(variant=variant, fits=False, note=msg, weight_bytes=factory_bytes)
+            on_row(row)
+            return [row]
         graphdef, state, weight_bytes = build(cfg, variant, dtype, mesh, args.group_size)
         jax.block_until_ready(state)
         log(f"{variant}: {weight_bytes / 2**30:.2f} GiB of weights ({weight_bytes / args.tp / 2**30:.2f} "
@@ -187,8 +191,10 @@ def bench_variant(variant, cfg, args, mesh, log):
         if not is_oom(e):
             raise
         log(f"{variant}: out of memory while making the weights")
-        return [dict(variant=variant, fits=False, note=f"out of memory making the weights: {str(e)[:200]}",
-                     weight_bytes=factory_bytes)]
+        row = dict(variant=variant, fits=False, note=f"out of memory making the weights: {str(e)[:200]}",
+                   weight_bytes=factory_bytes)
+        on_row(row)
+        return [row]
 
     for batch in args.batches:
         row = dict(variant=variant, batch=batch, fits=True, weight_bytes=weight_bytes)
@@ -229,6 +235,7 @@ def bench_variant(variant, cfg, args, mesh, log):
                + f" (compile {row['compile_s']:.0f} s)"
                if row["fits"] else row["note"]))
         rows.append(row)
+        on_row(row)
     del state
     return rows
 
@@ -335,9 +342,6 @@ def main(argv=None):
         f"{args.dtype}, group {args.group_size}, {'unfused (7)' if args.unfused else 'fused (4)'} "
         f"projections a layer; decode {args.new_tokens} tokens after "
         f"{args.prompt_len} cache slots")
-    rows = []
-    for variant in args.variants.split(","):
-        rows += bench_variant(variant, cfg, args, mesh, log)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = dict(
         benchmark="llama decode (jax_marlin.models.bench)", device=dev.device_kind,
@@ -347,15 +351,28 @@ def main(argv=None):
         fused_projections=cfg.fused_projections,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps,
         weights="random", memory_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "default"),
-        rows=rows, log=logs)
-    result["speedup_int4_vs_bf16"] = speedups(rows)
-    for b, s in result["speedup_int4_vs_bf16"].items():
-        log(f"batch {b}: int4 / bf16 decode speed {s:.2f}x")
+        complete=False, rows=[], log=logs)
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"llama_decode_{args.config}_L{cfg.n_layers}_tp{args.tp}"
                         f"{'_unfused' if args.unfused else ''}_{stamp}")
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+
+    def save():
+        # Rewritten after every row, so a run cut off (a time limit, a crash)
+        # keeps what it measured; "complete" says whether it got to the end.
+        result["speedup_int4_vs_bf16"] = speedups(result["rows"])
+        with open(base + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+
+    def on_row(row):
+        result["rows"].append(row)
+        save()
+
+    for variant in args.variants.split(","):
+        bench_variant(variant, cfg, args, mesh, log, on_row)
+    for b, s in result["speedup_int4_vs_bf16"].items():
+        log(f"batch {b}: int4 / bf16 decode speed {s:.2f}x")
+    result["complete"] = True
+    save()
     try:
         plot(result, base + ".png")
     except ImportError:

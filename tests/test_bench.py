@@ -1,0 +1,32 @@
+"""The matmul benchmark's bookkeeping on a small layer (any device): rows, byte
+counts for the roofline, the 2:4 sparse rows, table and plot."""
+
+from __future__ import annotations
+
+import pytest
+
+from jax_marlin import bench
+
+
+def test_byte_counts():
+    # 4096 x 4096, g128: packed K N / 2, scales 32 x N x 2 bytes, x and y at M = 1.
+    assert bench.marlin_bytes(1, 4096, 4096, 128) == 4096 * 4096 // 2 + 32 * 4096 * 2 + 2 * 4096 * 2
+    # 2:4 sparse: values K N / 4 + metadata K N / 8 (0.375 bytes a weight), same scales, x, y.
+    assert (bench.sparse_bytes(1, 4096, 4096, 128) - 32 * 4096 * 2 - 2 * 4096 * 2
+            == 4096 * 4096 * 3 // 8)
+
+
+def test_layer_rows_with_sparse(tmp_path):
+    rows = bench.bench_layer(128, 128, "fp16", (1, 3), reps=1, timer_cls=bench.WallTimer, sparse=True)
+    assert [(r["M"], r["group"]) for r in rows] == [(1, 128), (1, "channel"), (3, 128), (3, "channel")]
+    for r in rows:
+        r["set"] = "tiny"
+    rows = bench.summarize(rows, bw=1e12)
+    for r in rows:
+        assert r["marlin_s"] > 0 and r["sparse_s"] > 0
+        assert r["sparse_speedup_vs_marlin"] == pytest.approx(r["marlin_s"] / r["sparse_s"])
+        assert r["sparse_roofline_frac"] == pytest.approx(r["sparse_bytes"] / 1e12 / r["sparse_s"])
+    bench.print_table(rows)
+    pytest.importorskip("matplotlib")
+    bench.plot(rows, str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").stat().st_size > 0
