@@ -214,24 +214,32 @@ def _differentiable_matmul_fwd(x, packed, scales):
     return _matmul_jit(x, packed, scales), (x, packed, scales)
 
 
-def _differentiable_matmul_bwd(res, dy):
-    x, packed, scales = res
-    qw = QuantizedWeight(packed=packed, scales=scales)
-    w = dequantize(qw)  # (K, N) in the activations' dtype
+def _grads_through_dequantized(x, dy, w, codes, scales, permute_scales):
+    """dx and d(scales) of y = x @ W_hat, W_hat[k, n] = (code[k, n] - 8) * s[k // g, n],
+    computed through the dequantized weight ``w`` with float32 sums. dS[j, n] is the
+    sum over group j's rows of (code - 8) * dW, with dW = X^T dY; then into the
+    kernel's scale order (a permutation, so its gradient is permuted alike)."""
     hi = jax.lax.Precision.HIGHEST
     dx = jnp.einsum("...n,kn->...k", dy, w, precision=hi, preferred_element_type=jnp.float32)
-    # W_hat[k, n] = (code[k, n] - 8) * s[k // g, n]: dS[j, n] = sum over the
-    # group's rows of (code - 8) * dW, with dW = X^T dY; then into the
-    # kernel's scale order (a permutation, so its gradient is permuted alike).
-    K, N = qw.shape
+    K, N = w.shape
     G = scales.shape[-2]
     dw = jnp.einsum("mk,mn->kn", x.reshape(-1, K), dy.reshape(-1, N), precision=hi,
                     preferred_element_type=jnp.float32)
-    codes = layout.unpack_codes(packed).astype(jnp.float32) - layout.CODE_OFFSET
-    ds = jnp.sum((codes * dw).reshape(G, K // G, N), axis=1)
-    ds = layout.permute_scales(ds.astype(scales.dtype))
-    d_packed = np.zeros(packed.shape, dtype=jax.dtypes.float0)  # integer input
-    return dx.astype(x.dtype), d_packed, ds
+    values = codes.astype(jnp.float32) - layout.CODE_OFFSET
+    ds = jnp.sum((values * dw).reshape(G, K // G, N), axis=1)
+    return dx.astype(x.dtype), permute_scales(ds.astype(scales.dtype))
+
+
+def _no_grad(a):
+    return np.zeros(a.shape, dtype=jax.dtypes.float0)  # integer inputs
+
+
+def _differentiable_matmul_bwd(res, dy):
+    x, packed, scales = res
+    w = dequantize(QuantizedWeight(packed=packed, scales=scales))  # (K, N), activations' dtype
+    dx, ds = _grads_through_dequantized(x, dy, w, layout.unpack_codes(packed), scales,
+                                        layout.permute_scales)
+    return dx, _no_grad(packed), ds
 
 
 _differentiable_matmul.defvjp(_differentiable_matmul_fwd, _differentiable_matmul_bwd)
@@ -323,21 +331,11 @@ def _differentiable_sparse_matmul_fwd(x, values, meta, scales):
 
 
 def _differentiable_sparse_matmul_bwd(res, dy):
-    # As the dense backward: through the dequantized weight, float32 sums.
     x, values, meta, scales = res
-    sqw = SparseQuantizedWeight(values=values, meta=meta, scales=scales)
-    w = dequantize_sparse(sqw)
-    hi = jax.lax.Precision.HIGHEST
-    dx = jnp.einsum("...n,kn->...k", dy, w, precision=hi, preferred_element_type=jnp.float32)
-    K, N = sqw.shape
-    G = scales.shape[-2]
-    dw = jnp.einsum("mk,mn->kn", x.reshape(-1, K), dy.reshape(-1, N), precision=hi,
-                    preferred_element_type=jnp.float32)
-    codes = sparse_layout.unpack_codes(values, meta).astype(jnp.float32) - layout.CODE_OFFSET
-    ds = jnp.sum((codes * dw).reshape(G, K // G, N), axis=1)
-    ds = sparse_layout.permute_scales(ds.astype(scales.dtype))
-    zero = lambda a: np.zeros(a.shape, dtype=jax.dtypes.float0)  # noqa: E731 (integer inputs)
-    return dx.astype(x.dtype), zero(values), zero(meta), ds
+    w = dequantize_sparse(SparseQuantizedWeight(values=values, meta=meta, scales=scales))
+    dx, ds = _grads_through_dequantized(x, dy, w, sparse_layout.unpack_codes(values, meta), scales,
+                                        sparse_layout.permute_scales)
+    return dx, _no_grad(values), _no_grad(meta), ds
 
 
 _differentiable_sparse_matmul.defvjp(_differentiable_sparse_matmul_fwd, _differentiable_sparse_matmul_bwd)

@@ -16,8 +16,13 @@ def test_byte_counts():
             == 4096 * 4096 * 3 // 8)
 
 
-def test_layer_rows_with_sparse(tmp_path):
-    rows = bench.bench_layer(128, 128, "fp16", (1, 3), reps=1, timer_cls=bench.WallTimer, sparse=True)
+@pytest.fixture(scope="module")
+def sparse_rows():
+    return bench.bench_layer(128, 128, "fp16", (1, 3), reps=1, timer_cls=bench.WallTimer, sparse=True)
+
+
+def test_layer_rows_with_sparse(sparse_rows):
+    rows = [dict(r) for r in sparse_rows]
     assert [(r["M"], r["group"]) for r in rows] == [(1, 128), (1, "channel"), (3, 128), (3, "channel")]
     for r in rows:
         r["set"] = "tiny"
@@ -27,6 +32,10 @@ def test_layer_rows_with_sparse(tmp_path):
         assert r["sparse_speedup_vs_marlin"] == pytest.approx(r["marlin_s"] / r["sparse_s"])
         assert r["sparse_roofline_frac"] == pytest.approx(r["sparse_bytes"] / 1e12 / r["sparse_s"])
     bench.print_table(rows)
+
+
+def test_plot_with_sparse_rows(sparse_rows, tmp_path):
     pytest.importorskip("matplotlib")
+    rows = bench.summarize([dict(r, set="tiny") for r in sparse_rows], bw=1e12)
     bench.plot(rows, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 0
