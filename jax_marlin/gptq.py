@@ -36,11 +36,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_marlin import layout, sparse_layout
-from jax_marlin.quantize import _quantize_arrays
-from jax_marlin.quantized_weight import FLOAT_DTYPES, QuantizedWeight
+from jax_marlin.quantize import _quantize_arrays, check_float_weight
+from jax_marlin.quantized_weight import QuantizedWeight
 from jax_marlin.sparse_weight import SparseQuantizedWeight
 
 _HI = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes in these f32 matmuls on GPU
@@ -119,18 +118,9 @@ def _run(name, w, h, group_size, dtype, damp, block_size, *, sparse: bool):
             f"{name}: the Hessian must be (K, K) = ({K}, {K}) for a weight of shape "
             f"{(K, N)}, got {tuple(h.shape)}; build it from the layer's inputs (..., {K})."
         )
-    if dtype is None:
-        dtype = w.dtype if np.dtype(w.dtype) in FLOAT_DTYPES else jnp.float16
-    dtype = np.dtype(dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: dtype must be float16 or bfloat16, got {dtype}.")
-    if group_size is not None and group_size not in layout.GROUP_SIZES:
-        raise ValueError(
-            f"{name}: group_size must be one of {layout.GROUP_SIZES} or None, got {group_size}."
-        )
+    _, g, dtype = check_float_weight(w, group_size, dtype, name)
     if not damp >= 0:
         raise ValueError(f"{name}: damp must be >= 0, got {damp}.")
-    g = K if group_size is None else group_size
     layout.check_shape(K, N, g)
     block = _block_rows(K, g, block_size)
     codes, scales, ok = _gptq(w.astype(jnp.float32), h, jnp.float32(damp), g, block, dtype, sparse)
