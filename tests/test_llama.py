@@ -535,3 +535,28 @@ def test_decode_benchmark_keeps_rows_of_a_run_cut_short(tmp_path, monkeypatch):
     saved = json.loads(path.read_text())
     assert not saved["complete"]
     assert [r["batch"] for r in saved["rows"]] == [1] and saved["rows"][0]["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("kind", ["dense", "int4"])
+def test_random_state_on_device_is_well_formed(kind):
+    """The on-device maker (used for 7B/70B benchmarks) gives every leaf its shape and
+    dtype, a different draw per leaf, the same draw for the same seed, and the
+    host maker's constants (norms one, scales fixed)."""
+    abstract = nnx.eval_shape(lambda: llama.Llama(
+        CFG, dense=llama.dense_factory(kind, jnp.bfloat16, group_size=128), rngs=nnx.Rngs(0)))
+    a, b = (jax.tree.leaves(llama.random_state(abstract, 3, on_device=True)) for _ in range(2))
+    host = jax.tree.leaves(llama.random_state(abstract, 3, on_device=False))
+    want = jax.tree.leaves(nnx.split(abstract)[1])
+    assert [(x.shape, x.dtype) for x in a] == [(x.shape, x.dtype) for x in want]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    random_leaves = [x for x, h in zip(a, host) if np.unique(np.asarray(h)).size > 1]
+    assert len(random_leaves) >= 4
+    same_shape = {}
+    for x in random_leaves:
+        same_shape.setdefault((x.shape, x.dtype), []).append(np.asarray(x))
+    for group in same_shape.values():
+        for i in range(1, len(group)):
+            assert not np.array_equal(group[0], group[i])
+    for x, h in zip(a, host):
+        if np.unique(np.asarray(h)).size == 1:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(h))

@@ -32,6 +32,7 @@ positions count from its first real token.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -564,25 +565,27 @@ def random_state(abstract_model: nnx.Module, seed: int = 0, shardings=None, on_d
             values = jax.device_put(values, jax.tree.leaves(shardings))
         return jax.tree.unflatten(treedef, values)
 
-    def make(key):
-        out = []
-        for i, (path, leaf) in enumerate(zip(paths, leaves)):
-            k = jax.random.fold_in(key, i)
-            kind = _leaf_kind(path)
-            if leaf.dtype == jnp.int32:
-                out.append(jax.lax.bitcast_convert_type(
-                    jax.random.bits(k, leaf.shape, jnp.uint32), jnp.int32))
-            elif kind == "scales":
-                out.append(jnp.full(leaf.shape, cfg.init_std / 4.6, leaf.dtype))
-            elif kind == "ones":
-                out.append(jnp.ones(leaf.shape, leaf.dtype))
-            else:
-                out.append((jax.random.normal(k, leaf.shape) * stds[kind]).astype(leaf.dtype))
-        return out
+    # One small jitted program per distinct (shape, dtype, kind, sharding), run
+    # once per leaf: a 70B model has ~700 leaves but a handful of kinds, and
+    # one program making all of them at once takes minutes to compile.
+    out_shardings = [None] * len(leaves) if shardings is None else jax.tree.leaves(shardings)
 
-    out_shardings = None if shardings is None else jax.tree.leaves(shardings)
+    @functools.cache
+    def maker(shape, dtype, kind, sharding):
+        def make(key):
+            if dtype == jnp.int32:
+                return jax.lax.bitcast_convert_type(jax.random.bits(key, shape, jnp.uint32), jnp.int32)
+            if kind == "scales":
+                return jnp.full(shape, cfg.init_std / 4.6, dtype)
+            if kind == "ones":
+                return jnp.ones(shape, dtype)
+            return (jax.random.normal(key, shape) * stds[kind]).astype(dtype)
+        return jax.jit(make, out_shardings=sharding)
+
     # "rbg" keys: XLA's own generator, far quicker to compile and run than threefry.
-    values = jax.jit(make, out_shardings=out_shardings)(jax.random.key(seed, impl="rbg"))
+    key = jax.random.key(seed, impl="rbg")
+    values = [maker(leaf.shape, jnp.dtype(leaf.dtype), _leaf_kind(path), sharding)(jax.random.fold_in(key, i))
+              for i, (path, leaf, sharding) in enumerate(zip(paths, leaves, out_shardings))]
     return jax.tree.unflatten(treedef, values)
 
 
