@@ -533,7 +533,10 @@ def main(argv=None):
 
     if args.tune_dispatch:
         layers = [kn for s in args.sets.split(",") for kn in LAYER_SETS[s]]
-        entries = tune_dispatch(layers, args.dtypes.split(","), args.reps, TIMERS[args.timer])
+        batches = (tuple(int(m) for m in args.batches.split(",")) if args.batches
+                   else TUNE_BATCHES)
+        entries = tune_dispatch(layers, args.dtypes.split(","), args.reps, TIMERS[args.timer],
+                                batches)
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         table = dict(device=dev.device_kind, jax=jax.__version__, commit=args.commit or git_commit(),
                      date=stamp, timing=args.timer, entries=entries)
