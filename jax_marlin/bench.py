@@ -441,11 +441,17 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def write_results(result: dict, out_dir: str, tag: str) -> str:
+def save_json(result: dict, out_dir: str, tag: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, f"bench_{tag}_{result['date']}.json")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)
+    return json_path
+
+
+def write_results(result: dict, out_dir: str, tag: str) -> str:
+    """The final JSON, the plot and the tables."""
+    json_path = save_json(result, out_dir, tag)
     try:
         plot(result["rows"], json_path[:-len(".json")] + ".png")
     except ImportError:
@@ -555,7 +561,15 @@ def main(argv=None):
         plan = {s: LAYER_SETS[s] for s in args.sets.split(",")}
         batches = (tuple(int(m) for m in args.batches.split(",")) if args.batches
                    else BATCHES + (PREFILL,))
-    rows = []
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                  commit=args.commit or git_commit(), date=stamp, copy_bandwidth_Bps=bw,
+                  timing=args.timer, timing_doc=TIMERS[args.timer].__doc__.split("\n")[0],
+                  timing_check=None, complete=False, rows=[])
+    tag = "quick" if args.quick else "full"
+    # The JSON is rewritten after every layer, so that a run cut short (a
+    # device time limit) keeps what it measured; "complete" says whether it
+    # got to the end.
     for set_name, layers in plan.items():
         for K, N in layers:
             for dt in args.dtypes.split(","):
@@ -563,17 +577,13 @@ def main(argv=None):
                 new = bench_layer(K, N, dt, batches, args.reps, TIMERS[args.timer], args.sparse)
                 for r in new:
                     r["set"] = set_name
-                rows += summarize(new, bw)
+                result["rows"] += summarize(new, bw)
+                save_json(result, args.out, tag)
                 print(f"  {set_name} {K}x{N} {dt}: {time.time() - t0:.0f}s", flush=True)
 
-    check = check_timing(args.reps) if args.check_timing else None
-
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-                  commit=args.commit or git_commit(), date=stamp, copy_bandwidth_Bps=bw,
-                  timing=args.timer, timing_doc=TIMERS[args.timer].__doc__.split("\n")[0],
-                  timing_check=check, rows=rows)
-    write_results(result, args.out, "quick" if args.quick else "full")
+    result["timing_check"] = check_timing(args.reps) if args.check_timing else None
+    result["complete"] = True
+    write_results(result, args.out, tag)
 
 
 if __name__ == "__main__":

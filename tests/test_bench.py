@@ -39,3 +39,27 @@ def test_plot_with_sparse_rows(sparse_rows, tmp_path):
     rows = bench.summarize([dict(r, set="tiny") for r in sparse_rows], bw=1e12)
     bench.plot(rows, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_a_run_cut_short_keeps_its_rows(tmp_path, monkeypatch):
+    """The JSON is rewritten after every layer: a run that dies part way (here the
+    second layer fails) leaves the rows it measured, marked incomplete."""
+    import json
+
+    monkeypatch.setitem(bench.LAYER_SETS, "tiny", [(128, 128), (128, 192)])
+    monkeypatch.setattr(bench, "measure_copy_bandwidth", lambda timer_cls: 1e11)
+    real = bench.bench_layer
+
+    def failing_layer(K, N, *args):
+        if N == 192:
+            raise RuntimeError("cut off")
+        return real(K, N, *args)
+
+    monkeypatch.setattr(bench, "bench_layer", failing_layer)
+    with pytest.raises(RuntimeError, match="cut off"):
+        bench.main(["--sets", "tiny", "--dtypes", "fp16", "--batches", "1", "--reps", "1",
+                    "--timer", "wall", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("bench_full_*.json")
+    saved = json.loads(path.read_text())
+    assert not saved["complete"]
+    assert [(r["K"], r["N"], r["M"]) for r in saved["rows"]] == [(128, 128, 1)] * 2

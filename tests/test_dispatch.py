@@ -124,3 +124,27 @@ def test_tune_dispatch_entries():
     assert e["min_m"] in (None, 64, 128)
     assert set(e["us"]) == {"64", "128"} and all(v["kernel"] > 0 and v["dense"] > 0 for v in e["us"].values())
     assert np.isfinite([v["dense"] for v in e["us"].values()]).all()
+
+
+def test_shipped_tables_are_well_formed():
+    """Every table in jax_marlin/dispatch_tables/ names its GPU kind in its file name and
+    has an entry per dtype for each layer it measured; the H100 one was measured there."""
+    tables = sorted(dispatch.TABLE_DIR.glob("*.json"))
+    assert any(p.name == "nvidia-h100-80gb-hbm3.json" for p in tables)
+    for path in tables:
+        table = json.loads(path.read_text())
+        assert path.name == dispatch.table_name(table["device"])
+        for e in table["entries"]:
+            assert e["K"] % 64 == 0 and e["N"] % 64 == 0 and e["dtype"] in ("float16", "bfloat16")
+            assert e["min_m"] is None or str(e["min_m"]) in e["us"]
+            assert e["min_m"] == dispatch.crossover(
+                {int(m): (t["kernel"], t["dense"]) for m, t in e["us"].items()})
+
+
+def test_h100_table_keeps_the_kernel_for_decoding():
+    dispatch.load_table.cache_clear()
+    kind = "NVIDIA H100 80GB HBM3"
+    for K, N in [(4096, 12288), (8192, 28672), (28672, 8192), (8192, 10240)]:
+        for dt in ("float16", "bfloat16"):
+            assert not any(dispatch.use_dense(kind, M, K, N, dt) for M in (1, 16, 64))
+            assert dispatch.use_dense(kind, 4096, K, N, dt)

@@ -58,6 +58,29 @@ def test_llama_shapes(case, weights, util):
     util.assert_close(y, x, qw)
 
 
+@pytest.mark.parametrize("K,N", LLAMA_SHAPES)
+def test_kernel_itself_at_large_m(K, N, weights, util):
+    """marlin_matmul may hand large M to dequantize + dot (the measured table,
+    jax_marlin/dispatch_tables/): the kernel's many-chunk path is checked here directly."""
+    from jax_marlin import ops
+
+    qw = weights(K, N, 128, jnp.float16)
+    x = util.random_x(7, (1000, K), jnp.float16)
+    y = jax.jit(ops._kernel_call)(x, qw.packed, qw.scales)
+    util.assert_close(y, x, qw)
+
+
+def test_dispatch_table_decides_the_path():
+    from jax_marlin import dispatch
+
+    kind = jax.devices("gpu")[0].device_kind
+    qw = jm.pack(jnp.zeros((4096, 12288), jnp.uint8), jnp.ones((32, 12288), jnp.float16))
+    for M in (1, 4096):
+        text = jax.jit(jm.marlin_matmul).lower(jnp.zeros((M, 4096), jnp.float16), qw).as_text()
+        dense = dispatch.use_dense(kind, M, 4096, 12288, "float16")
+        assert ("@jax_marlin_matmul" not in text) == dense, (kind, M)
+
+
 @pytest.mark.parametrize("M", FEW_M)
 def test_deterministic(M, weights, util):
     qw = weights(8192, 28672, 128, jnp.float16)
