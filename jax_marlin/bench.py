@@ -1,7 +1,7 @@
 """Benchmark of marlin_matmul against the memory roofline and XLA baselines.
 
     python -m jax_marlin.bench [--quick] [--sets llama2-7b,llama2-70b,16k] [--out DIR]
-    python -m jax_marlin.bench --tune-dispatch [--sets ...]   # the large-M dispatch table
+    python -m jax_marlin.bench --tune-dispatch [--sets ...] [--sparse]   # the large-M dispatch table
     python -m jax_marlin.bench --sparse ...   # also 2:4 sparse int4 weights on every row
 
 For every layer (K, N), batch M, dtype and group size it times, on the device:
@@ -315,36 +315,49 @@ def bench_layer(K, N, dtype_name, batches, reps, timer_cls, sparse=False):
 TUNE_BATCHES = (64, 128, 256, 512, 1024, 2048)
 
 
-def tune_dispatch(layers, dtype_names, reps, timer_cls, batches=TUNE_BATCHES):
-    """The large-M dispatch table's entries: for each layer and dtype, both
-    paths of marlin_matmul on the GPU (the kernel; dequantize + XLA's dot),
-    called directly, timed at each M, and the crossover
-    (dispatch.crossover). Group 128 weights."""
-    paths = {
-        "kernel": lambda x, qw: ops._kernel_call(x, qw.packed, qw.scales),
-        "dense": lambda x, qw: ops._dense_call(x, qw.packed, qw.scales),
-    }
+# The two paths of marlin_matmul on the GPU, per weight format: (weights, bytes,
+# kernel path, dequantize + dot path).
+_TUNE_FORMATS = {
+    "dense": (marlin_weights, marlin_bytes,
+              lambda x, w: ops._kernel_call(x, w.packed, w.scales),
+              lambda x, w: ops._dense_call(x, w.packed, w.scales)),
+    "sparse": (sparse_weights, sparse_bytes,
+               lambda x, w: ops._sparse_kernel_call(x, w.values, w.meta, w.scales),
+               lambda x, w: ops._sparse_dense_call(x, w.values, w.meta, w.scales)),
+}
+
+
+def tune_dispatch(layers, dtype_names, reps, timer_cls, batches=TUNE_BATCHES, formats=("dense",)):
+    """The large-M dispatch table's entries: for each layer, dtype and weight
+    format ("dense" Marlin, "sparse" 2:4), both paths of marlin_matmul on the
+    GPU (the kernel; dequantize + XLA's dot), called directly, timed at each
+    M, and the crossover (dispatch.crossover). Group 128 weights."""
     entries = []
-    for K, N in layers:
-        for dt in dtype_names:
-            dtype = DTYPES[dt]
-            key = jax.random.PRNGKey(K * 7 + N)
-            ws = marlin_weights(key, K, N, 128, dtype, copies_for(marlin_bytes(0, K, N, 128)))
-            timer = timer_cls(reps)
-            for M in batches:
-                calls = calls_for(len(ws), marlin_bytes(M, K, N, 128), 2 * M * K * N)
-                xs = activations(key, M, K, dtype, calls)
-                for name, fn in paths.items():
-                    timer.add((name, M), unrolled(fn), (xs, rotate(ws, calls)), calls)
-            t = timer.run()
-            times = {M: (t[("kernel", M)], t[("dense", M)]) for M in batches}
-            entry = dict(K=K, N=N, dtype=np.dtype(dtype).name, min_m=dispatch.crossover(times),
-                         us={str(M): dict(kernel=round(a * 1e6, 2), dense=round(b * 1e6, 2))
-                             for M, (a, b) in times.items()})
-            print(f"  {K}x{N} {dt}: dense from M = {entry['min_m']}  "
-                  + "  ".join(f"M={M}: {a * 1e6:.0f}/{b * 1e6:.0f} us" for M, (a, b) in times.items()),
-                  flush=True)
-            entries.append(entry)
+    for fmt in formats:
+        make_weights, nbytes, kernel, dense = _TUNE_FORMATS[fmt]
+        for K, N in layers:
+            for dt in dtype_names:
+                dtype = DTYPES[dt]
+                key = jax.random.PRNGKey(K * 7 + N)
+                ws = make_weights(key, K, N, 128, dtype, copies_for(nbytes(0, K, N, 128)))
+                timer = timer_cls(reps)
+                for M in batches:
+                    calls = calls_for(len(ws), nbytes(M, K, N, 128), 2 * M * K * N)
+                    xs = activations(key, M, K, dtype, calls)
+                    for name, fn in (("kernel", kernel), ("dense", dense)):
+                        timer.add((name, M), unrolled(fn), (xs, rotate(ws, calls)), calls)
+                t = timer.run()
+                times = {M: (t[("kernel", M)], t[("dense", M)]) for M in batches}
+                entry = dict(K=K, N=N, dtype=np.dtype(dtype).name, min_m=dispatch.crossover(times),
+                             us={str(M): dict(kernel=round(a * 1e6, 2), dense=round(b * 1e6, 2))
+                                 for M, (a, b) in times.items()})
+                if fmt != "dense":
+                    entry["format"] = fmt
+                print(f"  {fmt} {K}x{N} {dt}: dense from M = {entry['min_m']}  "
+                      + "  ".join(f"M={M}: {a * 1e6:.0f}/{b * 1e6:.0f} us"
+                                  for M, (a, b) in times.items()),
+                      flush=True)
+                entries.append(entry)
     return entries
 
 
@@ -542,7 +555,7 @@ def main(argv=None):
         batches = (tuple(int(m) for m in args.batches.split(",")) if args.batches
                    else TUNE_BATCHES)
         entries = tune_dispatch(layers, args.dtypes.split(","), args.reps, TIMERS[args.timer],
-                                batches)
+                                batches, ("dense", "sparse") if args.sparse else ("dense",))
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         table = dict(device=dev.device_kind, jax=jax.__version__, commit=args.commit or git_commit(),
                      date=stamp, timing=args.timer, entries=entries)

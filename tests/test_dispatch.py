@@ -118,12 +118,13 @@ def test_sparse_cuda_branch_follows_the_table(dense, monkeypatch):
 def test_tune_dispatch_entries():
     """The tuning loop times both paths and finds the crossover (tiny shapes)."""
     entries = bench.tune_dispatch([(128, 128)], ["fp16"], reps=1, timer_cls=bench.WallTimer,
-                                  batches=(64, 128))
-    (e,) = entries
-    assert (e["K"], e["N"], e["dtype"]) == (128, 128, "float16")
-    assert e["min_m"] in (None, 64, 128)
-    assert set(e["us"]) == {"64", "128"} and all(v["kernel"] > 0 and v["dense"] > 0 for v in e["us"].values())
-    assert np.isfinite([v["dense"] for v in e["us"].values()]).all()
+                                  batches=(64, 128), formats=("dense", "sparse"))
+    assert [e.get("format", "dense") for e in entries] == ["dense", "sparse"]
+    for e in entries:
+        assert (e["K"], e["N"], e["dtype"]) == (128, 128, "float16")
+        assert e["min_m"] in (None, 64, 128)
+        assert set(e["us"]) == {"64", "128"}
+        assert all(v["kernel"] > 0 and v["dense"] > 0 for v in e["us"].values())
 
 
 def test_shipped_tables_are_well_formed():
