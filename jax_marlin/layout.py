@@ -12,6 +12,8 @@ instead of a dispatch per op), so they accept numpy or JAX arrays, nest under
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,6 +99,65 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
+class RunTranspose(NamedTuple):
+    """A permutation of every run of ``prod(shape)`` consecutive values (row-major)
+    that is a transpose: ``out = run.reshape(shape).transpose(axes).ravel()``.
+
+    All of the layout's permutations have this form. Applied as a reshape and
+    a transpose, XLA moves the data with a transpose kernel that fuses with
+    the nibble arithmetic around it; the same permutation as a gather
+    (``jnp.take`` with the index array) is far slower on large weights, which
+    the dequantize + dot path of large-M calls and on-device packing both hit.
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def indices(self) -> np.ndarray:
+        """P with out[i] = in[P[i]] inside each run."""
+        return _frozen(np.arange(self.size).reshape(self.shape).transpose(self.axes).reshape(-1))
+
+    def inverse(self) -> "RunTranspose":
+        return RunTranspose(tuple(self.shape[a] for a in self.axes), tuple(int(a) for a in np.argsort(self.axes)))
+
+    @classmethod
+    def of(cls, perm: np.ndarray) -> "RunTranspose":
+        """The transpose equal to an index array P (out[i] = in[P[i]]) that moves
+        the bits of the index (a power-of-two run), with adjacent axes merged;
+        ValueError if P is not such a permutation."""
+        bits = perm.size.bit_length() - 1
+        images = [int(perm[1 << b]) for b in range(bits)] if perm.size == 1 << bits else []
+        if sorted(images) != [1 << b for b in range(bits)]:
+            raise ValueError("not a permutation of index bits")
+        # Box axis a holds index bit bits - 1 - a (row-major), in and out.
+        axes = [bits - 1 - (images[bits - 1 - o].bit_length() - 1) for o in range(bits)]
+        groups = []  # runs of output axes that stay adjacent and in order in the input
+        for a in axes:
+            if groups and groups[-1][-1] + 1 == a:
+                groups[-1].append(a)
+            else:
+                groups.append([a])
+        order = sorted(range(len(groups)), key=lambda g: groups[g][0])  # input order of the groups
+        run = cls(tuple(2 ** len(groups[g]) for g in order), tuple(order.index(g) for g in range(len(groups))))
+        if not np.array_equal(run.indices(), perm):
+            raise ValueError("not a permutation of index bits")
+        return run
+
+
+# The weight permutation as a transpose. Within a run of 1024 tiled codes, the
+# input index is 256 j + 128 h + 32 q + 16 l + 8 b + c (tile j of the stripe,
+# row 8 h + 2 q + l, column block b, column c); lane t = 4 c + q of _weight_perm
+# holds, for tile j, the interleaved pair slots p = 4 l + 2 b + h.
+WEIGHT_RUN = RunTranspose((4, 2, 4, 2, 2, 8), (5, 2, 0, 3, 4, 1))
+# Grouped scales: runs of 64, an 8 x 8 transpose.
+SCALE_RUN = RunTranspose((8, 8), (1, 0))
+# Per-channel scales: runs of 32, (4, 4, 2) with the first two axes swapped.
+SCALE_RUN_CHANNEL = RunTranspose((4, 4, 2), (1, 0, 2))
+
 WEIGHT_PERM = _frozen(_weight_perm())
 WEIGHT_PERM_INV = _frozen(_inverse(WEIGHT_PERM))
 # Grouped scales: runs of 64, out[a] = in[perm[a]].
@@ -107,12 +168,17 @@ SCALE_PERM_CHANNEL = _frozen(
     np.array([2 * i + j for i in range(4) for j in (0, 1, 8, 9, 16, 17, 24, 25)])
 )
 SCALE_PERM_CHANNEL_INV = _frozen(_inverse(SCALE_PERM_CHANNEL))
+# The transposes are the index arrays (FORMAT.md's recipe), checked here once.
+for _run, _perm in ((WEIGHT_RUN, WEIGHT_PERM), (SCALE_RUN, SCALE_PERM),
+                    (SCALE_RUN_CHANNEL, SCALE_PERM_CHANNEL)):
+    assert np.array_equal(_run.indices(), _perm), _run
+    assert np.array_equal(_run.inverse().indices(), _inverse(_perm)), _run
 
 
-def _permute_runs(a: jax.Array, perm: np.ndarray) -> jax.Array:
-    """Apply ``out[i] = in[perm[i]]`` inside every run of len(perm) values (row-major)."""
-    runs = a.reshape(-1, perm.size)
-    return jnp.take(runs, jnp.asarray(perm), axis=1).reshape(a.shape)
+def _permute_runs(a: jax.Array, perm: RunTranspose) -> jax.Array:
+    """Apply ``perm`` inside every run of ``perm.size`` values (row-major)."""
+    runs = a.reshape(-1, *perm.shape)
+    return jnp.transpose(runs, (0, *(1 + ax for ax in perm.axes))).reshape(a.shape)
 
 
 # --- Codes <-> packed int32 ---------------------------------------------------
@@ -134,7 +200,7 @@ def pack_codes(codes) -> jax.Array:
     t = _TILE16
     v = (codes.astype(jnp.uint32) & 0xF).reshape(*lead, K // t, t, N // t, t)
     v = jnp.swapaxes(v, -3, -2).reshape(*lead, K // t, N * t)
-    v = _permute_runs(v, WEIGHT_PERM)
+    v = _permute_runs(v, WEIGHT_RUN)
     v = v.reshape(*lead, K // t, 2 * N, 8) << jnp.asarray(_NIBBLE_SHIFTS)
     word = v[..., 0]
     for j in range(1, 8):
@@ -151,7 +217,7 @@ def unpack_codes(packed) -> jax.Array:
     K, N = rows * t, cols // 2
     word = jax.lax.bitcast_convert_type(packed, jnp.uint32)
     v = (word[..., None] >> jnp.asarray(_NIBBLE_SHIFTS)) & 0xF
-    v = _permute_runs(v.reshape(*lead, rows, N * t), WEIGHT_PERM_INV)
+    v = _permute_runs(v.reshape(*lead, rows, N * t), WEIGHT_RUN.inverse())
     v = jnp.swapaxes(v.reshape(*lead, rows, N // t, t, t), -3, -2)
     return v.reshape(*lead, K, N).astype(jnp.uint8)
 
@@ -159,11 +225,10 @@ def unpack_codes(packed) -> jax.Array:
 # --- Scales -------------------------------------------------------------------
 
 
-def _scale_perm(num_groups: int, inverse: bool) -> np.ndarray:
+def _scale_perm(num_groups: int, inverse: bool) -> RunTranspose:
     # One row of scales means per-channel, which has its own permutation.
-    if num_groups == 1:
-        return SCALE_PERM_CHANNEL_INV if inverse else SCALE_PERM_CHANNEL
-    return SCALE_PERM_INV if inverse else SCALE_PERM
+    run = SCALE_RUN_CHANNEL if num_groups == 1 else SCALE_RUN
+    return run.inverse() if inverse else run
 
 
 @jax.jit

@@ -128,6 +128,9 @@ SCALE_PERM_INV = layout.SCALE_PERM_INV
 _RUN_ENTRIES = BAND // CHUNK * RUN * KEPT  # 1024 kept entries a run
 assert sorted(VALUE_PERM.tolist()) == list(range(_RUN_ENTRIES))
 assert sorted(META_PERM.tolist()) == list(range(_RUN_ENTRIES))
+# Both move index bits only, so they run as transposes (see layout.RunTranspose).
+VALUE_RUN = layout.RunTranspose.of(VALUE_PERM)
+META_RUN = layout.RunTranspose.of(META_PERM)
 
 
 # --- Kept entries <-> runs ---------------------------------------------------------
@@ -149,11 +152,11 @@ def _from_runs(a, N: int):
     return a.reshape(*lead, bands * 8, N, KEPT)
 
 
-def _pack_fields(runs, perm: np.ndarray, bits: int):
+def _pack_fields(runs, perm: layout.RunTranspose, bits: int):
     """Permute each run and pack 32 // bits fields a word: (..., bands, runs, 1024) -> int32 (..., bands, W)."""
     per_word = 32 // bits
     *lead, bands, nruns, _ = runs.shape
-    v = jnp.take(runs.astype(jnp.uint32) & ((1 << bits) - 1), jnp.asarray(perm), axis=-1)
+    v = layout._permute_runs(runs.astype(jnp.uint32) & ((1 << bits) - 1), perm)
     v = v.reshape(*lead, bands, nruns * _RUN_ENTRIES // per_word, per_word)
     v = v << jnp.asarray(np.arange(per_word, dtype=np.uint32) * bits)
     word = v[..., 0]
@@ -162,14 +165,14 @@ def _pack_fields(runs, perm: np.ndarray, bits: int):
     return jax.lax.bitcast_convert_type(word, jnp.int32)
 
 
-def _unpack_fields(words, inv: np.ndarray, bits: int):
+def _unpack_fields(words, inv: layout.RunTranspose, bits: int):
     """Inverse of _pack_fields: int32 (..., bands, W) -> (..., bands, runs, 1024) uint32."""
     per_word = 32 // bits
     *lead, bands, W = words.shape
     w = jax.lax.bitcast_convert_type(words, jnp.uint32)
     v = (w[..., None] >> jnp.asarray(np.arange(per_word, dtype=np.uint32) * bits)) & ((1 << bits) - 1)
     v = v.reshape(*lead, bands, W * per_word // _RUN_ENTRIES, _RUN_ENTRIES)
-    return jnp.take(v, jnp.asarray(inv), axis=-1)
+    return layout._permute_runs(v, inv)
 
 
 # --- Codes <-> (values, meta) ----------------------------------------------------------
@@ -201,8 +204,8 @@ def pack_codes(codes) -> tuple[jax.Array, jax.Array]:
     kept = jnp.take_along_axis(c, pos, axis=-2)  # (..., K//4, 2, N)
     kept = jnp.swapaxes(kept, -1, -2)  # (..., K//4, N, 2)
     pos = jnp.swapaxes(pos, -1, -2)
-    values = _pack_fields(_to_runs(kept), VALUE_PERM, 4)
-    meta = _pack_fields(_to_runs(pos), META_PERM, 2)
+    values = _pack_fields(_to_runs(kept), VALUE_RUN, 4)
+    meta = _pack_fields(_to_runs(pos), META_RUN, 2)
     return values, meta
 
 
@@ -211,8 +214,8 @@ def unpack_codes(values, meta) -> jax.Array:
     """Inverse of pack_codes: -> uint8 codes (..., K, N), 8 at the pruned positions."""
     values, meta = jnp.asarray(values), jnp.asarray(meta)
     *lead, bands, N = meta.shape
-    kept = _from_runs(_unpack_fields(values, VALUE_PERM_INV, 4), N)  # (..., K//4, N, 2)
-    pos = _from_runs(_unpack_fields(meta, META_PERM_INV, 2), N)
+    kept = _from_runs(_unpack_fields(values, VALUE_RUN.inverse(), 4), N)  # (..., K//4, N, 2)
+    pos = _from_runs(_unpack_fields(meta, META_RUN.inverse(), 2), N)
     i = jnp.arange(CHUNK, dtype=jnp.uint32)
     # Chunk entry i: kept 0 if it sits at i, else kept 1 if it does, else 0.
     out = jnp.where(pos[..., None, 0] == i, kept[..., None, 0],
@@ -248,10 +251,10 @@ def prune_mask(w) -> jax.Array:
 @jax.jit
 def permute_scales(scales) -> jax.Array:
     """Natural-order scales (..., K // g, N) -> the sparse kernel's order (grouped order for all g)."""
-    return layout._permute_runs(jnp.asarray(scales), SCALE_PERM)
+    return layout._permute_runs(jnp.asarray(scales), layout.SCALE_RUN)
 
 
 @jax.jit
 def unpermute_scales(scales) -> jax.Array:
     """Inverse of permute_scales."""
-    return layout._permute_runs(jnp.asarray(scales), SCALE_PERM_INV)
+    return layout._permute_runs(jnp.asarray(scales), layout.SCALE_RUN.inverse())

@@ -69,6 +69,28 @@ def test_permutations_are_permutations():
     assert layout.WEIGHT_PERM.size == 1024
 
 
+def test_permutations_run_as_transposes():
+    """The packers move data with transposes equal to the index arrays, so that the
+    dequantize + dot path and on-device packing have no gathers."""
+    from jax_marlin import sparse_layout
+
+    pairs = [(layout.WEIGHT_RUN, layout.WEIGHT_PERM), (layout.SCALE_RUN, layout.SCALE_PERM),
+             (layout.SCALE_RUN_CHANNEL, layout.SCALE_PERM_CHANNEL),
+             (sparse_layout.VALUE_RUN, sparse_layout.VALUE_PERM),
+             (sparse_layout.META_RUN, sparse_layout.META_PERM)]
+    for run, perm in pairs:
+        np.testing.assert_array_equal(run.indices(), perm)
+        np.testing.assert_array_equal(run.inverse().indices(), np.argsort(perm))
+        np.testing.assert_array_equal(layout.RunTranspose.of(perm).indices(), perm)
+    for not_bits in (np.array([0, 2, 1, 3, 5, 4, 6, 7]), np.arange(6), np.array([1, 0, 3, 2])):
+        with pytest.raises(ValueError, match="index bits"):
+            layout.RunTranspose.of(not_bits)
+    qw = jm.pack(jnp.zeros((256, 128), jnp.uint8), jnp.ones((2, 128), jnp.float16))
+    sqw = jm.quantize_sparse(jnp.ones((256, 128), jnp.float32), 128)
+    for w in (qw, sqw):
+        assert "gather" not in jax.jit(jm.dequantize).lower(w).as_text()
+
+
 @st.composite
 def weight_shapes(draw):
     """(K, N, group_size) with K, N multiples of 64 and a group size dividing K."""
