@@ -289,54 +289,83 @@ class MarlinBlock {
     }
   }
 
+  // One k16 step's operands, as this lane reads them from shared memory.
+  struct StepOperands {
+    uint4 words;         // packed words of the warp's 4 n16 tiles
+    uint4 scales;        // their group scales (scaled steps only)
+    uint32_t x[kRB][2];  // x^T B fragments (k16 x n8), one per row block
+  };
+
+  // Issues the shared-memory reads of k16 step i of this warp's share of the stage.
+  template <bool kScaled>
+  __device__ void load_step(uint32_t stage, int i, StepOperands& op) const {
+    const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
+    op.words = ld_shared16(stage + b_read_ + 16 * 32 * Tile::kWarpsN * i);
+    // Group scales: the scale permutation puts the 8 columns a lane's
+    // words touch (c, c + 8, ..., c + 56 with c = lane / 4) in 16 bytes.
+    op.scales = make_uint4(0, 0, 0, 0);
+    if constexpr (kScaled) {
+      const int s_row = (kb * 16) >> p_.group_shift;
+      op.scales = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
+    }
+    // ldmatrix of 8 rows x 16 columns of x gives lane (g, t) x[g][2t, 2t + 1]
+    // and x[g][2t + 8, 2t + 9], the B layout. Lane l addresses row l % 8 of
+    // half (l / 8) % 2; the swizzle XORs the chunk with the row's low bits,
+    // which are l % 8 for every row block.
+    const int x_chunk = (kb * 2 + (lane_ / 8) % 2) ^ (lane_ % 8);
+#pragma unroll
+    for (int rb = 0; rb < kRB; ++rb) {
+      ldmatrix_x2(op.x[rb], stage + x_read_ + 16 * (rb * 8 * Tile::kAChunksPerRow + x_chunk));
+    }
+  }
+
+  // Dequantizes one step's words (scaled: times their group scales) and
+  // multiplies them by every row block's x fragment, into `acc`.
+  template <bool kScaled>
+  __device__ void multiply_step(const StepOperands& op, float (&acc)[kRB][kJ][4]) const {
+    const uint32_t words[4] = {op.words.x, op.words.y, op.words.z, op.words.w};
+    const uint32_t scale_words[4] = {op.scales.x, op.scales.y, op.scales.z, op.scales.w};
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+      // The word holds the B fragments of columns 16 j + g (b0) and
+      // 16 j + 8 + g (b1); the same eight values, reordered, are the A
+      // fragment of the 16 x 16 tile W^T[16 j .. 16 j + 15][k16].
+      uint32_t b0[2], b1[2];
+      Dtype<T>::dequant(words[j], b0, b1);
+      if constexpr (kScaled) {
+        const T2 s = as_t2<T2>(scale_words[j]);
+        scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
+        scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
+      }
+      const uint32_t wfrag[4] = {b0[0], b1[0], b0[1], b1[1]};
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb) MmaOp<T>::run(wfrag, op.x[rb], acc[rb][j]);
+    }
+  }
+
   // This warp's k16 blocks of the stage, mma.sync, into `acc`; kScaled: the
   // dequantized weights are multiplied by their group scales first.
+  // Software-pipelined over two operand buffers: step i + 1's shared-memory
+  // reads are in flight while step i dequantizes and multiplies. One block
+  // of 8 warps an SM leaves a scheduler two warps, too few to hide that
+  // latency by switching warps.
   template <bool kScaled>
   __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][kJ][4]) {
-    // With 4 row blocks the accumulators fill most of the register file:
-    // keep the k16 steps sequential so their fragments are not all live.
-#pragma unroll(kRB > 2 ? 1 : Tile::kKBlocksPerWarp)
-    for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
-      const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
-      // One 16-byte load: this lane's packed words for the warp's 4 n16 tiles.
-      const uint4 q = ld_shared16(stage + b_read_ + 16 * 32 * Tile::kWarpsN * i);
-
-      // Group scales: the scale permutation puts the 8 columns a lane's
-      // words touch (c, c + 8, ..., c + 56 with c = lane / 4) in 16 bytes.
-      uint4 s_raw = make_uint4(0, 0, 0, 0);
-      if constexpr (kScaled) {
-        const int s_row = (kb * 16) >> p_.group_shift;
-        s_raw = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
-      }
-
-      // x^T fragments (k16 x n8): ldmatrix of 8 rows x 16 columns of x gives
-      // lane (g, t) x[g][2t, 2t + 1] and x[g][2t + 8, 2t + 9], the B layout.
-      // Lane l addresses row l % 8 of half (l / 8) % 2; the swizzle XORs the
-      // chunk with the row's low bits, which are l % 8 for every row block.
-      const int x_chunk = (kb * 2 + (lane_ / 8) % 2) ^ (lane_ % 8);
-      uint32_t xfrag[kRB][2];
-#pragma unroll
-      for (int rb = 0; rb < kRB; ++rb) {
-        ldmatrix_x2(xfrag[rb], stage + x_read_ + 16 * (rb * 8 * Tile::kAChunksPerRow + x_chunk));
-      }
-
-      const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-      const uint32_t scale_words[4] = {s_raw.x, s_raw.y, s_raw.z, s_raw.w};
-#pragma unroll
-      for (int j = 0; j < kJ; ++j) {
-        // The word holds the B fragments of columns 16 j + g (b0) and
-        // 16 j + 8 + g (b1); the same eight values, reordered, are the A
-        // fragment of the 16 x 16 tile W^T[16 j .. 16 j + 15][k16].
-        uint32_t b0[2], b1[2];
-        Dtype<T>::dequant(words[j], b0, b1);
-        if constexpr (kScaled) {
-          const T2 s = as_t2<T2>(scale_words[j]);
-          scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
-          scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
-        }
-        const uint32_t wfrag[4] = {b0[0], b1[0], b0[1], b1[1]};
-#pragma unroll
-        for (int rb = 0; rb < kRB; ++rb) MmaOp<T>::run(wfrag, xfrag[rb], acc[rb][j]);
+    constexpr int kSteps = Tile::kKBlocksPerWarp;
+    StepOperands even, odd;
+    load_step<kScaled>(stage, 0, even);
+    if constexpr (kSteps == 1) {
+      multiply_step<kScaled>(even, acc);
+    } else {
+      static_assert(kSteps % 2 == 0, "steps go in pairs");
+      // With 4 row blocks the accumulators fill most of the register file:
+      // the pairs stay a loop there, so only two buffers are ever live.
+#pragma unroll(kRB > 2 ? 1 : kSteps / 2)
+      for (int i = 0; i < kSteps; i += 2) {
+        load_step<kScaled>(stage, i + 1, odd);
+        multiply_step<kScaled>(even, acc);
+        if (i + 2 < kSteps) load_step<kScaled>(stage, i + 2, even);
+        multiply_step<kScaled>(odd, acc);
       }
     }
   }
