@@ -381,66 +381,96 @@ class SparseBlock {
     }
   }
 
-  // This warp's bands of the stage into `acc`; kScaled: the dequantized
-  // values are multiplied by their group scales first (exactly the
-  // reference's W_hat = (code - 8) * s rounded to T).
+  // One band's operands (k32 of the warp's 64 columns), as this lane reads them.
+  struct BandOperands {
+    uint4 values;        // value words of the run's 4 n-blocks
+    uint2 meta;          // metadata registers for the pairs (0, 1), (2, 3)
+    uint4 scales;        // group scales (scaled bands only)
+    uint32_t x[kRB][4];  // x^T B fragments (k32 x n8), one per row block
+  };
+
+  // Issues the shared-memory reads of band i of this warp's share of the stage.
   template <bool kScaled>
-  __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][4][4]) {
-#pragma unroll(kRB > 2 ? 1 : Tile::kBandsPerWarp)
-    for (int i = 0; i < Tile::kBandsPerWarp; ++i) {
-      const int band = warp_k_ * Tile::kBandsPerWarp + i;
-      // One 16-byte load: this lane's value words for the run's 4 n-blocks;
-      // one 8-byte load: its metadata registers for the pairs (0, 1), (2, 3).
-      const uint4 q = ld_shared16(stage + v_read_ + 16 * 32 * Tile::kWarpsN * i);
-      const uint2 e = ld_shared8(stage + m_read_ + 16 * 16 * Tile::kWarpsN * i);
+  __device__ void load_band(uint32_t stage, int i, BandOperands& op) const {
+    const int band = warp_k_ * Tile::kBandsPerWarp + i;
+    // One 16-byte load of value words, one 8-byte load of metadata.
+    op.values = ld_shared16(stage + v_read_ + 16 * 32 * Tile::kWarpsN * i);
+    op.meta = ld_shared8(stage + m_read_ + 16 * 16 * Tile::kWarpsN * i);
+    op.scales = make_uint4(0, 0, 0, 0);
+    if constexpr (kScaled) {
+      const int s_row = (band * 32) >> p_.group_shift;
+      op.scales = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
+    }
+    // x^T fragments (k32 x n8): ldmatrix.x4 of 8 rows x 32 columns of x.
+    // Matrix q (addressed by lanes 8q .. 8q + 7) is k 8q .. 8q + 7, so
+    // lane (g, t) gets x[g][8q + 2t, 8q + 2t + 1] in register q: the
+    // m16n8k32 B layout (k rows 2t + 8q, + 1; column g). The swizzle XORs
+    // the chunk with the row's low bits, l % 8 for every row block.
+    const int x_chunk = (band * 4 + lane_ / 8) ^ (lane_ % 8);
+#pragma unroll
+    for (int rb = 0; rb < kRB; ++rb) {
+      ldmatrix_x4(op.x[rb], stage + x_read_ + 16 * (rb * 8 * Tile::kAChunksPerRow + x_chunk));
+    }
+  }
 
-      uint4 s_raw = make_uint4(0, 0, 0, 0);
+  // Dequantizes one band's values (scaled: times their group scales) and
+  // multiplies them by every row block's x fragment, into `acc`.
+  template <bool kScaled>
+  __device__ void multiply_band(const BandOperands& op, float (&acc)[kRB][4][4]) const {
+    const uint32_t words[4] = {op.values.x, op.values.y, op.values.z, op.values.w};
+    const uint32_t scale_words[4] = {op.scales.x, op.scales.y, op.scales.z, op.scales.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // The format's nibble interleave makes the dense dequant produce the
+      // A registers in order: {a0, a1, a2, a3} = {f0[0], f0[1], f1[0], f1[1]}
+      // (a0, a2: n-row g; a1, a3: n-row g + 8).
+      uint32_t f0[2], f1[2];
+      Dtype<T>::dequant(words[j], f0, f1);
+      uint32_t a[4] = {f0[0], f0[1], f1[0], f1[1]};
       if constexpr (kScaled) {
-        const int s_row = (band * 32) >> p_.group_shift;
-        s_raw = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
+        const T2 s = as_t2<T2>(scale_words[j]);
+        const T2 lo = Dtype<T>::lo_pair(s), hi = Dtype<T>::hi_pair(s);
+        a[0] = as_u32(__hmul2(as_t2<T2>(a[0]), lo));
+        a[1] = as_u32(__hmul2(as_t2<T2>(a[1]), hi));
+        a[2] = as_u32(__hmul2(as_t2<T2>(a[2]), lo));
+        a[3] = as_u32(__hmul2(as_t2<T2>(a[3]), hi));
       }
-
-      // x^T fragments (k32 x n8): ldmatrix.x4 of 8 rows x 32 columns of x.
-      // Matrix q (addressed by lanes 8q .. 8q + 7) is k 8q .. 8q + 7, so
-      // lane (g, t) gets x[g][8q + 2t, 8q + 2t + 1] in register q: the
-      // m16n8k32 B layout (k rows 2t + 8q, + 1; column g). The swizzle XORs
-      // the chunk with the row's low bits, l % 8 for every row block.
-      const int x_chunk = (band * 4 + lane_ / 8) ^ (lane_ % 8);
-      uint32_t xfrag[kRB][4];
+      // Metadata word j / 2 serves n-blocks 2 (j / 2) (selector 0, from
+      // lanes t = 0, 1) and 2 (j / 2) + 1 (selector 1, lanes t = 2, 3).
+      const uint32_t meta = (j / 2 == 0) ? op.meta.x : op.meta.y;
 #pragma unroll
       for (int rb = 0; rb < kRB; ++rb) {
-        ldmatrix_x4(xfrag[rb], stage + x_read_ + 16 * (rb * 8 * Tile::kAChunksPerRow + x_chunk));
+        if (j % 2 == 0) {
+          SparseMmaOp<T>::template run<0>(a, op.x[rb], meta, acc[rb][j]);
+        } else {
+          SparseMmaOp<T>::template run<1>(a, op.x[rb], meta, acc[rb][j]);
+        }
       }
+    }
+  }
 
-      const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-      const uint32_t scale_words[4] = {s_raw.x, s_raw.y, s_raw.z, s_raw.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        // The format's nibble interleave makes the dense dequant produce the
-        // A registers in order: {a0, a1, a2, a3} = {f0[0], f0[1], f1[0], f1[1]}
-        // (a0, a2: n-row g; a1, a3: n-row g + 8).
-        uint32_t f0[2], f1[2];
-        Dtype<T>::dequant(words[j], f0, f1);
-        uint32_t a[4] = {f0[0], f0[1], f1[0], f1[1]};
-        if constexpr (kScaled) {
-          const T2 s = as_t2<T2>(scale_words[j]);
-          const T2 lo = Dtype<T>::lo_pair(s), hi = Dtype<T>::hi_pair(s);
-          a[0] = as_u32(__hmul2(as_t2<T2>(a[0]), lo));
-          a[1] = as_u32(__hmul2(as_t2<T2>(a[1]), hi));
-          a[2] = as_u32(__hmul2(as_t2<T2>(a[2]), lo));
-          a[3] = as_u32(__hmul2(as_t2<T2>(a[3]), hi));
-        }
-        // Metadata word j / 2 serves n-blocks 2 (j / 2) (selector 0, from
-        // lanes t = 0, 1) and 2 (j / 2) + 1 (selector 1, lanes t = 2, 3).
-        const uint32_t meta = (j / 2 == 0) ? e.x : e.y;
-#pragma unroll
-        for (int rb = 0; rb < kRB; ++rb) {
-          if (j % 2 == 0) {
-            SparseMmaOp<T>::template run<0>(a, xfrag[rb], meta, acc[rb][j]);
-          } else {
-            SparseMmaOp<T>::template run<1>(a, xfrag[rb], meta, acc[rb][j]);
-          }
-        }
+  // This warp's bands of the stage into `acc`; kScaled: the dequantized
+  // values are multiplied by their group scales first (exactly the
+  // reference's W_hat = (code - 8) * s rounded to T). Software-pipelined as
+  // the dense kernel's multiply_stage: band i + 1's shared-memory reads are in
+  // flight while band i multiplies.
+  template <bool kScaled>
+  __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][4][4]) {
+    constexpr int kSteps = Tile::kBandsPerWarp;
+    BandOperands even, odd;
+    load_band<kScaled>(stage, 0, even);
+    if constexpr (kSteps == 1) {
+      multiply_band<kScaled>(even, acc);
+    } else {
+      static_assert(kSteps % 2 == 0, "bands go in pairs");
+      // With 4 row blocks the accumulators fill most of the register file:
+      // the pairs stay a loop there, so only two buffers are ever live.
+#pragma unroll(kRB > 2 ? 1 : kSteps / 2)
+      for (int i = 0; i < kSteps; i += 2) {
+        load_band<kScaled>(stage, i + 1, odd);
+        multiply_band<kScaled>(even, acc);
+        if (i + 2 < kSteps) load_band<kScaled>(stage, i + 2, even);
+        multiply_band<kScaled>(odd, acc);
       }
     }
   }
