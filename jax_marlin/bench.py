@@ -557,8 +557,12 @@ def main(argv=None):
         entries = tune_dispatch(layers, args.dtypes.split(","), args.reps, TIMERS[args.timer],
                                 batches, ("dense", "sparse") if args.sparse else ("dense",))
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        # Entries this run did not measure (other layers, dtypes, formats)
+        # carry over from the table shipped for this GPU kind.
+        merged = dispatch.merge_entries(dispatch.load_table(dev.device_kind), entries)
         table = dict(device=dev.device_kind, jax=jax.__version__, commit=args.commit or git_commit(),
-                     date=stamp, timing=args.timer, entries=entries)
+                     date=stamp, timing=args.timer, entries=merged,
+                     measured_now=len(entries), carried_over=len(merged) - len(entries))
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"dispatch_{stamp}_{dispatch.table_name(dev.device_kind)}")
         with open(path, "w") as f:

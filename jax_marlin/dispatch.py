@@ -58,6 +58,18 @@ def use_dense(device_kind: str, M: int, K: int, N: int, dtype_name: str,
     return min_m is not None and M >= min_m
 
 
+def entry_key(e: dict) -> tuple:
+    """What an entry is about: the layer shape, the dtype and the weight format."""
+    return (e["K"], e["N"], e["dtype"], e.get("format", "dense"))
+
+
+def merge_entries(old, new) -> list:
+    """A table's entries after a new measurement: the new entries, and the old
+    ones the new run did not measure (same key: the new one wins)."""
+    measured = {entry_key(e) for e in new}
+    return [e for e in old if entry_key(e) not in measured] + list(new)
+
+
 def crossover(times_by_m: dict) -> int | None:
     """min_m from measured {M: (kernel_s, dense_s)}: the smallest M from which
     the dense path is faster at that M and every larger one measured."""

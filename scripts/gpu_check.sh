@@ -4,7 +4,8 @@
 #   scripts/gpu_check.sh [STEP...]      STEP in: build selftest tests sanitize bench
 #                                       (the default), sparse (the 2:4 sparse kernel's
 #                                       self-test, sanitizers and benchmark), or the tuning
-#                                       aids kbench, sweep, profile, probe (Hopper wgmma layout facts)
+#                                       aids kbench, sweep, profile (ncu, M = 1), profile64 (ncu, M = 64,
+#                                       dense and 2:4), probe (Hopper wgmma layout facts)
 #
 # The device copy of the tree has no .git: pass the commit being checked as
 # JAX_MARLIN_COMMIT=<hash> so that benchmark results name it.
@@ -95,11 +96,23 @@ build_probe() {
   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -I"$repo/tests/cuda" \
     "$repo/tests/cuda/wgmma_probe.cu" -o "$probe_bin"
 }
+NCU_SECTIONS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats
+              --section LaunchStats --section Occupancy --section ComputeWorkloadAnalysis
+              --section InstructionStats --section SchedulerStats)
 profile_m1() {
-  ncu -k regex:marlin_kernel --launch-skip 20 --launch-count 1 --section SpeedOfLight \
-    --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \
-    --section Occupancy --section ComputeWorkloadAnalysis --section InstructionStats \
-    --section SchedulerStats "$sweep_bin" 8192 8192
+  ncu -k regex:marlin_kernel --launch-skip 20 --launch-count 1 "${NCU_SECTIONS[@]}" "$sweep_bin" 8192 8192
+}
+# M = 64 (the large-M question): the production tile of that M, picked by its
+# mangled name (8 row blocks, 16 n-blocks, 8 k-blocks, 8 warps, grouped, 2
+# warps a slab), on 28672 x 8192; then the sparse kernel's M = 64 tile in
+# its benchmark (8 row blocks, 16 n-blocks, 4 bands, 8 warps, grouped, 2).
+profile_m64() {
+  ncu --kernel-name-base mangled -k regex:'TileShapeILi8ELi16ELi8ELi8ELb1ELi1ELi2ELb0' \
+    --launch-skip 5 --launch-count 1 "${NCU_SECTIONS[@]}" "$sweep_bin" 28672 8192
+  if [[ -x "$sparse_bin" ]]; then
+    ncu --kernel-name-base mangled -k regex:'SparseTileShapeILi8ELi16ELi4ELi8ELb1ELi2E' \
+      --launch-skip 5 --launch-count 1 "${NCU_SECTIONS[@]}" "$sparse_bin" --bench
+  fi
 }
 sanitize_selftest() {
   "$sanitizer" --tool "$1" --error-exitcode 1 "$selftest_bin" --quick
@@ -147,6 +160,10 @@ for s in "${steps[@]}"; do
     profile)
       [[ -x "$sweep_bin" ]] || step "build tile sweep" "$OUT/sweep_build.log" build_sweep
       step "ncu: 8192x8192, M = 1" "$OUT/ncu_m1.log" profile_m1 ;;
+    profile64)
+      [[ -x "$sweep_bin" ]] || step "build tile sweep" "$OUT/sweep_build.log" build_sweep
+      [[ -x "$sparse_bin" ]] || step "build sparse self-test" "$OUT/sparse_build.log" build_sparse
+      step "ncu: 28672x8192 and 2:4 sparse, M = 64" "$OUT/ncu_m64.log" profile_m64 ;;
     sanitize)
       step "compute-sanitizer memcheck" "$OUT/sanitize_memcheck.log" sanitize memcheck
       step "compute-sanitizer racecheck" "$OUT/sanitize_racecheck.log" sanitize racecheck ;;
@@ -157,7 +174,7 @@ for s in "${steps[@]}"; do
         summary+=("skipped benchmark (no jax_marlin/bench.py)")
       fi ;;
     *)
-      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, sanitize, bench, sparse, kbench, sweep, profile, probe)")
+      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, sanitize, bench, sparse, kbench, sweep, profile, profile64, probe)")
       failed=1 ;;
   esac
 done

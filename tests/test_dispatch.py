@@ -149,3 +149,18 @@ def test_h100_table_keeps_the_kernel_for_decoding():
         for dt in ("float16", "bfloat16"):
             assert not any(dispatch.use_dense(kind, M, K, N, dt) for M in (1, 16, 64))
             assert dispatch.use_dense(kind, 4096, K, N, dt)
+
+
+def test_a_new_measurement_merges_into_the_table():
+    old = [dict(K=4096, N=4096, dtype="float16", min_m=128),
+           dict(K=4096, N=4096, dtype="bfloat16", min_m=128),
+           dict(K=4096, N=4096, dtype="float16", min_m=None, format="sparse")]
+    new = [dict(K=4096, N=4096, dtype="float16", min_m=256),
+           dict(K=8192, N=8192, dtype="float16", min_m=512, format="sparse")]
+    merged = dispatch.merge_entries(old, new)
+    assert sorted(map(dispatch.entry_key, merged)) == sorted(
+        {dispatch.entry_key(e) for e in old + new})
+    by_key = {dispatch.entry_key(e): e["min_m"] for e in merged}
+    assert by_key[(4096, 4096, "float16", "dense")] == 256  # the new measurement wins
+    assert by_key[(4096, 4096, "bfloat16", "dense")] == 128  # carried over
+    assert by_key[(4096, 4096, "float16", "sparse")] is None
