@@ -218,6 +218,13 @@ __device__ __forceinline__ void scale_fragment(uint32_t (&frag)[2], typename Dty
 // Inter-block reduction: who completes a tile shared by several blocks
 // ---------------------------------------------------------------------------
 
+// Which block's stripe holds iteration `it`, when `total` iterations are dealt
+// into `stripes` stripes starting at floor(b * total / stripes).
+__device__ __forceinline__ int stripe_of(int it, int total, int stripes) {
+  return static_cast<int>(((static_cast<long long>(it) + 1) * stripes + total - 1) / total) - 1;
+}
+
+
 // Call after this block stored its partial sums (every thread reaches it).
 // Counts the block in on `counter`; true in exactly one of the `parts`
 // blocks, the last to arrive, which then sees every other block's partial

@@ -21,7 +21,8 @@
 #include <cuda_runtime.h>
 
 #include "marlin_device.cuh"
-#include "marlin_kernel.cuh"  // stripe_of
+#include "marlin_kernel.cuh"  // Dtype, MmaOp helpers, smem_addr
+#include "tile_reduction.cuh"
 #include "marlin_tiles.h"
 
 namespace jax_marlin::cuda {
@@ -226,7 +227,7 @@ class SparseBlock {
       cp_async_commit();
     }
 
-    zero_accumulators();
+    zero(acc_);
     uint32_t read_stage = smem_base_, write_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
     const uint32_t last_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
     for (int i = 0; i < count; ++i) {
@@ -242,7 +243,7 @@ class SparseBlock {
       compute_stage(read_stage);
       if (use.k_tile == k_tiles_ - 1 || i == count - 1) {
         finish_tile(use.n_tile, total);
-        zero_accumulators();
+        zero(acc_);
       }
       if (++use.k_tile == k_tiles_) {
         use.k_tile = 0;
@@ -475,96 +476,14 @@ class SparseBlock {
     }
   }
 
-  __device__ void zero_accumulators() {
-#pragma unroll
-    for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_[rb][j][e] = 0.f;
-  }
-
-  // Sum the K-split warps' accumulators into the warps with warp_k_ == 0.
-  __device__ void reduce_within_block() {
-    if constexpr (Tile::kWarpsK > 1) {
-      float4* red = reinterpret_cast<float4*>(red_);
-#pragma unroll
-      for (int half = Tile::kWarpsK / 2; half >= 1; half /= 2) {
-        // Slot layout [slot][rb][j][lane]: conflict-free float4 accesses.
-        if (warp_k_ >= half && warp_k_ < 2 * half) {
-          const int slot = (warp_k_ - half) * Tile::kWarpsMN + warp_mn_;
-#pragma unroll
-          for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-              red[((slot * kRB + rb) * 4 + j) * 32 + lane_] =
-                  make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]);
-        }
-        __syncthreads();
-        if (warp_k_ < half) {
-          const int slot = warp_k_ * Tile::kWarpsMN + warp_mn_;
-#pragma unroll
-          for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const float4 v = red[((slot * kRB + rb) * 4 + j) * 32 + lane_];
-              acc_[rb][j][0] += v.x;
-              acc_[rb][j][1] += v.y;
-              acc_[rb][j][2] += v.z;
-              acc_[rb][j][3] += v.w;
-            }
-        }
-        __syncthreads();
-      }
-    }
-  }
-
-  // End of this block's share of n-tile `n_tile`: reduce over the K split,
-  // then over the blocks sharing the tile (workspace, last arriver, block
-  // order: deterministic); whoever completes the tile writes y.
+  // End of this block's share of n-tile `n_tile` (tile_reduction.cuh);
+  // whoever completes the tile writes the output.
   __device__ void finish_tile(int n_tile, int total) {
-    reduce_within_block();
-    const int first = stripe_of(n_tile * k_tiles_, total, p_.stripes);
-    const int last = stripe_of((n_tile + 1) * k_tiles_ - 1, total, p_.stripes);
-    const bool owner = warp_k_ == 0;
-    if (first != last) {
-      if (owner) {
-        float4* mine = slot(static_cast<int>(blockIdx.x), n_tile, total);
-#pragma unroll
-        for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            __stcg(&mine[workspace_index(rb, j)],
-                   make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]));
-      }
-      if (!last_to_arrive(p_.locks + n_tile, last - first + 1)) return;
-      if (owner) {
-        zero_accumulators();
-        for (int b = first; b <= last; ++b) {
-          const float4* part = slot(b, n_tile, total);
-#pragma unroll
-          for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const float4 v = __ldcg(&part[workspace_index(rb, j)]);
-              acc_[rb][j][0] += v.x;
-              acc_[rb][j][1] += v.y;
-              acc_[rb][j][2] += v.z;
-              acc_[rb][j][3] += v.w;
-            }
-        }
-      }
-    }
-    if (owner) write_output(n_tile);
-  }
-
-  // Block b's workspace slot for n-tile `n_tile` (a stripe shares at most
-  // its first and its last n-tile with other blocks: two slots a block).
-  __device__ float4* slot(int b, int n_tile, int total) const {
-    const int begin = static_cast<int>(static_cast<long long>(b) * total / p_.stripes);
-    const int which = begin / k_tiles_ == n_tile ? 0 : 1;
-    return reinterpret_cast<float4*>(p_.workspace) +
-           static_cast<size_t>(2 * b + which) * (Tile::kTileM * Tile::kTileN / 4);
+    const TileReduction<Tile, kRB, 4> reduction{reinterpret_cast<float4*>(red_), p_.workspace,
+                                                 p_.locks, p_.stripes, k_tiles_, warp_k_, warp_mn_,
+                                                 lane_};
+    if (reduction.finish(acc_, n_tile, total, [this](int rb, int j) { return workspace_index(rb, j); }))
+      write_output(n_tile);
   }
 
   __device__ int workspace_index(int rb, int j) const {
