@@ -339,30 +339,14 @@ class MarlinBlock {
   }
 
   // This warp's k16 blocks of the stage, mma.sync, into `acc`; kScaled: the
-  // dequantized weights are multiplied by their group scales first.
-  // Software-pipelined over two operand buffers: step i + 1's shared-memory
-  // reads are in flight while step i dequantizes and multiplies. One block
-  // of 8 warps an SM leaves a scheduler two warps, too few to hide that
-  // latency by switching warps.
+  // dequantized weights are multiplied by their group scales first. With 4
+  // row blocks the accumulators fill most of the register file: the step
+  // pairs stay a loop there.
   template <bool kScaled>
   __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][kJ][4]) {
-    constexpr int kSteps = Tile::kKBlocksPerWarp;
-    StepOperands even, odd;
-    load_step<kScaled>(stage, 0, even);
-    if constexpr (kSteps == 1) {
-      multiply_step<kScaled>(even, acc);
-    } else {
-      static_assert(kSteps % 2 == 0, "steps go in pairs");
-      // With 4 row blocks the accumulators fill most of the register file:
-      // the pairs stay a loop there, so only two buffers are ever live.
-#pragma unroll(kRB > 2 ? 1 : kSteps / 2)
-      for (int i = 0; i < kSteps; i += 2) {
-        load_step<kScaled>(stage, i + 1, odd);
-        multiply_step<kScaled>(even, acc);
-        if (i + 2 < kSteps) load_step<kScaled>(stage, i + 2, even);
-        multiply_step<kScaled>(odd, acc);
-      }
-    }
+    pipelined_steps<Tile::kKBlocksPerWarp, (kRB > 2), StepOperands>(
+        [&](int i, StepOperands& op) { load_step<kScaled>(stage, i, op); },
+        [&](const StepOperands& op) { multiply_step<kScaled>(op, acc); });
   }
 
   // wgmma: this warp dequantizes its word of every k16 block's packed unit

@@ -452,28 +452,13 @@ class SparseBlock {
 
   // This warp's bands of the stage into `acc`; kScaled: the dequantized
   // values are multiplied by their group scales first (exactly the
-  // reference's W_hat = (code - 8) * s rounded to T). Software-pipelined as
-  // the dense kernel's multiply_stage: band i + 1's shared-memory reads are in
-  // flight while band i multiplies.
+  // reference's W_hat = (code - 8) * s rounded to T). Pipelined as the dense
+  // kernel's steps; with 4 row blocks the band pairs stay a loop.
   template <bool kScaled>
   __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][4][4]) {
-    constexpr int kSteps = Tile::kBandsPerWarp;
-    BandOperands even, odd;
-    load_band<kScaled>(stage, 0, even);
-    if constexpr (kSteps == 1) {
-      multiply_band<kScaled>(even, acc);
-    } else {
-      static_assert(kSteps % 2 == 0, "bands go in pairs");
-      // With 4 row blocks the accumulators fill most of the register file:
-      // the pairs stay a loop there, so only two buffers are ever live.
-#pragma unroll(kRB > 2 ? 1 : kSteps / 2)
-      for (int i = 0; i < kSteps; i += 2) {
-        load_band<kScaled>(stage, i + 1, odd);
-        multiply_band<kScaled>(even, acc);
-        if (i + 2 < kSteps) load_band<kScaled>(stage, i + 2, even);
-        multiply_band<kScaled>(odd, acc);
-      }
-    }
+    pipelined_steps<Tile::kBandsPerWarp, (kRB > 2), BandOperands>(
+        [&](int i, BandOperands& op) { load_band<kScaled>(stage, i, op); },
+        [&](const BandOperands& op) { multiply_band<kScaled>(op, acc); });
   }
 
   // End of this block's share of n-tile `n_tile` (tile_reduction.cuh);
