@@ -19,7 +19,7 @@
 #include "marlin_device.cuh"
 #include "marlin_tiles.h"
 #include "marlin_wgmma.cuh"
-#include "tile_reduction.cuh"
+#include "stripe.cuh"
 
 namespace jax_marlin::cuda {
 
@@ -96,52 +96,19 @@ class MarlinBlock {
     // loads, one consuming. Stepped, not recomputed: no divisions per tile.
     LoadCursor load{begin / k_tiles_, begin % k_tiles_, 0};
     load.b_tile = b_tile_offset(load.n_tile, load.k_tile);
-    Cursor use{load.n_tile, load.k_tile};
-
-    // Prologue: fill all but one stage. Every iteration commits exactly one
-    // group (possibly empty) so that wait_group<kStages - 2> always means
-    // "the stage about to be consumed has landed".
-    // Unrolled on purpose: with a rolled loop, ptxas 13.0 folds the uniform
-    // stage address into the L2-cache-hint copy (LDGSTS [R+UR], desc[UR])
-    // and encodes registers it never sets: an illegal instruction at run
-    // time. scripts/prebuild_tools.sh greps the SASS for that form.
-#pragma unroll
-    for (int s = 0; s < Tile::kStages - 1; ++s) {
-      if (s < count) {
-        load_stage(smem_base_ + s * kStageBytes, load);
-        step(load);
-      }
-      cp_async_commit();
-    }
 
     zero(acc_);
-    uint32_t read_stage = smem_base_, write_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
-    const uint32_t last_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
-    for (int i = 0; i < count; ++i) {
-      cp_async_wait<Tile::kStages - 2>();
-      // wgmma reads x through the async proxy: fence this thread's copies.
-      if constexpr (Tile::kWgmma) fence_proxy_async();
-      // Also guarantees every warp is done with the stage refilled below.
-      __syncthreads();
-      if (i + Tile::kStages - 1 < count) {
-        load_stage(write_stage, load);
-        step(load);
-      }
-      cp_async_commit();
-
-      compute_stage(read_stage);
-      if (use.k_tile == k_tiles_ - 1 || i == count - 1) {
-        finish_tile(use.n_tile, total);
-        zero(acc_);
-      }
-      if (++use.k_tile == k_tiles_) {
-        use.k_tile = 0;
-        ++use.n_tile;
-      }
-      read_stage = read_stage == last_stage ? smem_base_ : read_stage + kStageBytes;
-      write_stage = write_stage == last_stage ? smem_base_ : write_stage + kStageBytes;
-    }
-    cp_async_wait<0>();
+    stream_stripe<Tile::kStages, Tile::kWgmma>(
+        smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
+        [&](uint32_t stage) {
+          load_stage(stage, load);
+          step(load);
+        },
+        [&](uint32_t stage) { compute_stage(stage); },
+        [&](int n_tile) {
+          finish_tile(n_tile, total);
+          zero(acc_);
+        });
   }
 
  private:
@@ -151,11 +118,8 @@ class MarlinBlock {
   static constexpr int kBCopies = (Tile::kBStage + Tile::kThreads - 1) / Tile::kThreads;
   static_assert(Tile::kBStage % Tile::kThreads == 0, "every thread copies the same weight units");
 
-  // Position in the (n-tile, k-tile) iteration space, k fastest.
-  struct Cursor {
-    int n_tile, k_tile;
-  };
-  // The load cursor also keeps the tile's offset in the packed weight
+  // Position in the (n-tile, k-tile) iteration space (k fastest) of the
+  // next copies to issue, with the tile's offset in the packed weight
   // (16-byte units; < 2^31 for any weight that fits in memory).
   struct LoadCursor {
     int n_tile, k_tile, b_tile;
@@ -388,7 +352,7 @@ class MarlinBlock {
     wgmma_wait<0>();
   }
 
-  // End of this block's share of n-tile `n_tile` (tile_reduction.cuh);
+  // End of this block's share of n-tile `n_tile` (stripe.cuh);
   // whoever completes the tile writes the output.
   __device__ void finish_tile(int n_tile, int total) {
     const TileReduction<Tile, kRB, kJ> reduction{reinterpret_cast<float4*>(red_), p_.workspace,

@@ -22,7 +22,7 @@
 
 #include "marlin_device.cuh"
 #include "marlin_kernel.cuh"  // Dtype, MmaOp helpers, smem_addr
-#include "tile_reduction.cuh"
+#include "stripe.cuh"
 #include "marlin_tiles.h"
 
 namespace jax_marlin::cuda {
@@ -211,48 +211,19 @@ class SparseBlock {
     LoadCursor load{begin / k_tiles_, begin % k_tiles_, 0, 0};
     load.v_tile = v_tile_offset(load.n_tile, load.k_tile);
     load.m_tile = m_tile_offset(load.n_tile, load.k_tile);
-    Cursor use{load.n_tile, load.k_tile};
-
-    // Prologue: every iteration commits exactly one group (possibly empty),
-    // so wait_group<kStages - 2> always means "the stage to consume landed".
-    // Unrolled on purpose, as in MarlinBlock::run: a rolled loop lets ptxas
-    // 13.0 fold the uniform stage address into the cache-hinted LDGSTS and
-    // miscompile it (scripts/prebuild_tools.sh greps the SASS for it).
-#pragma unroll
-    for (int s = 0; s < Tile::kStages - 1; ++s) {
-      if (s < count) {
-        load_stage(smem_base_ + s * kStageBytes, load);
-        step(load);
-      }
-      cp_async_commit();
-    }
 
     zero(acc_);
-    uint32_t read_stage = smem_base_, write_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
-    const uint32_t last_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
-    for (int i = 0; i < count; ++i) {
-      cp_async_wait<Tile::kStages - 2>();
-      // Also guarantees every warp is done with the stage refilled below.
-      __syncthreads();
-      if (i + Tile::kStages - 1 < count) {
-        load_stage(write_stage, load);
-        step(load);
-      }
-      cp_async_commit();
-
-      compute_stage(read_stage);
-      if (use.k_tile == k_tiles_ - 1 || i == count - 1) {
-        finish_tile(use.n_tile, total);
-        zero(acc_);
-      }
-      if (++use.k_tile == k_tiles_) {
-        use.k_tile = 0;
-        ++use.n_tile;
-      }
-      read_stage = read_stage == last_stage ? smem_base_ : read_stage + kStageBytes;
-      write_stage = write_stage == last_stage ? smem_base_ : write_stage + kStageBytes;
-    }
-    cp_async_wait<0>();
+    stream_stripe<Tile::kStages, false>(
+        smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
+        [&](uint32_t stage) {
+          load_stage(stage, load);
+          step(load);
+        },
+        [&](uint32_t stage) { compute_stage(stage); },
+        [&](int n_tile) {
+          finish_tile(n_tile, total);
+          zero(acc_);
+        });
   }
 
  private:
@@ -261,10 +232,8 @@ class SparseBlock {
   static constexpr int kVCopies = Tile::kVStage / Tile::kThreads;
   static constexpr int kMCopies = (Tile::kMStage + Tile::kThreads - 1) / Tile::kThreads;
 
-  struct Cursor {
-    int n_tile, k_tile;
-  };
-  // The load cursor also keeps the tile's offsets (16-byte units) in the
+  // Position in the (n-tile, k-tile) iteration space (k fastest) of the
+  // next copies to issue, with the tile's offsets (16-byte units) in the
   // values and metadata arrays.
   struct LoadCursor {
     int n_tile, k_tile, v_tile, m_tile;
@@ -461,7 +430,7 @@ class SparseBlock {
         [&](const BandOperands& op) { multiply_band<kScaled>(op, acc); });
   }
 
-  // End of this block's share of n-tile `n_tile` (tile_reduction.cuh);
+  // End of this block's share of n-tile `n_tile` (stripe.cuh);
   // whoever completes the tile writes the output.
   __device__ void finish_tile(int n_tile, int total) {
     const TileReduction<Tile, kRB, 4> reduction{reinterpret_cast<float4*>(red_), p_.workspace,

@@ -1,14 +1,64 @@
-// How a block's warps turn their accumulators into finished output tiles,
-// shared by the dense and the 2:4 sparse kernel: a tree reduction over the
-// block's K split through shared memory, then a reduction over the blocks
-// whose stripes share the n-tile, through the global workspace (the last
-// block to arrive sums the parts in block order, so results are
-// deterministic).
+// How a block works through its stripe of (n-tile, k-tile) iterations,
+// shared by the dense and the 2:4 sparse kernel:
+//  - stream_stripe: the multi-stage cp.async pipeline over the iterations;
+//  - TileReduction: how the warps' accumulators become finished output
+//    tiles: a tree reduction over the block's K split through shared memory,
+//    then a reduction over the blocks whose stripes share the n-tile, through
+//    the global workspace (the last block to arrive sums the parts in block
+//    order, so results are deterministic).
 #pragma once
 
 #include "marlin_device.cuh"
+#include "marlin_wgmma.cuh"  // fence_proxy_async
 
 namespace jax_marlin::cuda {
+
+// Streams `count` iterations through kStages shared-memory stages of
+// stage_bytes each, from smem_base. issue(stage) starts the cp.async copies
+// of the next iteration into `stage` (and advances the caller's load
+// cursor); compute(stage) consumes a landed stage; end_tile(n_tile) runs
+// after the last k-tile of each n-tile (and after the stripe's last
+// iteration). The stripe starts at (n_tile, k_tile); k_tiles per n-tile.
+// kFenceAsyncProxy: compute reads through the async proxy (wgmma).
+template <int kStages, bool kFenceAsyncProxy, typename Issue, typename Compute, typename EndTile>
+__device__ __forceinline__ void stream_stripe(uint32_t smem_base, uint32_t stage_bytes, int count,
+                                              int k_tiles, int n_tile, int k_tile, Issue&& issue,
+                                              Compute&& compute, EndTile&& end_tile) {
+  // Prologue: fill all but one stage. Every iteration commits exactly one
+  // group (possibly empty) so that wait_group<kStages - 2> always means
+  // "the stage about to be consumed has landed".
+  // Unrolled on purpose: with a rolled loop, ptxas 13.0 folds the uniform
+  // stage address into the L2-cache-hint copy (LDGSTS [R+UR], desc[UR])
+  // and encodes registers it never sets: an illegal instruction at run
+  // time. scripts/prebuild_tools.sh greps the SASS for that form.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < count) issue(smem_base + s * stage_bytes);
+    cp_async_commit();
+  }
+
+  const uint32_t last_stage = smem_base + (kStages - 1) * stage_bytes;
+  uint32_t read_stage = smem_base, write_stage = last_stage;
+  for (int i = 0; i < count; ++i) {
+    cp_async_wait<kStages - 2>();
+    // The async proxy reads shared memory: fence this thread's copies.
+    if constexpr (kFenceAsyncProxy) fence_proxy_async();
+    // Also guarantees every warp is done with the stage refilled below.
+    __syncthreads();
+    if (i + kStages - 1 < count) issue(write_stage);
+    cp_async_commit();
+
+    compute(read_stage);
+    if (k_tile == k_tiles - 1 || i == count - 1) end_tile(n_tile);
+    if (++k_tile == k_tiles) {
+      k_tile = 0;
+      ++n_tile;
+    }
+    read_stage = read_stage == last_stage ? smem_base : read_stage + stage_bytes;
+    write_stage = write_stage == last_stage ? smem_base : write_stage + stage_bytes;
+  }
+  cp_async_wait<0>();
+}
 
 // acc[rb][j]: a warp's m16n8 fp32 accumulators, for its kRB 8-row blocks of
 // x and its kJ n16 sub-tiles.
