@@ -253,6 +253,7 @@ def unpermute_scales(scales) -> jax.Array:
 # order, then apply the per-channel order to each half of 32.
 _CHANNEL_PERM_64 = np.concatenate([SCALE_PERM_CHANNEL, SCALE_PERM_CHANNEL + 32])
 GROUPED_TO_CHANNEL = _frozen(SCALE_PERM_INV[_CHANNEL_PERM_64])
+GROUPED_TO_CHANNEL_RUN = RunTranspose.of(GROUPED_TO_CHANNEL)
 
 
 def grouped_scales_as_per_channel(scales) -> jax.Array:
@@ -261,4 +262,4 @@ def grouped_scales_as_per_channel(scales) -> jax.Array:
     For a shard of a grouped weight that holds a single group: the codes are
     unchanged, only the scales' order differs between the two kernel paths.
     """
-    return _permute_runs(jnp.asarray(scales), GROUPED_TO_CHANNEL)
+    return _permute_runs(jnp.asarray(scales), GROUPED_TO_CHANNEL_RUN)

@@ -77,7 +77,8 @@ def test_permutations_run_as_transposes():
     pairs = [(layout.WEIGHT_RUN, layout.WEIGHT_PERM), (layout.SCALE_RUN, layout.SCALE_PERM),
              (layout.SCALE_RUN_CHANNEL, layout.SCALE_PERM_CHANNEL),
              (sparse_layout.VALUE_RUN, sparse_layout.VALUE_PERM),
-             (sparse_layout.META_RUN, sparse_layout.META_PERM)]
+             (sparse_layout.META_RUN, sparse_layout.META_PERM),
+             (layout.GROUPED_TO_CHANNEL_RUN, layout.GROUPED_TO_CHANNEL)]
     for run, perm in pairs:
         np.testing.assert_array_equal(run.indices(), perm)
         np.testing.assert_array_equal(run.inverse().indices(), np.argsort(perm))
