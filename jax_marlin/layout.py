@@ -148,16 +148,6 @@ class RunTranspose(NamedTuple):
         return run
 
 
-# The weight permutation as a transpose. Within a run of 1024 tiled codes, the
-# input index is 256 j + 128 h + 32 q + 16 l + 8 b + c (tile j of the stripe,
-# row 8 h + 2 q + l, column block b, column c); lane t = 4 c + q of _weight_perm
-# holds, for tile j, the interleaved pair slots p = 4 l + 2 b + h.
-WEIGHT_RUN = RunTranspose((4, 2, 4, 2, 2, 8), (5, 2, 0, 3, 4, 1))
-# Grouped scales: runs of 64, an 8 x 8 transpose.
-SCALE_RUN = RunTranspose((8, 8), (1, 0))
-# Per-channel scales: runs of 32, (4, 4, 2) with the first two axes swapped.
-SCALE_RUN_CHANNEL = RunTranspose((4, 4, 2), (1, 0, 2))
-
 WEIGHT_PERM = _frozen(_weight_perm())
 WEIGHT_PERM_INV = _frozen(_inverse(WEIGHT_PERM))
 # Grouped scales: runs of 64, out[a] = in[perm[a]].
@@ -168,11 +158,11 @@ SCALE_PERM_CHANNEL = _frozen(
     np.array([2 * i + j for i in range(4) for j in (0, 1, 8, 9, 16, 17, 24, 25)])
 )
 SCALE_PERM_CHANNEL_INV = _frozen(_inverse(SCALE_PERM_CHANNEL))
-# The transposes are the index arrays (FORMAT.md's recipe), checked here once.
-for _run, _perm in ((WEIGHT_RUN, WEIGHT_PERM), (SCALE_RUN, SCALE_PERM),
-                    (SCALE_RUN_CHANNEL, SCALE_PERM_CHANNEL)):
-    assert np.array_equal(_run.indices(), _perm), _run
-    assert np.array_equal(_run.inverse().indices(), _inverse(_perm)), _run
+# The same permutations as the transposes the array functions apply
+# (RunTranspose.of checks that each one equals its index array).
+WEIGHT_RUN = RunTranspose.of(WEIGHT_PERM)
+SCALE_RUN = RunTranspose.of(SCALE_PERM)
+SCALE_RUN_CHANNEL = RunTranspose.of(SCALE_PERM_CHANNEL)
 
 
 def _permute_runs(a: jax.Array, perm: RunTranspose) -> jax.Array:

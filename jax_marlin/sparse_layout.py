@@ -118,12 +118,8 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 
 VALUE_PERM = _frozen(_value_perm())
-VALUE_PERM_INV = _frozen(np.argsort(VALUE_PERM))
 META_PERM = _frozen(_meta_perm())
-META_PERM_INV = _frozen(np.argsort(META_PERM))
-# Scales: the dense grouped order (runs of 64), for every group size.
-SCALE_PERM = layout.SCALE_PERM
-SCALE_PERM_INV = layout.SCALE_PERM_INV
+# Scales: the dense grouped order (layout.SCALE_RUN, runs of 64), for every group size.
 
 _RUN_ENTRIES = BAND // CHUNK * RUN * KEPT  # 1024 kept entries a run
 assert sorted(VALUE_PERM.tolist()) == list(range(_RUN_ENTRIES))
