@@ -218,6 +218,37 @@ __device__ __forceinline__ void scale_fragment(uint32_t (&frag)[2], typename Dty
 // Inter-block reduction: who completes a tile shared by several blocks
 // ---------------------------------------------------------------------------
 
+// Runs kSteps steps of `load(i, operands)` then `multiply(operands)`,
+// software-pipelined over two operand buffers: step i + 1's loads are issued
+// before step i's multiply, so their shared-memory latency hides behind its
+// math (a scheduler has only two warps to switch between at one block of 8
+// warps an SM). kRolled keeps the pairs a loop, for tiles whose accumulators
+// leave few registers; otherwise the steps unroll fully.
+template <int kSteps, bool kRolled, typename Operands, typename Load, typename Multiply>
+__device__ __forceinline__ void pipelined_steps(Load&& load, Multiply&& multiply) {
+  Operands even, odd;
+  load(0, even);
+  if constexpr (kSteps == 1) {
+    multiply(even);
+  } else {
+    static_assert(kSteps % 2 == 0, "steps go in pairs");
+#pragma unroll(kRolled ? 1 : kSteps / 2)
+    for (int i = 0; i < kSteps; i += 2) {
+      load(i + 1, odd);
+      multiply(even);
+      if (i + 2 < kSteps) load(i + 2, even);
+      multiply(odd);
+    }
+  }
+}
+
+// Which block's stripe holds iteration `it`, when `total` iterations are dealt
+// into `stripes` stripes starting at floor(b * total / stripes).
+__device__ __forceinline__ int stripe_of(int it, int total, int stripes) {
+  return static_cast<int>(((static_cast<long long>(it) + 1) * stripes + total - 1) / total) - 1;
+}
+
+
 // Call after this block stored its partial sums (every thread reaches it).
 // Counts the block in on `counter`; true in exactly one of the `parts`
 // blocks, the last to arrive, which then sees every other block's partial

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "launch_util.h"
 #include "marlin_kernel.cuh"
 #include "marlin_launch.h"
 
@@ -41,73 +42,10 @@ constexpr std::array<int, kNumConfigs> preference(int variant) {
   return {1, 0, 2, 3};
 }
 
-int multiprocessor_count() {
-  // Cached per device: the attribute query is cheap but not free, and this
-  // runs on every call.
-  static std::atomic<int> cache[64];
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 1;
-  if (device < 64) {
-    if (int v = cache[device].load(std::memory_order_relaxed)) return v;
-  }
-  int sms = 1;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (device < 64) cache[device].store(sms, std::memory_order_relaxed);
-  return sms;
-}
-
-// The most SMs of any visible device (queried once).
-int max_multiprocessor_count() {
-  static const int most = [] {
-    int devices = 0, most = 1;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess) return most;
-    for (int d = 0; d < devices; ++d) {
-      int sms = 0;
-      if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, d) == cudaSuccess)
-        most = std::max(most, sms);
-    }
-    return most;
-  }();
-  return most;
-}
-
-int log2_exact(int v) {
-  int s = 0;
-  while ((1 << s) < v) ++s;
-  return s;
-}
-
-// How many blocks of this kernel an SM holds, on the current device. The
-// first call per device raises the kernel's dynamic shared-memory limit (a
-// per-device setting) and asks the occupancy calculator; later calls read
-// the cache. The grid must never exceed what is resident at once.
-template <typename T, typename Tile>
-cudaError_t resident_blocks_per_sm(int* out) {
-  static std::atomic<int> cache[64];
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  std::atomic<int>* cached = device < 64 ? &cache[device] : nullptr;
-  int resident = cached ? cached->load(std::memory_order_acquire) : 0;
-  if (resident == 0) {
-    err = cudaFuncSetAttribute(marlin_kernel<T, Tile>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               Tile::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, marlin_kernel<T, Tile>,
-                                                        Tile::kThreads, Tile::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    if (resident == 0) return cudaErrorInvalidConfiguration;
-    if (resident > Tile::kBlocksPerSM) resident = Tile::kBlocksPerSM;
-    if (cached) cached->store(resident, std::memory_order_release);
-  }
-  *out = resident;
-  return cudaSuccess;
-}
-
 template <typename T, typename Tile>
 cudaError_t prepare_chunk() {
   int resident = 0;
-  return resident_blocks_per_sm<T, Tile>(&resident);
+  return resident_blocks_per_sm<marlin_kernel<T, Tile>, Tile>(&resident);
 }
 
 // One 64-row chunk of the product, with a fixed kernel instance.
@@ -119,8 +57,8 @@ template <typename T, typename Tile>
 cudaError_t launch_chunk(const MarlinProblem& pr, int row0, int rows, int* locks,
                          cudaStream_t stream) {
   int resident_per_sm = 0;
-  if (cudaError_t err = resident_blocks_per_sm<T, Tile>(&resident_per_sm); err != cudaSuccess)
-    return err;
+  cudaError_t err = resident_blocks_per_sm<marlin_kernel<T, Tile>, Tile>(&resident_per_sm);
+  if (err != cudaSuccess) return err;
 
   MarlinParams<T> p;
   p.x = static_cast<const T*>(pr.x) + static_cast<size_t>(row0) * pr.k;

@@ -19,6 +19,7 @@
 #include "marlin_device.cuh"
 #include "marlin_tiles.h"
 #include "marlin_wgmma.cuh"
+#include "stripe.cuh"
 
 namespace jax_marlin::cuda {
 
@@ -34,12 +35,6 @@ struct MarlinParams {
   int group_shift;       // log2(group size); grouped kernels only
   int stripes;           // gridDim.x
 };
-
-// Which block's stripe holds iteration `it`, when `total` iterations are dealt
-// into `stripes` stripes starting at floor(b * total / stripes).
-__device__ __forceinline__ int stripe_of(int it, int total, int stripes) {
-  return static_cast<int>(((static_cast<long long>(it) + 1) * stripes + total - 1) / total) - 1;
-}
 
 template <typename T, typename Tile>
 class MarlinBlock {
@@ -101,52 +96,19 @@ class MarlinBlock {
     // loads, one consuming. Stepped, not recomputed: no divisions per tile.
     LoadCursor load{begin / k_tiles_, begin % k_tiles_, 0};
     load.b_tile = b_tile_offset(load.n_tile, load.k_tile);
-    Cursor use{load.n_tile, load.k_tile};
 
-    // Prologue: fill all but one stage. Every iteration commits exactly one
-    // group (possibly empty) so that wait_group<kStages - 2> always means
-    // "the stage about to be consumed has landed".
-    // Unrolled on purpose: with a rolled loop, ptxas 13.0 folds the uniform
-    // stage address into the L2-cache-hint copy (LDGSTS [R+UR], desc[UR])
-    // and encodes registers it never sets: an illegal instruction at run
-    // time. scripts/prebuild_tools.sh greps the SASS for that form.
-#pragma unroll
-    for (int s = 0; s < Tile::kStages - 1; ++s) {
-      if (s < count) {
-        load_stage(smem_base_ + s * kStageBytes, load);
-        step(load);
-      }
-      cp_async_commit();
-    }
-
-    zero_accumulators();
-    uint32_t read_stage = smem_base_, write_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
-    const uint32_t last_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
-    for (int i = 0; i < count; ++i) {
-      cp_async_wait<Tile::kStages - 2>();
-      // wgmma reads x through the async proxy: fence this thread's copies.
-      if constexpr (Tile::kWgmma) fence_proxy_async();
-      // Also guarantees every warp is done with the stage refilled below.
-      __syncthreads();
-      if (i + Tile::kStages - 1 < count) {
-        load_stage(write_stage, load);
-        step(load);
-      }
-      cp_async_commit();
-
-      compute_stage(read_stage);
-      if (use.k_tile == k_tiles_ - 1 || i == count - 1) {
-        finish_tile(use.n_tile, total);
-        zero_accumulators();
-      }
-      if (++use.k_tile == k_tiles_) {
-        use.k_tile = 0;
-        ++use.n_tile;
-      }
-      read_stage = read_stage == last_stage ? smem_base_ : read_stage + kStageBytes;
-      write_stage = write_stage == last_stage ? smem_base_ : write_stage + kStageBytes;
-    }
-    cp_async_wait<0>();
+    zero(acc_);
+    stream_stripe<Tile::kStages, Tile::kWgmma>(
+        smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
+        [&](uint32_t stage) {
+          load_stage(stage, load);
+          step(load);
+        },
+        [&](uint32_t stage) { compute_stage(stage); },
+        [&](int n_tile) {
+          finish_tile(n_tile, total);
+          zero(acc_);
+        });
   }
 
  private:
@@ -156,11 +118,8 @@ class MarlinBlock {
   static constexpr int kBCopies = (Tile::kBStage + Tile::kThreads - 1) / Tile::kThreads;
   static_assert(Tile::kBStage % Tile::kThreads == 0, "every thread copies the same weight units");
 
-  // Position in the (n-tile, k-tile) iteration space, k fastest.
-  struct Cursor {
-    int n_tile, k_tile;
-  };
-  // The load cursor also keeps the tile's offset in the packed weight
+  // Position in the (n-tile, k-tile) iteration space (k fastest) of the
+  // next copies to issue, with the tile's offset in the packed weight
   // (16-byte units; < 2^31 for any weight that fits in memory).
   struct LoadCursor {
     int n_tile, k_tile, b_tile;
@@ -289,56 +248,69 @@ class MarlinBlock {
     }
   }
 
+  // One k16 step's operands, as this lane reads them from shared memory.
+  struct StepOperands {
+    uint4 words;         // packed words of the warp's 4 n16 tiles
+    uint4 scales;        // their group scales (scaled steps only)
+    uint32_t x[kRB][2];  // x^T B fragments (k16 x n8), one per row block
+  };
+
+  // Issues the shared-memory reads of k16 step i of this warp's share of the stage.
+  template <bool kScaled>
+  __device__ void load_step(uint32_t stage, int i, StepOperands& op) const {
+    const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
+    op.words = ld_shared16(stage + b_read_ + 16 * 32 * Tile::kWarpsN * i);
+    // Group scales: the scale permutation puts the 8 columns a lane's
+    // words touch (c, c + 8, ..., c + 56 with c = lane / 4) in 16 bytes.
+    op.scales = make_uint4(0, 0, 0, 0);
+    if constexpr (kScaled) {
+      const int s_row = (kb * 16) >> p_.group_shift;
+      op.scales = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
+    }
+    // ldmatrix of 8 rows x 16 columns of x gives lane (g, t) x[g][2t, 2t + 1]
+    // and x[g][2t + 8, 2t + 9], the B layout. Lane l addresses row l % 8 of
+    // half (l / 8) % 2; the swizzle XORs the chunk with the row's low bits,
+    // which are l % 8 for every row block.
+    const int x_chunk = (kb * 2 + (lane_ / 8) % 2) ^ (lane_ % 8);
+#pragma unroll
+    for (int rb = 0; rb < kRB; ++rb) {
+      ldmatrix_x2(op.x[rb], stage + x_read_ + 16 * (rb * 8 * Tile::kAChunksPerRow + x_chunk));
+    }
+  }
+
+  // Dequantizes one step's words (scaled: times their group scales) and
+  // multiplies them by every row block's x fragment, into `acc`.
+  template <bool kScaled>
+  __device__ void multiply_step(const StepOperands& op, float (&acc)[kRB][kJ][4]) const {
+    const uint32_t words[4] = {op.words.x, op.words.y, op.words.z, op.words.w};
+    const uint32_t scale_words[4] = {op.scales.x, op.scales.y, op.scales.z, op.scales.w};
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+      // The word holds the B fragments of columns 16 j + g (b0) and
+      // 16 j + 8 + g (b1); the same eight values, reordered, are the A
+      // fragment of the 16 x 16 tile W^T[16 j .. 16 j + 15][k16].
+      uint32_t b0[2], b1[2];
+      Dtype<T>::dequant(words[j], b0, b1);
+      if constexpr (kScaled) {
+        const T2 s = as_t2<T2>(scale_words[j]);
+        scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
+        scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
+      }
+      const uint32_t wfrag[4] = {b0[0], b1[0], b0[1], b1[1]};
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb) MmaOp<T>::run(wfrag, op.x[rb], acc[rb][j]);
+    }
+  }
+
   // This warp's k16 blocks of the stage, mma.sync, into `acc`; kScaled: the
-  // dequantized weights are multiplied by their group scales first.
+  // dequantized weights are multiplied by their group scales first. With 4
+  // row blocks the accumulators fill most of the register file: the step
+  // pairs stay a loop there.
   template <bool kScaled>
   __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][kJ][4]) {
-    // With 4 row blocks the accumulators fill most of the register file:
-    // keep the k16 steps sequential so their fragments are not all live.
-#pragma unroll(kRB > 2 ? 1 : Tile::kKBlocksPerWarp)
-    for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
-      const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
-      // One 16-byte load: this lane's packed words for the warp's 4 n16 tiles.
-      const uint4 q = ld_shared16(stage + b_read_ + 16 * 32 * Tile::kWarpsN * i);
-
-      // Group scales: the scale permutation puts the 8 columns a lane's
-      // words touch (c, c + 8, ..., c + 56 with c = lane / 4) in 16 bytes.
-      uint4 s_raw = make_uint4(0, 0, 0, 0);
-      if constexpr (kScaled) {
-        const int s_row = (kb * 16) >> p_.group_shift;
-        s_raw = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
-      }
-
-      // x^T fragments (k16 x n8): ldmatrix of 8 rows x 16 columns of x gives
-      // lane (g, t) x[g][2t, 2t + 1] and x[g][2t + 8, 2t + 9], the B layout.
-      // Lane l addresses row l % 8 of half (l / 8) % 2; the swizzle XORs the
-      // chunk with the row's low bits, which are l % 8 for every row block.
-      const int x_chunk = (kb * 2 + (lane_ / 8) % 2) ^ (lane_ % 8);
-      uint32_t xfrag[kRB][2];
-#pragma unroll
-      for (int rb = 0; rb < kRB; ++rb) {
-        ldmatrix_x2(xfrag[rb], stage + x_read_ + 16 * (rb * 8 * Tile::kAChunksPerRow + x_chunk));
-      }
-
-      const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-      const uint32_t scale_words[4] = {s_raw.x, s_raw.y, s_raw.z, s_raw.w};
-#pragma unroll
-      for (int j = 0; j < kJ; ++j) {
-        // The word holds the B fragments of columns 16 j + g (b0) and
-        // 16 j + 8 + g (b1); the same eight values, reordered, are the A
-        // fragment of the 16 x 16 tile W^T[16 j .. 16 j + 15][k16].
-        uint32_t b0[2], b1[2];
-        Dtype<T>::dequant(words[j], b0, b1);
-        if constexpr (kScaled) {
-          const T2 s = as_t2<T2>(scale_words[j]);
-          scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
-          scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
-        }
-        const uint32_t wfrag[4] = {b0[0], b1[0], b0[1], b1[1]};
-#pragma unroll
-        for (int rb = 0; rb < kRB; ++rb) MmaOp<T>::run(wfrag, xfrag[rb], acc[rb][j]);
-      }
-    }
+    pipelined_steps<Tile::kKBlocksPerWarp, (kRB > 2), StepOperands>(
+        [&](int i, StepOperands& op) { load_step<kScaled>(stage, i, op); },
+        [&](const StepOperands& op) { multiply_step<kScaled>(op, acc); });
   }
 
   // wgmma: this warp dequantizes its word of every k16 block's packed unit
@@ -380,101 +352,14 @@ class MarlinBlock {
     wgmma_wait<0>();
   }
 
-  __device__ void zero_accumulators() {
-#pragma unroll
-    for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-      for (int j = 0; j < kJ; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_[rb][j][e] = 0.f;
-  }
-
-  // Sum the K-split warps' accumulators into the warps with warp_k_ == 0,
-  // halving the number of live partial sums per round.
-  __device__ void reduce_within_block() {
-    if constexpr (Tile::kWarpsK > 1) {
-      float4* red = reinterpret_cast<float4*>(red_);
-#pragma unroll
-      for (int half = Tile::kWarpsK / 2; half >= 1; half /= 2) {
-        // Slot layout [slot][rb][j][lane]: each warp touches 512 contiguous
-        // bytes per (rb, j), so the float4 accesses are bank-conflict free.
-        if (warp_k_ >= half && warp_k_ < 2 * half) {
-          const int slot = (warp_k_ - half) * Tile::kWarpsMN + warp_mn_;
-#pragma unroll
-          for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-            for (int j = 0; j < kJ; ++j)
-              red[((slot * kRB + rb) * kJ + j) * 32 + lane_] =
-                  make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]);
-        }
-        __syncthreads();
-        if (warp_k_ < half) {
-          const int slot = warp_k_ * Tile::kWarpsMN + warp_mn_;
-#pragma unroll
-          for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-            for (int j = 0; j < kJ; ++j) {
-              const float4 v = red[((slot * kRB + rb) * kJ + j) * 32 + lane_];
-              acc_[rb][j][0] += v.x;
-              acc_[rb][j][1] += v.y;
-              acc_[rb][j][2] += v.z;
-              acc_[rb][j][3] += v.w;
-            }
-        }
-        __syncthreads();
-      }
-    }
-  }
-
-  // End of this block's share of n-tile `n_tile`: reduce over the block's K
-  // split, then over the blocks sharing the tile (through the workspace);
+  // End of this block's share of n-tile `n_tile` (stripe.cuh);
   // whoever completes the tile writes the output.
   __device__ void finish_tile(int n_tile, int total) {
-    reduce_within_block();
-
-    const int first = stripe_of(n_tile * k_tiles_, total, p_.stripes);
-    const int last = stripe_of((n_tile + 1) * k_tiles_ - 1, total, p_.stripes);
-    const bool owner = warp_k_ == 0;
-    if (first != last) {
-      // Partial sums kept in fragment order: each lane stores and reads back
-      // its own fragments, as coalesced float4s.
-      if (owner) {
-        float4* mine = slot(static_cast<int>(blockIdx.x), n_tile, total);
-#pragma unroll
-        for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-          for (int j = 0; j < kJ; ++j)
-            __stcg(&mine[workspace_index(rb, j)],
-                   make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]));
-      }
-      if (!last_to_arrive(p_.locks + n_tile, last - first + 1)) return;
-      if (owner) {
-        zero_accumulators();
-        for (int b = first; b <= last; ++b) {
-          const float4* part = slot(b, n_tile, total);
-#pragma unroll
-          for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-            for (int j = 0; j < kJ; ++j) {
-              const float4 v = __ldcg(&part[workspace_index(rb, j)]);
-              acc_[rb][j][0] += v.x;
-              acc_[rb][j][1] += v.y;
-              acc_[rb][j][2] += v.z;
-              acc_[rb][j][3] += v.w;
-            }
-        }
-      }
-    }
-    if (owner) write_output(n_tile);
-  }
-
-  // Block b's workspace slot for n-tile `n_tile`: a stripe shares at most its
-  // first and its last n-tile with other blocks, so two slots a block.
-  __device__ float4* slot(int b, int n_tile, int total) const {
-    const int begin = static_cast<int>(static_cast<long long>(b) * total / p_.stripes);
-    const int which = begin / k_tiles_ == n_tile ? 0 : 1;
-    return reinterpret_cast<float4*>(p_.workspace) +
-           static_cast<size_t>(2 * b + which) * (Tile::kTileM * Tile::kTileN / 4);
+    const TileReduction<Tile, kRB, kJ> reduction{reinterpret_cast<float4*>(red_), p_.workspace,
+                                                 p_.locks, p_.stripes, k_tiles_, warp_k_, warp_mn_,
+                                                 lane_};
+    if (reduction.finish(acc_, n_tile, total, [this](int rb, int j) { return workspace_index(rb, j); }))
+      write_output(n_tile);
   }
 
   __device__ int workspace_index(int rb, int j) const {

@@ -21,7 +21,8 @@
 #include <cuda_runtime.h>
 
 #include "marlin_device.cuh"
-#include "marlin_kernel.cuh"  // stripe_of
+#include "marlin_kernel.cuh"  // Dtype, MmaOp helpers, smem_addr
+#include "stripe.cuh"
 #include "marlin_tiles.h"
 
 namespace jax_marlin::cuda {
@@ -210,48 +211,19 @@ class SparseBlock {
     LoadCursor load{begin / k_tiles_, begin % k_tiles_, 0, 0};
     load.v_tile = v_tile_offset(load.n_tile, load.k_tile);
     load.m_tile = m_tile_offset(load.n_tile, load.k_tile);
-    Cursor use{load.n_tile, load.k_tile};
 
-    // Prologue: every iteration commits exactly one group (possibly empty),
-    // so wait_group<kStages - 2> always means "the stage to consume landed".
-    // Unrolled on purpose, as in MarlinBlock::run: a rolled loop lets ptxas
-    // 13.0 fold the uniform stage address into the cache-hinted LDGSTS and
-    // miscompile it (scripts/prebuild_tools.sh greps the SASS for it).
-#pragma unroll
-    for (int s = 0; s < Tile::kStages - 1; ++s) {
-      if (s < count) {
-        load_stage(smem_base_ + s * kStageBytes, load);
-        step(load);
-      }
-      cp_async_commit();
-    }
-
-    zero_accumulators();
-    uint32_t read_stage = smem_base_, write_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
-    const uint32_t last_stage = smem_base_ + (Tile::kStages - 1) * kStageBytes;
-    for (int i = 0; i < count; ++i) {
-      cp_async_wait<Tile::kStages - 2>();
-      // Also guarantees every warp is done with the stage refilled below.
-      __syncthreads();
-      if (i + Tile::kStages - 1 < count) {
-        load_stage(write_stage, load);
-        step(load);
-      }
-      cp_async_commit();
-
-      compute_stage(read_stage);
-      if (use.k_tile == k_tiles_ - 1 || i == count - 1) {
-        finish_tile(use.n_tile, total);
-        zero_accumulators();
-      }
-      if (++use.k_tile == k_tiles_) {
-        use.k_tile = 0;
-        ++use.n_tile;
-      }
-      read_stage = read_stage == last_stage ? smem_base_ : read_stage + kStageBytes;
-      write_stage = write_stage == last_stage ? smem_base_ : write_stage + kStageBytes;
-    }
-    cp_async_wait<0>();
+    zero(acc_);
+    stream_stripe<Tile::kStages, false>(
+        smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
+        [&](uint32_t stage) {
+          load_stage(stage, load);
+          step(load);
+        },
+        [&](uint32_t stage) { compute_stage(stage); },
+        [&](int n_tile) {
+          finish_tile(n_tile, total);
+          zero(acc_);
+        });
   }
 
  private:
@@ -260,10 +232,8 @@ class SparseBlock {
   static constexpr int kVCopies = Tile::kVStage / Tile::kThreads;
   static constexpr int kMCopies = (Tile::kMStage + Tile::kThreads - 1) / Tile::kThreads;
 
-  struct Cursor {
-    int n_tile, k_tile;
-  };
-  // The load cursor also keeps the tile's offsets (16-byte units) in the
+  // Position in the (n-tile, k-tile) iteration space (k fastest) of the
+  // next copies to issue, with the tile's offsets (16-byte units) in the
   // values and metadata arrays.
   struct LoadCursor {
     int n_tile, k_tile, v_tile, m_tile;
@@ -381,160 +351,93 @@ class SparseBlock {
     }
   }
 
-  // This warp's bands of the stage into `acc`; kScaled: the dequantized
-  // values are multiplied by their group scales first (exactly the
-  // reference's W_hat = (code - 8) * s rounded to T).
+  // One band's operands (k32 of the warp's 64 columns), as this lane reads them.
+  struct BandOperands {
+    uint4 values;        // value words of the run's 4 n-blocks
+    uint2 meta;          // metadata registers for the pairs (0, 1), (2, 3)
+    uint4 scales;        // group scales (scaled bands only)
+    uint32_t x[kRB][4];  // x^T B fragments (k32 x n8), one per row block
+  };
+
+  // Issues the shared-memory reads of band i of this warp's share of the stage.
   template <bool kScaled>
-  __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][4][4]) {
-#pragma unroll(kRB > 2 ? 1 : Tile::kBandsPerWarp)
-    for (int i = 0; i < Tile::kBandsPerWarp; ++i) {
-      const int band = warp_k_ * Tile::kBandsPerWarp + i;
-      // One 16-byte load: this lane's value words for the run's 4 n-blocks;
-      // one 8-byte load: its metadata registers for the pairs (0, 1), (2, 3).
-      const uint4 q = ld_shared16(stage + v_read_ + 16 * 32 * Tile::kWarpsN * i);
-      const uint2 e = ld_shared8(stage + m_read_ + 16 * 16 * Tile::kWarpsN * i);
+  __device__ void load_band(uint32_t stage, int i, BandOperands& op) const {
+    const int band = warp_k_ * Tile::kBandsPerWarp + i;
+    // One 16-byte load of value words, one 8-byte load of metadata.
+    op.values = ld_shared16(stage + v_read_ + 16 * 32 * Tile::kWarpsN * i);
+    op.meta = ld_shared8(stage + m_read_ + 16 * 16 * Tile::kWarpsN * i);
+    op.scales = make_uint4(0, 0, 0, 0);
+    if constexpr (kScaled) {
+      const int s_row = (band * 32) >> p_.group_shift;
+      op.scales = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
+    }
+    // x^T fragments (k32 x n8): ldmatrix.x4 of 8 rows x 32 columns of x.
+    // Matrix q (addressed by lanes 8q .. 8q + 7) is k 8q .. 8q + 7, so
+    // lane (g, t) gets x[g][8q + 2t, 8q + 2t + 1] in register q: the
+    // m16n8k32 B layout (k rows 2t + 8q, + 1; column g). The swizzle XORs
+    // the chunk with the row's low bits, l % 8 for every row block.
+    const int x_chunk = (band * 4 + lane_ / 8) ^ (lane_ % 8);
+#pragma unroll
+    for (int rb = 0; rb < kRB; ++rb) {
+      ldmatrix_x4(op.x[rb], stage + x_read_ + 16 * (rb * 8 * Tile::kAChunksPerRow + x_chunk));
+    }
+  }
 
-      uint4 s_raw = make_uint4(0, 0, 0, 0);
+  // Dequantizes one band's values (scaled: times their group scales) and
+  // multiplies them by every row block's x fragment, into `acc`.
+  template <bool kScaled>
+  __device__ void multiply_band(const BandOperands& op, float (&acc)[kRB][4][4]) const {
+    const uint32_t words[4] = {op.values.x, op.values.y, op.values.z, op.values.w};
+    const uint32_t scale_words[4] = {op.scales.x, op.scales.y, op.scales.z, op.scales.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // The format's nibble interleave makes the dense dequant produce the
+      // A registers in order: {a0, a1, a2, a3} = {f0[0], f0[1], f1[0], f1[1]}
+      // (a0, a2: n-row g; a1, a3: n-row g + 8).
+      uint32_t f0[2], f1[2];
+      Dtype<T>::dequant(words[j], f0, f1);
+      uint32_t a[4] = {f0[0], f0[1], f1[0], f1[1]};
       if constexpr (kScaled) {
-        const int s_row = (band * 32) >> p_.group_shift;
-        s_raw = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
+        const T2 s = as_t2<T2>(scale_words[j]);
+        const T2 lo = Dtype<T>::lo_pair(s), hi = Dtype<T>::hi_pair(s);
+        a[0] = as_u32(__hmul2(as_t2<T2>(a[0]), lo));
+        a[1] = as_u32(__hmul2(as_t2<T2>(a[1]), hi));
+        a[2] = as_u32(__hmul2(as_t2<T2>(a[2]), lo));
+        a[3] = as_u32(__hmul2(as_t2<T2>(a[3]), hi));
       }
-
-      // x^T fragments (k32 x n8): ldmatrix.x4 of 8 rows x 32 columns of x.
-      // Matrix q (addressed by lanes 8q .. 8q + 7) is k 8q .. 8q + 7, so
-      // lane (g, t) gets x[g][8q + 2t, 8q + 2t + 1] in register q: the
-      // m16n8k32 B layout (k rows 2t + 8q, + 1; column g). The swizzle XORs
-      // the chunk with the row's low bits, l % 8 for every row block.
-      const int x_chunk = (band * 4 + lane_ / 8) ^ (lane_ % 8);
-      uint32_t xfrag[kRB][4];
+      // Metadata word j / 2 serves n-blocks 2 (j / 2) (selector 0, from
+      // lanes t = 0, 1) and 2 (j / 2) + 1 (selector 1, lanes t = 2, 3).
+      const uint32_t meta = (j / 2 == 0) ? op.meta.x : op.meta.y;
 #pragma unroll
       for (int rb = 0; rb < kRB; ++rb) {
-        ldmatrix_x4(xfrag[rb], stage + x_read_ + 16 * (rb * 8 * Tile::kAChunksPerRow + x_chunk));
-      }
-
-      const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-      const uint32_t scale_words[4] = {s_raw.x, s_raw.y, s_raw.z, s_raw.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        // The format's nibble interleave makes the dense dequant produce the
-        // A registers in order: {a0, a1, a2, a3} = {f0[0], f0[1], f1[0], f1[1]}
-        // (a0, a2: n-row g; a1, a3: n-row g + 8).
-        uint32_t f0[2], f1[2];
-        Dtype<T>::dequant(words[j], f0, f1);
-        uint32_t a[4] = {f0[0], f0[1], f1[0], f1[1]};
-        if constexpr (kScaled) {
-          const T2 s = as_t2<T2>(scale_words[j]);
-          const T2 lo = Dtype<T>::lo_pair(s), hi = Dtype<T>::hi_pair(s);
-          a[0] = as_u32(__hmul2(as_t2<T2>(a[0]), lo));
-          a[1] = as_u32(__hmul2(as_t2<T2>(a[1]), hi));
-          a[2] = as_u32(__hmul2(as_t2<T2>(a[2]), lo));
-          a[3] = as_u32(__hmul2(as_t2<T2>(a[3]), hi));
-        }
-        // Metadata word j / 2 serves n-blocks 2 (j / 2) (selector 0, from
-        // lanes t = 0, 1) and 2 (j / 2) + 1 (selector 1, lanes t = 2, 3).
-        const uint32_t meta = (j / 2 == 0) ? e.x : e.y;
-#pragma unroll
-        for (int rb = 0; rb < kRB; ++rb) {
-          if (j % 2 == 0) {
-            SparseMmaOp<T>::template run<0>(a, xfrag[rb], meta, acc[rb][j]);
-          } else {
-            SparseMmaOp<T>::template run<1>(a, xfrag[rb], meta, acc[rb][j]);
-          }
+        if (j % 2 == 0) {
+          SparseMmaOp<T>::template run<0>(a, op.x[rb], meta, acc[rb][j]);
+        } else {
+          SparseMmaOp<T>::template run<1>(a, op.x[rb], meta, acc[rb][j]);
         }
       }
     }
   }
 
-  __device__ void zero_accumulators() {
-#pragma unroll
-    for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_[rb][j][e] = 0.f;
+  // This warp's bands of the stage into `acc`; kScaled: the dequantized
+  // values are multiplied by their group scales first (exactly the
+  // reference's W_hat = (code - 8) * s rounded to T). Pipelined as the dense
+  // kernel's steps; with 4 row blocks the band pairs stay a loop.
+  template <bool kScaled>
+  __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][4][4]) {
+    pipelined_steps<Tile::kBandsPerWarp, (kRB > 2), BandOperands>(
+        [&](int i, BandOperands& op) { load_band<kScaled>(stage, i, op); },
+        [&](const BandOperands& op) { multiply_band<kScaled>(op, acc); });
   }
 
-  // Sum the K-split warps' accumulators into the warps with warp_k_ == 0.
-  __device__ void reduce_within_block() {
-    if constexpr (Tile::kWarpsK > 1) {
-      float4* red = reinterpret_cast<float4*>(red_);
-#pragma unroll
-      for (int half = Tile::kWarpsK / 2; half >= 1; half /= 2) {
-        // Slot layout [slot][rb][j][lane]: conflict-free float4 accesses.
-        if (warp_k_ >= half && warp_k_ < 2 * half) {
-          const int slot = (warp_k_ - half) * Tile::kWarpsMN + warp_mn_;
-#pragma unroll
-          for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-              red[((slot * kRB + rb) * 4 + j) * 32 + lane_] =
-                  make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]);
-        }
-        __syncthreads();
-        if (warp_k_ < half) {
-          const int slot = warp_k_ * Tile::kWarpsMN + warp_mn_;
-#pragma unroll
-          for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const float4 v = red[((slot * kRB + rb) * 4 + j) * 32 + lane_];
-              acc_[rb][j][0] += v.x;
-              acc_[rb][j][1] += v.y;
-              acc_[rb][j][2] += v.z;
-              acc_[rb][j][3] += v.w;
-            }
-        }
-        __syncthreads();
-      }
-    }
-  }
-
-  // End of this block's share of n-tile `n_tile`: reduce over the K split,
-  // then over the blocks sharing the tile (workspace, last arriver, block
-  // order: deterministic); whoever completes the tile writes y.
+  // End of this block's share of n-tile `n_tile` (stripe.cuh);
+  // whoever completes the tile writes the output.
   __device__ void finish_tile(int n_tile, int total) {
-    reduce_within_block();
-    const int first = stripe_of(n_tile * k_tiles_, total, p_.stripes);
-    const int last = stripe_of((n_tile + 1) * k_tiles_ - 1, total, p_.stripes);
-    const bool owner = warp_k_ == 0;
-    if (first != last) {
-      if (owner) {
-        float4* mine = slot(static_cast<int>(blockIdx.x), n_tile, total);
-#pragma unroll
-        for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            __stcg(&mine[workspace_index(rb, j)],
-                   make_float4(acc_[rb][j][0], acc_[rb][j][1], acc_[rb][j][2], acc_[rb][j][3]));
-      }
-      if (!last_to_arrive(p_.locks + n_tile, last - first + 1)) return;
-      if (owner) {
-        zero_accumulators();
-        for (int b = first; b <= last; ++b) {
-          const float4* part = slot(b, n_tile, total);
-#pragma unroll
-          for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const float4 v = __ldcg(&part[workspace_index(rb, j)]);
-              acc_[rb][j][0] += v.x;
-              acc_[rb][j][1] += v.y;
-              acc_[rb][j][2] += v.z;
-              acc_[rb][j][3] += v.w;
-            }
-        }
-      }
-    }
-    if (owner) write_output(n_tile);
-  }
-
-  // Block b's workspace slot for n-tile `n_tile` (a stripe shares at most
-  // its first and its last n-tile with other blocks: two slots a block).
-  __device__ float4* slot(int b, int n_tile, int total) const {
-    const int begin = static_cast<int>(static_cast<long long>(b) * total / p_.stripes);
-    const int which = begin / k_tiles_ == n_tile ? 0 : 1;
-    return reinterpret_cast<float4*>(p_.workspace) +
-           static_cast<size_t>(2 * b + which) * (Tile::kTileM * Tile::kTileN / 4);
+    const TileReduction<Tile, kRB, 4> reduction{reinterpret_cast<float4*>(red_), p_.workspace,
+                                                 p_.locks, p_.stripes, k_tiles_, warp_k_, warp_mn_,
+                                                 lane_};
+    if (reduction.finish(acc_, n_tile, total, [this](int rb, int j) { return workspace_index(rb, j); }))
+      write_output(n_tile);
   }
 
   __device__ int workspace_index(int rb, int j) const {

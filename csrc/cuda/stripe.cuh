@@ -1,0 +1,174 @@
+// How a block works through its stripe of (n-tile, k-tile) iterations,
+// shared by the dense and the 2:4 sparse kernel:
+//  - stream_stripe: the multi-stage cp.async pipeline over the iterations;
+//  - TileReduction: how the warps' accumulators become finished output
+//    tiles: a tree reduction over the block's K split through shared memory,
+//    then a reduction over the blocks whose stripes share the n-tile, through
+//    the global workspace (the last block to arrive sums the parts in block
+//    order, so results are deterministic).
+#pragma once
+
+#include "marlin_device.cuh"
+#include "marlin_wgmma.cuh"  // fence_proxy_async
+
+namespace jax_marlin::cuda {
+
+// Streams `count` iterations through kStages shared-memory stages of
+// stage_bytes each, from smem_base. issue(stage) starts the cp.async copies
+// of the next iteration into `stage` (and advances the caller's load
+// cursor); compute(stage) consumes a landed stage; end_tile(n_tile) runs
+// after the last k-tile of each n-tile (and after the stripe's last
+// iteration). The stripe starts at (n_tile, k_tile); k_tiles per n-tile.
+// kFenceAsyncProxy: compute reads through the async proxy (wgmma).
+template <int kStages, bool kFenceAsyncProxy, typename Issue, typename Compute, typename EndTile>
+__device__ __forceinline__ void stream_stripe(uint32_t smem_base, uint32_t stage_bytes, int count,
+                                              int k_tiles, int n_tile, int k_tile, Issue&& issue,
+                                              Compute&& compute, EndTile&& end_tile) {
+  // Prologue: fill all but one stage. Every iteration commits exactly one
+  // group (possibly empty) so that wait_group<kStages - 2> always means
+  // "the stage about to be consumed has landed".
+  // Unrolled on purpose: with a rolled loop, ptxas 13.0 folds the uniform
+  // stage address into the L2-cache-hint copy (LDGSTS [R+UR], desc[UR])
+  // and encodes registers it never sets: an illegal instruction at run
+  // time. scripts/prebuild_tools.sh greps the SASS for that form.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < count) issue(smem_base + s * stage_bytes);
+    cp_async_commit();
+  }
+
+  const uint32_t last_stage = smem_base + (kStages - 1) * stage_bytes;
+  uint32_t read_stage = smem_base, write_stage = last_stage;
+  for (int i = 0; i < count; ++i) {
+    cp_async_wait<kStages - 2>();
+    // The async proxy reads shared memory: fence this thread's copies.
+    if constexpr (kFenceAsyncProxy) fence_proxy_async();
+    // Also guarantees every warp is done with the stage refilled below.
+    __syncthreads();
+    if (i + kStages - 1 < count) issue(write_stage);
+    cp_async_commit();
+
+    compute(read_stage);
+    if (k_tile == k_tiles - 1 || i == count - 1) end_tile(n_tile);
+    if (++k_tile == k_tiles) {
+      k_tile = 0;
+      ++n_tile;
+    }
+    read_stage = read_stage == last_stage ? smem_base : read_stage + stage_bytes;
+    write_stage = write_stage == last_stage ? smem_base : write_stage + stage_bytes;
+  }
+  cp_async_wait<0>();
+}
+
+// acc[rb][j]: a warp's m16n8 fp32 accumulators, for its kRB 8-row blocks of
+// x and its kJ n16 sub-tiles.
+template <int kRB, int kJ>
+using Accumulators = float[kRB][kJ][4];
+
+template <int kRB, int kJ>
+__device__ __forceinline__ void zero(Accumulators<kRB, kJ>& acc) {
+#pragma unroll
+  for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+    for (int j = 0; j < kJ; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[rb][j][e] = 0.f;
+}
+
+template <int kRB, int kJ>
+__device__ __forceinline__ void add(Accumulators<kRB, kJ>& acc, int rb, int j, float4 v) {
+  acc[rb][j][0] += v.x;
+  acc[rb][j][1] += v.y;
+  acc[rb][j][2] += v.z;
+  acc[rb][j][3] += v.w;
+}
+
+template <int kRB, int kJ>
+__device__ __forceinline__ float4 as_float4(const Accumulators<kRB, kJ>& acc, int rb, int j) {
+  return make_float4(acc[rb][j][0], acc[rb][j][1], acc[rb][j][2], acc[rb][j][3]);
+}
+
+// One warp's view of the reduction, made where a tile ends (its fields are
+// values the block already holds in registers; it costs nothing to build).
+// Tile supplies kWarpsK, kWarpsMN, kTileM and kTileN.
+template <typename Tile, int kRB, int kJ>
+struct TileReduction {
+  float4* red;      // shared scratch: Tile::kRed 16-byte units
+  float* workspace;  // global partial sums: two slots a block
+  int* locks;       // one arrival counter per n-tile
+  int stripes, k_tiles;
+  int warp_k, warp_mn, lane;
+
+  // Sums the K-split warps' accumulators into the warps with warp_k == 0,
+  // halving the number of live partial sums per round. Slot layout
+  // [slot][rb][j][lane]: each warp touches 512 contiguous bytes per (rb, j),
+  // so the float4 accesses are bank-conflict free.
+  __device__ void within_block(Accumulators<kRB, kJ>& acc) const {
+    if constexpr (Tile::kWarpsK > 1) {
+#pragma unroll
+      for (int half = Tile::kWarpsK / 2; half >= 1; half /= 2) {
+        if (warp_k >= half && warp_k < 2 * half) {
+          const int slot = (warp_k - half) * Tile::kWarpsMN + warp_mn;
+#pragma unroll
+          for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+            for (int j = 0; j < kJ; ++j) red[((slot * kRB + rb) * kJ + j) * 32 + lane] = as_float4(acc, rb, j);
+        }
+        __syncthreads();
+        if (warp_k < half) {
+          const int slot = warp_k * Tile::kWarpsMN + warp_mn;
+#pragma unroll
+          for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+            for (int j = 0; j < kJ; ++j) add(acc, rb, j, red[((slot * kRB + rb) * kJ + j) * 32 + lane]);
+        }
+        __syncthreads();
+      }
+    }
+  }
+
+  // The end of this block's share of n-tile `n_tile`: reduce over the K
+  // split, then over the blocks sharing the tile. Returns whether this warp
+  // holds the finished tile (warp_k == 0 of the block that completes it);
+  // the caller then writes it. index(rb, j): the lane's float4 of fragment
+  // (rb, j) in a workspace slot, the same in every block (each lane stores
+  // and reads back its own fragments, as coalesced float4s).
+  template <typename Index>
+  __device__ bool finish(Accumulators<kRB, kJ>& acc, int n_tile, int total, Index index) const {
+    within_block(acc);
+    const int first = stripe_of(n_tile * k_tiles, total, stripes);
+    const int last = stripe_of((n_tile + 1) * k_tiles - 1, total, stripes);
+    const bool owner = warp_k == 0;
+    if (first != last) {
+      if (owner) {
+        float4* mine = slot(static_cast<int>(blockIdx.x), n_tile, total);
+#pragma unroll
+        for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+          for (int j = 0; j < kJ; ++j) __stcg(&mine[index(rb, j)], as_float4(acc, rb, j));
+      }
+      if (!last_to_arrive(locks + n_tile, last - first + 1)) return false;
+      if (owner) {
+        zero(acc);
+        for (int b = first; b <= last; ++b) {
+          const float4* part = slot(b, n_tile, total);
+#pragma unroll
+          for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+            for (int j = 0; j < kJ; ++j) add(acc, rb, j, __ldcg(&part[index(rb, j)]));
+        }
+      }
+    }
+    return owner;
+  }
+
+  // Block b's workspace slot for n-tile `n_tile`: a stripe shares at most its
+  // first and its last n-tile with other blocks, so two slots a block.
+  __device__ float4* slot(int b, int n_tile, int total) const {
+    const int begin = static_cast<int>(static_cast<long long>(b) * total / stripes);
+    const int which = begin / k_tiles == n_tile ? 0 : 1;
+    return reinterpret_cast<float4*>(workspace) + static_cast<size_t>(2 * b + which) * (Tile::kTileM * Tile::kTileN / 4);
+  }
+};
+
+}  // namespace jax_marlin::cuda
