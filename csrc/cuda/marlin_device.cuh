@@ -223,21 +223,34 @@ __device__ __forceinline__ void scale_fragment(uint32_t (&frag)[2], typename Dty
 // before step i's multiply, so their shared-memory latency hides behind its
 // math (a scheduler has only two warps to switch between at one block of 8
 // warps an SM). kRolled keeps the pairs a loop, for tiles whose accumulators
-// leave few registers; otherwise the steps unroll fully.
-template <int kSteps, bool kRolled, typename Operands, typename Load, typename Multiply>
+// leave few registers; otherwise the steps unroll fully. kTwoBuffers = false
+// runs the steps one after another from one buffer: at 8 row blocks a warp
+// the 128 accumulators leave no room for a second one (it would spill).
+template <int kSteps, bool kRolled, bool kTwoBuffers, typename Operands, typename Load,
+          typename Multiply>
 __device__ __forceinline__ void pipelined_steps(Load&& load, Multiply&& multiply) {
-  Operands even, odd;
-  load(0, even);
-  if constexpr (kSteps == 1) {
-    multiply(even);
+  if constexpr (!kTwoBuffers) {
+    Operands op;
+#pragma unroll(kRolled ? 1 : kSteps)
+    for (int i = 0; i < kSteps; ++i) {
+      load(i, op);
+      multiply(op);
+    }
+    return;
   } else {
-    static_assert(kSteps % 2 == 0, "steps go in pairs");
-#pragma unroll(kRolled ? 1 : kSteps / 2)
-    for (int i = 0; i < kSteps; i += 2) {
-      load(i + 1, odd);
+    Operands even, odd;
+    load(0, even);
+    if constexpr (kSteps == 1) {
       multiply(even);
-      if (i + 2 < kSteps) load(i + 2, even);
-      multiply(odd);
+    } else {
+      static_assert(kSteps % 2 == 0, "steps go in pairs");
+#pragma unroll(kRolled ? 1 : kSteps / 2)
+      for (int i = 0; i < kSteps; i += 2) {
+        load(i + 1, odd);
+        multiply(even);
+        if (i + 2 < kSteps) load(i + 2, even);
+        multiply(odd);
+      }
     }
   }
 }

@@ -22,24 +22,41 @@ struct TileConfig {
 
 // k x n tiles: 256x128 and 128x256 stream the most weight per barrier;
 // 128x128 where those do not divide (K, N); 64x64 is the fallback that
-// covers every K, N multiple of 64.
+// covers every K, N multiple of 64. (Measured and left out, H200: 128x512
+// with one warp a slab at 8 row blocks, so that each dequantized weight
+// feeds 8 MMAs instead of 4: 4-7% faster on the two widest 70B layers at
+// M = 64, but up to 2x slower on the 7B layers, whose stripes it leaves
+// a few tiles long.)
 constexpr std::array<TileConfig, 4> kTileConfigs = {{{8, 16, 8}, {16, 8, 8}, {8, 8, 8}, {4, 4, 4}}};
 constexpr int kNumConfigs = static_cast<int>(kTileConfigs.size());
 
-// A chunk of `rows` rows runs with 1, 2, 4 or 8 blocks of 8 rows (rounded up:
-// the padding rows cost MMAs, which are not the bottleneck, but no bytes).
-constexpr std::array<int, 4> kRowBlockCounts = {1, 2, 4, 8};
+// A chunk of `rows` rows runs with 1, 2, 4, 8 or 16 blocks of 8 rows (rounded
+// up: padding rows cost no bytes, but from M = 32 up they cost MMAs, which
+// are then what limits the kernel).
+constexpr std::array<int, 5> kRowBlockCounts = {1, 2, 4, 8, 16};
 constexpr int kNumRowVariants = static_cast<int>(kRowBlockCounts.size());
-constexpr int row_variant(int rows) { return rows <= 8 ? 0 : rows <= 16 ? 1 : rows <= 32 ? 2 : 3; }
-// At 8 row blocks two warps split the rows of each slab (64 instead of 128
-// accumulators a thread: no spills).
-constexpr int warps_m(int row_blocks) { return row_blocks == 8 ? 2 : 1; }
+constexpr int row_variant(int rows) {
+  return rows <= 8 ? 0 : rows <= 16 ? 1 : rows <= 32 ? 2 : rows <= 64 ? 3 : 4;
+}
+// Warps that share a 64-column slab, each taking its share of the row
+// blocks: at 8 and 16 row blocks, two (64 and 128 accumulators a thread;
+// 8 row blocks with a K split would not fit shared memory otherwise).
+constexpr int warps_m(int row_blocks) { return row_blocks >= 8 ? 2 : 1; }
 
-// Order in which configurations are tried for a row variant; the first whose
-// tile divides (K, N) wins.
+// Configurations tried for a row variant, in order (-1: none); the first
+// whose tile divides (K, N) wins. Only these are instantiated.
 constexpr std::array<int, kNumConfigs> preference(int variant) {
   if (variant == 0) return {0, 1, 2, 3};
-  return {1, 0, 2, 3};
+  if (variant <= 3) return {1, 0, 2, 3};
+  // 128 rows: 128 x 256 only. (The 64 x 64 tile at 16 row blocks is one
+  // ptxas 13.0 miscompiles: see stream_stripe. Shapes it would serve run as
+  // 64-row chunks instead.)
+  return {1, -1, -1, -1};
+}
+constexpr bool preferred(int variant, int config) {
+  for (int c : preference(variant))
+    if (c == config) return true;
+  return false;
 }
 
 template <typename T, typename Tile>
@@ -99,14 +116,20 @@ constexpr auto table_entry() {
   constexpr bool is_bf16 = I / (kNumConfigs * kNumRowVariants * 2) == 1;
   constexpr TileConfig c = kTileConfigs[config];
   using T = std::conditional_t<is_bf16, __nv_bfloat16, half>;
-  using Tile = TileShape<row_blocks, c.n_blocks, c.k_blocks, c.warps, grouped, 1, warps_m(row_blocks)>;
+  constexpr int variant = (I / kNumConfigs) % kNumRowVariants;
   using Entry = std::conditional_t<Prepare, ChunkPreparer, ChunkLauncher>;
-  if constexpr (!Tile::kFits) {
+  if constexpr (!preferred(variant, config)) {
     return Entry{nullptr};
-  } else if constexpr (Prepare) {
-    return Entry{&prepare_chunk<T, Tile>};
   } else {
-    return Entry{&launch_chunk<T, Tile>};
+    using Tile =
+        TileShape<row_blocks, c.n_blocks, c.k_blocks, c.warps, grouped, 1, warps_m(row_blocks)>;
+    if constexpr (!Tile::kFits) {
+      return Entry{nullptr};
+    } else if constexpr (Prepare) {
+      return Entry{&prepare_chunk<T, Tile>};
+    } else {
+      return Entry{&launch_chunk<T, Tile>};
+    }
   }
 }
 
@@ -121,6 +144,7 @@ constexpr auto kPreparers = make_table<true>(kTableSize);
 
 int pick_config(int variant, int k, int n) {
   for (int c : preference(variant)) {
+    if (c < 0) break;
     // Shared-memory fit depends only on the shapes (the same for fp16 and bf16).
     if (kLaunchers[table_index(ActDtype::kFloat16, true, variant, c)] == nullptr ||
         kLaunchers[table_index(ActDtype::kFloat16, false, variant, c)] == nullptr)
@@ -128,6 +152,16 @@ int pick_config(int variant, int k, int n) {
     if (k % kTileConfigs[c].tile_k() == 0 && n % kTileConfigs[c].tile_n() == 0) return c;
   }
   return -1;
+}
+
+// Rows of the next chunk when `remaining` rows are left. A 128-row chunk
+// streams the weights once for all its rows (M = 128 on the 70B layers: 224
+// against 262 us as two 64-row chunks, H200), but only pays when it is mostly
+// real rows; below 97 rows, 64 plus the rest is faster.
+int chunk_rows(int remaining, int k, int n) {
+  if (remaining > 96 && pick_config(row_variant(kMaxRows), k, n) >= 0)
+    return remaining < kMaxRows ? remaining : kMaxRows;
+  return remaining < 64 ? remaining : 64;
 }
 
 }  // namespace
@@ -138,8 +172,8 @@ size_t workspace_floats(int m, int k, int n) {
   // one after another and reuse it. Sized for the device with the most SMs,
   // so that the size fixed when a program is traced fits any of them.
   size_t most = 0;
-  for (int rows : {m < kMaxRows ? m : kMaxRows, m % kMaxRows}) {
-    if (rows == 0) continue;
+  for (int row0 = 0, rows = 0; row0 < m; row0 += rows) {
+    rows = chunk_rows(m - row0, k, n);
     const int variant = row_variant(rows);
     const int config = pick_config(variant, k, n);
     if (config < 0) continue;
@@ -152,7 +186,10 @@ size_t workspace_floats(int m, int k, int n) {
 }
 
 size_t lock_count(int m, int n) {
-  return static_cast<size_t>((m + kMaxRows - 1) / kMaxRows) * (n / kWarpCols);
+  // One lock per 64-column slab for each chunk; chunks have at least 64
+  // rows (but the last), in both the dense and the 2:4 sparse kernel.
+  static_assert(kSparseMaxRows == 64, "sparse chunks are 64 rows");
+  return static_cast<size_t>((m + 63) / 64) * (n / kWarpCols);
 }
 
 const char* unsupported_reason(int m, int k, int n, int group_size) {
@@ -183,8 +220,8 @@ cudaError_t marlin_matmul(const MarlinProblem& pr, cudaStream_t stream) {
   }
   const bool grouped = pr.group_size != pr.k;
   const int locks_per_chunk = pr.n / kWarpCols;
-  for (int row0 = 0, chunk = 0; row0 < pr.m; row0 += kMaxRows, ++chunk) {
-    const int rows = pr.m - row0 < kMaxRows ? pr.m - row0 : kMaxRows;
+  for (int row0 = 0, chunk = 0, rows = 0; row0 < pr.m; row0 += rows, ++chunk) {
+    rows = chunk_rows(pr.m - row0, pr.k, pr.n);
     const int variant = row_variant(rows);
     const int config = pick_config(variant, pr.k, pr.n);
     if (config < 0) return cudaErrorInvalidValue;

@@ -308,7 +308,7 @@ class MarlinBlock {
   // pairs stay a loop there.
   template <bool kScaled>
   __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][kJ][4]) {
-    pipelined_steps<Tile::kKBlocksPerWarp, (kRB > 2), StepOperands>(
+    pipelined_steps<Tile::kKBlocksPerWarp, (kRB > 2), (kRB <= 4), StepOperands>(
         [&](int i, StepOperands& op) { load_step<kScaled>(stage, i, op); },
         [&](const StepOperands& op) { multiply_step<kScaled>(op, acc); });
   }

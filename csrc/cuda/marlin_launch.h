@@ -36,7 +36,7 @@ const char* unsupported_reason(int m, int k, int n, int group_size);
 cudaError_t prepare_kernels();
 
 // Enqueues the whole product on `stream` (a lock reset unless locks_zeroed,
-// then one launch per 64-row chunk of x). Returns the first CUDA error met. Capturable in a CUDA
+// then one launch per chunk of up to 128 rows of x). Returns the first CUDA error met. Capturable in a CUDA
 // graph: no host synchronisation, no allocation.
 cudaError_t marlin_matmul(const MarlinProblem& problem, cudaStream_t stream);
 

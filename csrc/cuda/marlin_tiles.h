@@ -7,8 +7,10 @@ namespace jax_marlin::cuda {
 // Fixed by the packed format: one 16-byte load per lane covers a 16 x 64
 // (k x n) slab, i.e. one warp owns 64 output columns.
 inline constexpr int kWarpCols = 64;
-// Rows of activations handled by one launch; larger M is split into chunks.
-inline constexpr int kMaxRows = 64;
+// Rows of activations handled by one launch of the dense kernel (16 blocks
+// of 8) and of the 2:4 sparse one; larger M is split into chunks.
+inline constexpr int kMaxRows = 128;
+inline constexpr int kSparseMaxRows = 64;
 // Shared-memory budget per block. 160 KiB fits every sm_80+ part that has
 // the 164 KiB carve-out (A100, H100); the pipeline takes as many stages as fit.
 inline constexpr int kSmemBudget = 160 * 1024;

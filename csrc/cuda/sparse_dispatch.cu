@@ -130,7 +130,7 @@ size_t sparse_workspace_floats(int m, int k, int n) {
   // As workspace_floats: two slots per block of the larger chunk kind's grid,
   // sized for the device with the most SMs.
   size_t most = 0;
-  for (int rows : {m < kMaxRows ? m : kMaxRows, m % kMaxRows}) {
+  for (int rows : {m < kSparseMaxRows ? m : kSparseMaxRows, m % kSparseMaxRows}) {
     if (rows == 0) continue;
     const int variant = row_variant(rows);
     const int config = pick_config(variant, k, n);
@@ -165,8 +165,8 @@ cudaError_t sparse_matmul(const SparseProblem& pr, cudaStream_t stream) {
   }
   const bool grouped = pr.group_size != pr.k;
   const int locks_per_chunk = pr.n / kWarpCols;
-  for (int row0 = 0, chunk = 0; row0 < pr.m; row0 += kMaxRows, ++chunk) {
-    const int rows = pr.m - row0 < kMaxRows ? pr.m - row0 : kMaxRows;
+  for (int row0 = 0, chunk = 0; row0 < pr.m; row0 += kSparseMaxRows, ++chunk) {
+    const int rows = pr.m - row0 < kSparseMaxRows ? pr.m - row0 : kSparseMaxRows;
     const int variant = row_variant(rows);
     const int config = pick_config(variant, pr.k, pr.n);
     if (config < 0) return cudaErrorInvalidValue;

@@ -425,7 +425,7 @@ class SparseBlock {
   // kernel's steps; with 4 row blocks the band pairs stay a loop.
   template <bool kScaled>
   __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][4][4]) {
-    pipelined_steps<Tile::kBandsPerWarp, (kRB > 2), BandOperands>(
+    pipelined_steps<Tile::kBandsPerWarp, (kRB > 2), (kRB <= 4), BandOperands>(
         [&](int i, BandOperands& op) { load_band<kScaled>(stage, i, op); },
         [&](const BandOperands& op) { multiply_band<kScaled>(op, acc); });
   }

@@ -190,8 +190,8 @@ int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
   std::mt19937 rng(1234);
   std::vector<Case> cases;
-  const int ms_full[] = {1, 5, 16, 17, 33, 64, 65, 130};
-  const int ms_quick[] = {1, 33, 70};
+  const int ms_full[] = {1, 5, 16, 17, 33, 64, 65, 100, 128, 130, 200};
+  const int ms_quick[] = {1, 33, 70, 100};
   const int shapes_full[][2] = {{64, 64}, {128, 192}, {256, 256}, {384, 320}, {1024, 768}, {4096, 512}};
   const int shapes_quick[][2] = {{256, 192}, {512, 512}};
   for (bool bf16 : {false, true}) {

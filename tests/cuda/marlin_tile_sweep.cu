@@ -163,15 +163,15 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
   const int shapes[][2] = {{4096, 4096}, {8192, 8192}, {8192, 28672}, {28672, 8192}};
   Buffers b;
-  CHECK_CUDA(cudaMalloc(&b.x, size_t{64} * 28672 * 2));
-  CHECK_CUDA(cudaMalloc(&b.y, size_t{64} * 28672 * 2));
-  CHECK_CUDA(cudaMalloc(&b.y_ref, size_t{64} * 28672 * 2));
+  CHECK_CUDA(cudaMalloc(&b.x, size_t{128} * 28672 * 2));
+  CHECK_CUDA(cudaMalloc(&b.y, size_t{128} * 28672 * 2));
+  CHECK_CUDA(cudaMalloc(&b.y_ref, size_t{128} * 28672 * 2));
   CHECK_CUDA(cudaMalloc(&b.ref_locks, 4096 * sizeof(int)));
-  // Two partial-sum slots a block, for the largest tile swept (64 x 256).
-  CHECK_CUDA(cudaMalloc(&b.workspace, size_t{2} * 2 * g_sms * 64 * 256 * 4));
+  // Two partial-sum slots a block, for the largest tile swept (128 x 512).
+  CHECK_CUDA(cudaMalloc(&b.workspace, size_t{2} * 2 * g_sms * 128 * 512 * 4));
   CHECK_CUDA(cudaMalloc(&b.locks, 4096 * sizeof(int)));
   CHECK_CUDA(cudaMemset(b.locks, 0, 4096 * sizeof(int)));
-  fill_halves<<<1024, 256>>>(static_cast<half*>(b.x), size_t{64} * 28672, -1.f, 1.f, 1);
+  fill_halves<<<1024, 256>>>(static_cast<half*>(b.x), size_t{128} * 28672, -1.f, 1.f, 1);
 
   g_bw = copy_bandwidth();
   std::printf("copy bandwidth (read + write): %.3f TB/s\n", g_bw / 1e12);
@@ -215,6 +215,12 @@ int main(int argc, char** argv) {
       SWEEPW(4, 16, 8, 16);
     }
     for (int m : {64}) {
+      // One warp a slab (8 row blocks, 128 accumulators): each dequantized
+      // weight feeds 8 MMAs instead of 4.
+      SWEEP(8, 32, 4, 8);
+      SWEEP(8, 32, 8, 8);
+      SWEEP(8, 16, 4, 4);
+      SWEEP2(8, 16, 4, 4);
       SWEEPM2(8, 8, 8, 8);
       SWEEPM2(8, 16, 8, 8);
       SWEEPM2(8, 8, 8, 16);
@@ -224,6 +230,11 @@ int main(int argc, char** argv) {
       SWEEPW(8, 4, 16, 8);
       SWEEPW(8, 16, 4, 16);
       SWEEPW(8, 8, 4, 8);
+    }
+    for (int m : {128}) {
+      // 128 rows in one pass (the production launcher runs two 64-row chunks).
+      SWEEPM2(16, 16, 4, 8);
+      SWEEPM2(16, 16, 8, 8);
     }
     {
       // Where the M = 1 time goes: weights in L2 (no HBM), the pipeline
