@@ -1,7 +1,7 @@
 """Large-M dispatch on the GPU: the Marlin kernel, or dequantize + XLA's dot.
 
-The kernel streams the whole 4-bit weight once for every 64 rows of x, so
-past some M a dense GEMM on the dequantized weight (cuBLAS through XLA) is
+The kernel streams the whole 4-bit weight once for every chunk of x's rows
+(128 rows, or 64 where fewer than 97 are left), so past some M a dense GEMM on the dequantized weight (cuBLAS through XLA) is
 faster. Where that happens is measured, per GPU kind, by
 
     python -m jax_marlin.bench --tune-dispatch
