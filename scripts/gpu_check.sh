@@ -4,7 +4,8 @@
 #   scripts/gpu_check.sh [STEP...]      STEP in: build selftest tests sanitize bench
 #                                       (the default), sparse (the 2:4 sparse kernel's
 #                                       self-test, sanitizers and benchmark), or the tuning
-#                                       aids kbench, sweep, profile (ncu, M = 1), profile64 (ncu, M = 64,
+#                                       aids kbench, sweep, fixed (the fixed cost of a call at
+#                                       M = 1), profile (ncu, M = 1), profile64 (ncu, M = 64,
 #                                       dense and 2:4), probe (Hopper wgmma layout facts)
 #
 # The device copy of the tree has no .git: pass the commit being checked as
@@ -157,6 +158,9 @@ for s in "${steps[@]}"; do
     probe)
       step "build wgmma probe" "$OUT/probe_build.log" build_probe
       step "wgmma probe" "$OUT/probe.log" "$probe_bin" ;;
+    fixed)
+      [[ -x "$sweep_bin" ]] || step "build tile sweep" "$OUT/sweep_build.log" build_sweep
+      step "fixed cost of a call at M = 1 (sweep --fixed)" "$OUT/fixed.log" "$sweep_bin" --fixed ;;
     profile)
       [[ -x "$sweep_bin" ]] || step "build tile sweep" "$OUT/sweep_build.log" build_sweep
       step "ncu: 8192x8192, M = 1" "$OUT/ncu_m1.log" profile_m1 ;;
@@ -174,7 +178,7 @@ for s in "${steps[@]}"; do
         summary+=("skipped benchmark (no jax_marlin/bench.py)")
       fi ;;
     *)
-      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, sanitize, bench, sparse, kbench, sweep, profile, profile64, probe)")
+      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, sanitize, bench, sparse, kbench, sweep, fixed, profile, profile64, probe)")
       failed=1 ;;
   esac
 done

@@ -12,12 +12,15 @@
 // With K N, only that layer (e.g. under ncu: `ncu -k regex:marlin_kernel
 // --launch-skip 20 --launch-count 1 ./sweep 8192 8192` profiles the first
 // candidate, the current small-batch tile, at M = 1).
+//
+// With --fixed, the fixed cost of a call at M = 1 instead (see fixed_costs).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "cuda/marlin_kernel.cuh"
@@ -74,6 +77,8 @@ static double max_rel_diff(const Buffers& b, int m, int n) {
 
 static int g_sms = 0;
 static double g_bw = 3.0e12;  // copy bandwidth, measured in main()
+// Blocks launched = resident blocks / g_grid_divisor (--fixed: fewer, longer stripes).
+static int g_grid_divisor = 1;
 
 // Kernel only: the locks were zeroed once and every launch leaves them zeroed
 // (the memset a scratch lock buffer would need is timed separately).
@@ -111,7 +116,7 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, b
         p.k = layer.k;
         p.n = layer.n;
         p.group_shift = 7;
-        p.stripes = std::min(total, g_sms * Tile::kBlocksPerSM);
+        p.stripes = std::min(total, std::max(1, g_sms * Tile::kBlocksPerSM / g_grid_divisor));
         marlin_kernel<half, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
         CHECK_CUDA(cudaGetLastError());
       },
@@ -159,6 +164,110 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, b
   SWEEP2(RB, 8, 8, 8);         \
   SWEEP2(RB, 4, 8, 8)
 
+// Enough copies of a K x N layer's weights and scales to rotate through
+// 200 MB (4x the L2), filled deterministically.
+static Layer make_layer(int k, int n) {
+  Layer layer{k, n, {}, {}};
+  const size_t w_bytes = size_t(k) * n / 2, s_bytes = size_t(k / 128) * n * 2;
+  const int copies = static_cast<int>(std::max<size_t>(2, ((size_t{200} << 20) + w_bytes - 1) / w_bytes));
+  for (int c = 0; c < copies; ++c) {
+    void *w, *sc;
+    CHECK_CUDA(cudaMalloc(&w, w_bytes));
+    CHECK_CUDA(cudaMalloc(&sc, s_bytes));
+    fill_words<<<1024, 256>>>(static_cast<uint32_t*>(w), w_bytes / 4, 77 + c);
+    fill_halves<<<1024, 256>>>(static_cast<half*>(sc), s_bytes / 2, 1e-3f, 1e-2f, 99 + c);
+    CHECK_CUDA(cudaGetLastError());
+    layer.packed.push_back(w);
+    layer.scales.push_back(sc);
+  }
+  return layer;
+}
+
+static void free_layer(Layer& layer) {
+  for (void* p : layer.packed) cudaFree(p);
+  for (void* p : layer.scales) cudaFree(p);
+}
+
+__global__ void empty_kernel() {}
+
+// mma.sync issue-rate probe: each warp runs kChains independent m16n8k16
+// accumulations (as the kernel's row blocks x sub-tiles are) for `iters`
+// rounds, no memory traffic. Writes the sums so nothing is optimised out.
+template <int kChains>
+__global__ void __launch_bounds__(256, 1) mma_rate_kernel(int iters, float* out) {
+  uint32_t a[4] = {threadIdx.x, threadIdx.x + 1, threadIdx.x + 2, threadIdx.x + 3};
+  uint32_t b[2] = {threadIdx.x * 3u, threadIdx.x * 5u};
+  float acc[kChains][4] = {};
+  for (int i = 0; i < iters; ++i) {
+#pragma unroll
+    for (int c = 0; c < kChains; ++c) MmaOp<half>::run(a, b, acc[c]);
+  }
+  float sum = 0.f;
+#pragma unroll
+  for (int c = 0; c < kChains; ++c) sum += acc[c][0] + acc[c][1] + acc[c][2] + acc[c][3];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = sum;
+}
+
+// The mma.sync ceiling at M >= 32: HMMA.16816.F32 a clock and SM with one
+// block of 8 warps an SM (as the large-M tiles run), 16 or 32 chains a warp.
+template <int kChains>
+static void mma_rate() {
+  constexpr int kIters = 4096;
+  float* out = nullptr;
+  CHECK_CUDA(cudaMalloc(&out, size_t{4} * g_sms * 256));
+  const float us = median_us_per_call(
+      [&](int, cudaStream_t stream) {
+        mma_rate_kernel<kChains><<<g_sms, 256, 0, stream>>>(kIters, out);
+        CHECK_CUDA(cudaGetLastError());
+      },
+      20);
+  int clock_khz = 0;
+  CHECK_CUDA(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
+  const double mmas_per_sm = 8.0 * kIters * kChains;
+  const double cycles = us * 1e-6 * clock_khz * 1e3;
+  std::printf("mma.sync m16n8k16 f32, 8 warps an SM, %d chains a warp: %.1f us, %.3f a clock and SM "
+              "(at the %d MHz max clock), %.0f TFLOP/s\n",
+              kChains, us, mmas_per_sm / cycles, clock_khz / 1000,
+              2.0 * 16 * 8 * 16 * mmas_per_sm * g_sms / (us * 1e-6) / 1e12);
+  CHECK_CUDA(cudaFree(out));
+}
+
+// --fixed: where a small layer's time goes at M = 1, with the production
+// M = 1 tile (256 x 128, 8 warps). Time against bytes along K and along N
+// (the intercept is the fixed cost of a call); against the grid (fewer,
+// longer stripes, so fewer blocks share each n-tile's reduction); with the
+// math skipped (loads-only); with the weights L2-resident; and an empty
+// kernel of the same grid, the launch floor. First, the mma.sync rate
+// (what bounds M >= 32).
+static void fixed_costs(const Buffers& b) {
+  const float empty_us = median_us_per_call(
+      [&](int, cudaStream_t stream) {
+        empty_kernel<<<g_sms, 256, 0, stream>>>();
+        CHECK_CUDA(cudaGetLastError());
+      },
+      200);
+  std::printf("empty kernel, %d x 256 threads: %.2f us a call\n", g_sms, empty_us);
+  mma_rate<16>();
+  mma_rate<32>();
+  const int shapes[][2] = {{1024, 4096}, {2048, 4096}, {4096, 4096}, {8192, 4096}, {16384, 4096},
+                           {4096, 1024}, {4096, 2048}, {4096, 8192}, {4096, 16384}};
+  using Tile = TileShape<1, 8, 16, 8, true>;
+  for (auto& s : shapes) {
+    Layer layer = make_layer(s[0], s[1]);
+    for (int divisor : {1, 2, 4, 8}) {
+      g_grid_divisor = divisor;
+      char name[64];
+      std::snprintf(name, sizeof(name), "r1 n8 k16 w8 grid/%d", divisor);
+      time_tile<Tile>(name, layer, b, 1);
+    }
+    g_grid_divisor = 1;
+    time_tile<TileShape<1, 8, 16, 8, true, 1, 1, true>>("r1 n8 k16 w8 loads-only", layer, b, 1,
+                                                        true, true);
+    time_tile<Tile>("r1 n8 k16 w8 L2-resident", layer, b, 1, false);
+    free_layer(layer);
+  }
+}
+
 int main(int argc, char** argv) {
   CHECK_CUDA(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
   const int shapes[][2] = {{4096, 4096}, {8192, 8192}, {8192, 28672}, {28672, 8192}};
@@ -181,21 +290,13 @@ int main(int argc, char** argv) {
       200);
   std::printf("lock memset alone: %.2f us a call (not in the rows below)\n", memset_us);
 
+  if (argc == 2 && std::strcmp(argv[1], "--fixed") == 0) {
+    fixed_costs(b);
+    return 0;
+  }
   for (auto& s : shapes) {
     if (argc == 3 && (std::atoi(argv[1]) != s[0] || std::atoi(argv[2]) != s[1])) continue;
-    Layer layer{s[0], s[1], {}, {}};
-    const size_t w_bytes = size_t(layer.k) * layer.n / 2, s_bytes = size_t(layer.k / 128) * layer.n * 2;
-    const int copies = static_cast<int>(std::max<size_t>(2, ((size_t{200} << 20) + w_bytes - 1) / w_bytes));
-    for (int c = 0; c < copies; ++c) {
-      void *w, *sc;
-      CHECK_CUDA(cudaMalloc(&w, w_bytes));
-      CHECK_CUDA(cudaMalloc(&sc, s_bytes));
-      fill_words<<<1024, 256>>>(static_cast<uint32_t*>(w), w_bytes / 4, 77 + c);
-      fill_halves<<<1024, 256>>>(static_cast<half*>(sc), s_bytes / 2, 1e-3f, 1e-2f, 99 + c);
-      CHECK_CUDA(cudaGetLastError());
-      layer.packed.push_back(w);
-      layer.scales.push_back(sc);
-    }
+    Layer layer = make_layer(s[0], s[1]);
     for (int m : {1}) {
       SMALL_M_CANDIDATES(1);
       SWEEPW(1, 8, 16, 8);
@@ -248,8 +349,7 @@ int main(int argc, char** argv) {
                                                           true, true);
       time_tile<TileShape<1, 8, 8, 8, false>>("r1 n8 k8 w8 per-channel", layer, b, 1, true, true);
     }
-    for (void* p : layer.packed) cudaFree(p);
-    for (void* p : layer.scales) cudaFree(p);
+    free_layer(layer);
   }
   return 0;
 }
