@@ -123,7 +123,7 @@ sanitize_selftest() {
 # runs once: the whole suite does not fit one device call twice over).
 run_tests() {
   local rc=0 gpu_rc=0
-  python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests" || gpu_rc=$?
+  python3 -m pytest -q -p no:cacheprovider --durations=15 -m gpu "$repo/tests" || gpu_rc=$?
   [[ $gpu_rc -eq 5 ]] && echo "(no test marked gpu was collected)"
   python3 -m pytest -q -p no:cacheprovider -m "not gpu" "$repo/tests" || rc=$?
   return $((gpu_rc || rc))

@@ -25,6 +25,7 @@
 
 #include "cuda/marlin_kernel.cuh"
 #include "cuda/marlin_launch.h"
+#include "cuda/sparse_kernel.cuh"  // SparseMmaOp, for the mma.sp rate
 #include "cuda_test_util.h"
 
 using namespace jax_marlin::cuda;
@@ -208,16 +209,38 @@ __global__ void __launch_bounds__(256, 1) mma_rate_kernel(int iters, float* out)
   out[blockIdx.x * blockDim.x + threadIdx.x] = sum;
 }
 
+// The same with mma.sp m16n8k32 (2:4 sparse A): each does the math of two
+// dense m16n8k16. Metadata 0x4444...: kept positions (0, 1) in every group.
+template <int kChains>
+__global__ void __launch_bounds__(256, 1) mma_sp_rate_kernel(int iters, float* out) {
+  uint32_t a[4] = {threadIdx.x, threadIdx.x + 1, threadIdx.x + 2, threadIdx.x + 3};
+  uint32_t b[4] = {threadIdx.x * 3u, threadIdx.x * 5u, threadIdx.x * 7u, threadIdx.x * 11u};
+  const uint32_t e = 0x44444444u;
+  float acc[kChains][4] = {};
+  for (int i = 0; i < iters; ++i) {
+#pragma unroll
+    for (int c = 0; c < kChains; ++c) SparseMmaOp<half>::run<0>(a, b, e, acc[c]);
+  }
+  float sum = 0.f;
+#pragma unroll
+  for (int c = 0; c < kChains; ++c) sum += acc[c][0] + acc[c][1] + acc[c][2] + acc[c][3];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = sum;
+}
+
 // The mma.sync ceiling at M >= 32: HMMA.16816.F32 a clock and SM with one
 // block of 8 warps an SM (as the large-M tiles run), 16 or 32 chains a warp.
-template <int kChains>
+template <int kChains, bool kSparse = false>
 static void mma_rate() {
   constexpr int kIters = 4096;
   float* out = nullptr;
   CHECK_CUDA(cudaMalloc(&out, size_t{4} * g_sms * 256));
   const float us = median_us_per_call(
       [&](int, cudaStream_t stream) {
-        mma_rate_kernel<kChains><<<g_sms, 256, 0, stream>>>(kIters, out);
+        if constexpr (kSparse) {
+          mma_sp_rate_kernel<kChains><<<g_sms, 256, 0, stream>>>(kIters, out);
+        } else {
+          mma_rate_kernel<kChains><<<g_sms, 256, 0, stream>>>(kIters, out);
+        }
         CHECK_CUDA(cudaGetLastError());
       },
       20);
@@ -225,10 +248,12 @@ static void mma_rate() {
   CHECK_CUDA(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
   const double mmas_per_sm = 8.0 * kIters * kChains;
   const double cycles = us * 1e-6 * clock_khz * 1e3;
-  std::printf("mma.sync m16n8k16 f32, 8 warps an SM, %d chains a warp: %.1f us, %.3f a clock and SM "
-              "(at the %d MHz max clock), %.0f TFLOP/s\n",
-              kChains, us, mmas_per_sm / cycles, clock_khz / 1000,
-              2.0 * 16 * 8 * 16 * mmas_per_sm * g_sms / (us * 1e-6) / 1e12);
+  // Dense-equivalent flops: an m16n8k32 sparse MMA stands for 16 x 8 x 32.
+  const int k = kSparse ? 32 : 16;
+  std::printf("%s f32, 8 warps an SM, %d chains a warp: %.1f us, %.3f a clock and SM "
+              "(at the %d MHz max clock), %.0f dense-equivalent TFLOP/s\n",
+              kSparse ? "mma.sp m16n8k32" : "mma.sync m16n8k16", kChains, us, mmas_per_sm / cycles,
+              clock_khz / 1000, 2.0 * 16 * 8 * k * mmas_per_sm * g_sms / (us * 1e-6) / 1e12);
   CHECK_CUDA(cudaFree(out));
 }
 
@@ -249,6 +274,7 @@ static void fixed_costs(const Buffers& b) {
   std::printf("empty kernel, %d x 256 threads: %.2f us a call\n", g_sms, empty_us);
   mma_rate<16>();
   mma_rate<32>();
+  mma_rate<16, true>();
   const int shapes[][2] = {{1024, 4096}, {2048, 4096}, {4096, 4096}, {8192, 4096}, {16384, 4096},
                            {4096, 1024}, {4096, 2048}, {4096, 8192}, {4096, 16384}};
   using Tile = TileShape<1, 8, 16, 8, true>;
