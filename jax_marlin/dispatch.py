@@ -7,7 +7,8 @@ faster. Where that happens is measured, per GPU kind, by
     python -m jax_marlin.bench --tune-dispatch
 
 which writes a table (JSON) to copy into ``jax_marlin/dispatch_tables/``. A
-GPU kind without a table always runs the kernel. The choice is made when a
+GPU kind without a table always runs the kernel; a kind not yet measured may
+borrow a sibling's table (``"borrowed_from"``, with the reason in the file). The choice is made when a
 call is traced (M, K, N and the dtype are static then), so it costs nothing
 at run time.
 """
@@ -28,15 +29,28 @@ def table_name(device_kind: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_kind.lower()).strip("-") + ".json"
 
 
+def _read(device_kind: str) -> dict:
+    path = TABLE_DIR / table_name(device_kind)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 @functools.lru_cache(maxsize=None)
 def load_table(device_kind: str) -> tuple:
-    """The measured entries for a GPU kind (empty if none): dicts with K, N,
+    """The entries measured on a GPU kind (empty if none): dicts with K, N,
     dtype and min_m, the smallest M from which the dense path was faster at
     every larger M measured (None: the kernel always won)."""
-    path = TABLE_DIR / table_name(device_kind)
-    if not path.is_file():
-        return ()
-    return tuple(json.loads(path.read_text())["entries"])
+    return tuple(_read(device_kind).get("entries", ()))
+
+
+def decision_table(device_kind: str) -> tuple:
+    """The entries the dispatch decides by: the kind's own, or, for a kind not
+    yet measured whose file says ``"borrowed_from": <kind>``, that kind's
+    (one level; the file says why the borrow is safe)."""
+    own = load_table(device_kind)
+    if own:
+        return own
+    lender = _read(device_kind).get("borrowed_from")
+    return load_table(lender) if lender else ()
 
 
 def use_dense(device_kind: str, M: int, K: int, N: int, dtype_name: str,
@@ -46,7 +60,7 @@ def use_dense(device_kind: str, M: int, K: int, N: int, dtype_name: str,
     weight size, then K) of the same dtype. ``fmt`` is the weight format:
     "dense" (Marlin) or "sparse" (2:4); an entry belongs to the format in its
     "format" key (absent: "dense")."""
-    entries = [e for e in load_table(device_kind)
+    entries = [e for e in decision_table(device_kind)
                if e["dtype"] == dtype_name and e.get("format", "dense") == fmt]
     if not entries:
         return False

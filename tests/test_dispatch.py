@@ -135,6 +135,9 @@ def test_shipped_tables_are_well_formed():
     for path in tables:
         table = json.loads(path.read_text())
         assert path.name == dispatch.table_name(table["device"])
+        if "borrowed_from" in table:  # not measured here: borrows a measured table, says why
+            assert not table["entries"] and table["why"]
+            assert dispatch.load_table(table["borrowed_from"]), "the lender must have entries"
         for e in table["entries"]:
             assert e["K"] % 64 == 0 and e["N"] % 64 == 0 and e["dtype"] in ("float16", "bfloat16")
             assert e["min_m"] is None or str(e["min_m"]) in e["us"]
@@ -149,6 +152,25 @@ def test_h100_table_keeps_the_kernel_for_decoding():
         for dt in ("float16", "bfloat16"):
             assert not any(dispatch.use_dense(kind, M, K, N, dt) for M in (1, 16, 64))
             assert dispatch.use_dense(kind, 4096, K, N, dt)
+
+
+def test_a_kind_not_yet_measured_borrows_a_table(table, tmp_path):
+    (tmp_path / dispatch.table_name("Other GPU")).write_text(
+        json.dumps(dict(device="Other GPU", borrowed_from=table, why="same chip", entries=[])))
+    assert dispatch.use_dense("Other GPU", 256, 8192, 28672, "float16")
+    assert not dispatch.use_dense("Other GPU", 128, 8192, 28672, "float16")
+    assert not dispatch.use_dense("Other GPU", 4096, 8192, 28672, "bfloat16")
+    # What was measured on the kind itself (what a new measurement merges with): nothing.
+    assert dispatch.load_table("Other GPU") == ()
+    assert not dispatch.use_dense("Unknown GPU", 4096, 8192, 28672, "float16")
+
+
+def test_h200_borrows_the_h100_table_until_measured():
+    dispatch.load_table.cache_clear()
+    for K, N in [(4096, 12288), (8192, 28672), (28672, 8192)]:
+        for dt in ("float16", "bfloat16"):
+            assert not any(dispatch.use_dense("NVIDIA H200", M, K, N, dt) for M in (1, 16, 64))
+            assert dispatch.use_dense("NVIDIA H200", 4096, K, N, dt)
 
 
 def test_a_new_measurement_merges_into_the_table():
