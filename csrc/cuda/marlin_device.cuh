@@ -236,7 +236,6 @@ __device__ __forceinline__ void pipelined_steps(Load&& load, Multiply&& multiply
       load(i, op);
       multiply(op);
     }
-    return;
   } else {
     Operands even, odd;
     load(0, even);

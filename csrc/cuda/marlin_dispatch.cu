@@ -65,7 +65,7 @@ cudaError_t prepare_chunk() {
   return resident_blocks_per_sm<marlin_kernel<T, Tile>, Tile>(&resident);
 }
 
-// One 64-row chunk of the product, with a fixed kernel instance.
+// One chunk (up to 128 rows) of the product, with a fixed kernel instance.
 using ChunkLauncher = cudaError_t (*)(const MarlinProblem&, int row0, int rows, int* locks,
                                       cudaStream_t);
 using ChunkPreparer = cudaError_t (*)();

@@ -1,4 +1,5 @@
-// The Marlin kernel: y[M, N] = x[M, K] @ dequant(packed)[K, N] for M <= 64.
+// The Marlin kernel: y[M, N] = x[M, K] @ dequant(packed)[K, N], a chunk of
+// up to 128 rows of x a launch.
 //
 // Work decomposition ("striped"): the output is cut into column tiles of
 // kTileN columns, the reduction into k-tiles of kTileK rows. The
@@ -223,13 +224,8 @@ class MarlinBlock {
                                                                  : 30;
 
   __device__ void compute_stage_scaled_once(uint32_t stage) {
-    float part[kRB][kJ][4];
-#pragma unroll
-    for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-      for (int j = 0; j < kJ; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) part[rb][j][e] = 0.f;
+    Accumulators<kRB, kJ> part;
+    zero(part);
     multiply_stage<false>(stage, part);
     const int s_row = (warp_k_ * Tile::kKBlocksPerWarp * 16) >> p_.group_shift;
     const uint4 s_raw = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
