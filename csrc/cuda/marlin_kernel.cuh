@@ -1,4 +1,5 @@
-// The Marlin kernel: y[M, N] = x[M, K] @ dequant(packed)[K, N] for M <= 64.
+// The Marlin kernel: y[M, N] = x[M, K] @ dequant(packed)[K, N], a chunk of
+// up to 128 rows of x a launch.
 //
 // Work decomposition ("striped"): the output is cut into column tiles of
 // kTileN columns, the reduction into k-tiles of kTileK rows. The
