@@ -30,19 +30,6 @@ struct TileConfig {
 constexpr std::array<TileConfig, 4> kTileConfigs = {{{8, 16, 8}, {16, 8, 8}, {8, 8, 8}, {4, 4, 4}}};
 constexpr int kNumConfigs = static_cast<int>(kTileConfigs.size());
 
-// A chunk of `rows` rows runs with 1, 2, 4, 8 or 16 blocks of 8 rows (rounded
-// up: padding rows cost no bytes, but from M = 32 up they cost MMAs, which
-// are then what limits the kernel).
-constexpr std::array<int, 5> kRowBlockCounts = {1, 2, 4, 8, 16};
-constexpr int kNumRowVariants = static_cast<int>(kRowBlockCounts.size());
-constexpr int row_variant(int rows) {
-  return rows <= 8 ? 0 : rows <= 16 ? 1 : rows <= 32 ? 2 : rows <= 64 ? 3 : 4;
-}
-// Warps that share a 64-column slab, each taking its share of the row
-// blocks: at 8 and 16 row blocks, two (64 and 128 accumulators a thread;
-// 8 row blocks with a K split would not fit shared memory otherwise).
-constexpr int warps_m(int row_blocks) { return row_blocks >= 8 ? 2 : 1; }
-
 // Configurations tried for a row variant, in order (-1: none); the first
 // whose tile divides (K, N) wins. Only these are instantiated.
 constexpr std::array<int, kNumConfigs> preference(int variant) {
@@ -154,14 +141,9 @@ int pick_config(int variant, int k, int n) {
   return -1;
 }
 
-// Rows of the next chunk when `remaining` rows are left. A 128-row chunk
-// streams the weights once for all its rows (M = 128 on the 70B layers: 224
-// against 262 us as two 64-row chunks, H200), but only pays when it is mostly
-// real rows; below 97 rows, 64 plus the rest is faster.
-int chunk_rows(int remaining, int k, int n) {
-  if (remaining > 96 && pick_config(row_variant(kMaxRows), k, n) >= 0)
-    return remaining < kMaxRows ? remaining : kMaxRows;
-  return remaining < 64 ? remaining : 64;
+// Rows of the next chunk (see chunk_rows in marlin_tiles.h).
+int next_chunk(int remaining, int k, int n) {
+  return chunk_rows(remaining, pick_config(row_variant(kMaxRows), k, n) >= 0);
 }
 
 }  // namespace
@@ -173,7 +155,7 @@ size_t workspace_floats(int m, int k, int n) {
   // so that the size fixed when a program is traced fits any of them.
   size_t most = 0;
   for (int row0 = 0, rows = 0; row0 < m; row0 += rows) {
-    rows = chunk_rows(m - row0, k, n);
+    rows = next_chunk(m - row0, k, n);
     const int variant = row_variant(rows);
     const int config = pick_config(variant, k, n);
     if (config < 0) continue;
@@ -188,7 +170,6 @@ size_t workspace_floats(int m, int k, int n) {
 size_t lock_count(int m, int n) {
   // One lock per 64-column slab for each chunk; chunks have at least 64
   // rows (but the last), in both the dense and the 2:4 sparse kernel.
-  static_assert(kSparseMaxRows == 64, "sparse chunks are 64 rows");
   return static_cast<size_t>((m + 63) / 64) * (n / kWarpCols);
 }
 
@@ -221,7 +202,7 @@ cudaError_t marlin_matmul(const MarlinProblem& pr, cudaStream_t stream) {
   const bool grouped = pr.group_size != pr.k;
   const int locks_per_chunk = pr.n / kWarpCols;
   for (int row0 = 0, chunk = 0, rows = 0; row0 < pr.m; row0 += rows, ++chunk) {
-    rows = chunk_rows(pr.m - row0, pr.k, pr.n);
+    rows = next_chunk(pr.m - row0, pr.k, pr.n);
     const int variant = row_variant(rows);
     const int config = pick_config(variant, pr.k, pr.n);
     if (config < 0) return cudaErrorInvalidValue;

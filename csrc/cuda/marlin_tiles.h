@@ -7,10 +7,32 @@ namespace jax_marlin::cuda {
 // Fixed by the packed format: one 16-byte load per lane covers a 16 x 64
 // (k x n) slab, i.e. one warp owns 64 output columns.
 inline constexpr int kWarpCols = 64;
-// Rows of activations handled by one launch of the dense kernel (16 blocks
-// of 8) and of the 2:4 sparse one; larger M is split into chunks.
+// Rows of activations handled by one launch (16 blocks of 8), in both the
+// dense and the 2:4 sparse kernel; larger M is split into chunks.
 inline constexpr int kMaxRows = 128;
-inline constexpr int kSparseMaxRows = 64;
+
+// A chunk of `rows` rows runs with 1, 2, 4, 8 or 16 blocks of 8 rows (rounded
+// up: padding rows cost no bytes, but from M = 32 up they cost MMAs, which
+// are then what limits the kernels). The dispatch tables index by variant.
+inline constexpr int kRowBlockCounts[] = {1, 2, 4, 8, 16};
+inline constexpr int kNumRowVariants = 5;
+constexpr int row_variant(int rows) {
+  return rows <= 8 ? 0 : rows <= 16 ? 1 : rows <= 32 ? 2 : rows <= 64 ? 3 : 4;
+}
+// Warps that share a 64-column slab, each taking its share of the row
+// blocks: at 8 and 16 row blocks, two (64 and 128 accumulators a thread;
+// 8 row blocks with a K split would not fit shared memory otherwise).
+constexpr int warps_m(int row_blocks) { return row_blocks >= 8 ? 2 : 1; }
+
+// Rows of the next chunk when `remaining` rows are left; `full_pass`: the
+// problem has a tile for 128 rows. A 128-row chunk streams the weights once
+// for all its rows (M = 128 on the 70B layers, dense: 224 against 262 us as
+// two 64-row chunks, H200), but only pays when it is mostly real rows;
+// below 97 rows, 64 plus the rest is faster.
+constexpr int chunk_rows(int remaining, bool full_pass) {
+  return remaining > 96 && full_pass ? (remaining < kMaxRows ? remaining : kMaxRows)
+                                     : (remaining < 64 ? remaining : 64);
+}
 // Shared-memory budget per block. 160 KiB fits every sm_80+ part that has
 // the 164 KiB carve-out (A100, H100); the pipeline takes as many stages as fit.
 inline constexpr int kSmemBudget = 160 * 1024;

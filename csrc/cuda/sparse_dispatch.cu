@@ -28,16 +28,20 @@ struct SparseConfig {
 constexpr std::array<SparseConfig, 4> kSparseConfigs = {{{8, 16, 8}, {16, 4, 8}, {8, 8, 8}, {4, 2, 2}}};
 constexpr int kNumConfigs = static_cast<int>(kSparseConfigs.size());
 
-constexpr std::array<int, 4> kRowBlockCounts = {1, 2, 4, 8};
-constexpr int kNumRowVariants = static_cast<int>(kRowBlockCounts.size());
-constexpr int row_variant(int rows) { return rows <= 8 ? 0 : rows <= 16 ? 1 : rows <= 32 ? 2 : 3; }
-// At 8 row blocks two warps split the rows of each run (64 accumulators a
-// thread instead of 128).
-constexpr int warps_m(int row_blocks) { return row_blocks == 8 ? 2 : 1; }
-
+// Configurations tried for a row variant, in order (-1: none); the first
+// whose tile divides (K, N) wins. Only these are instantiated. 128 rows:
+// 128 x 256 only (the others do not fit shared memory at 16 row blocks, or
+// are slower than two 64-row chunks would be); shapes it does not divide run
+// as 64-row chunks.
 constexpr std::array<int, kNumConfigs> preference(int variant) {
   if (variant <= 1) return {0, 2, 1, 3};
-  return {1, 2, 0, 3};
+  if (variant <= 3) return {1, 2, 0, 3};
+  return {1, -1, -1, -1};
+}
+constexpr bool preferred(int variant, int config) {
+  for (int c : preference(variant))
+    if (c == config) return true;
+  return false;
 }
 
 template <typename T, typename Tile>
@@ -94,14 +98,20 @@ constexpr auto table_entry() {
   constexpr bool is_bf16 = I / (kNumConfigs * kNumRowVariants * 2) == 1;
   constexpr SparseConfig c = kSparseConfigs[config];
   using T = std::conditional_t<is_bf16, __nv_bfloat16, half>;
-  using Tile = SparseTileShape<row_blocks, c.n_blocks, c.bands, c.warps, grouped, warps_m(row_blocks)>;
+  constexpr int variant = (I / kNumConfigs) % kNumRowVariants;
   using Entry = std::conditional_t<Prepare, ChunkPreparer, ChunkLauncher>;
-  if constexpr (!Tile::kFits) {
+  if constexpr (!preferred(variant, config)) {
     return Entry{nullptr};
-  } else if constexpr (Prepare) {
-    return Entry{&prepare_chunk<T, Tile>};
   } else {
-    return Entry{&launch_chunk<T, Tile>};
+    using Tile =
+        SparseTileShape<row_blocks, c.n_blocks, c.bands, c.warps, grouped, warps_m(row_blocks)>;
+    if constexpr (!Tile::kFits) {
+      return Entry{nullptr};
+    } else if constexpr (Prepare) {
+      return Entry{&prepare_chunk<T, Tile>};
+    } else {
+      return Entry{&launch_chunk<T, Tile>};
+    }
   }
 }
 
@@ -116,6 +126,7 @@ constexpr auto kPreparers = make_table<true>(kTableSize);
 
 int pick_config(int variant, int k, int n) {
   for (int c : preference(variant)) {
+    if (c < 0) break;
     if (kLaunchers[table_index(ActDtype::kFloat16, true, variant, c)] == nullptr ||
         kLaunchers[table_index(ActDtype::kFloat16, false, variant, c)] == nullptr)
       continue;
@@ -124,14 +135,19 @@ int pick_config(int variant, int k, int n) {
   return -1;
 }
 
+// Rows of the next chunk (see chunk_rows in marlin_tiles.h).
+int next_chunk(int remaining, int k, int n) {
+  return chunk_rows(remaining, pick_config(row_variant(kMaxRows), k, n) >= 0);
+}
+
 }  // namespace
 
 size_t sparse_workspace_floats(int m, int k, int n) {
   // As workspace_floats: two slots per block of the larger chunk kind's grid,
   // sized for the device with the most SMs.
   size_t most = 0;
-  for (int rows : {m < kSparseMaxRows ? m : kSparseMaxRows, m % kSparseMaxRows}) {
-    if (rows == 0) continue;
+  for (int row0 = 0, rows = 0; row0 < m; row0 += rows) {
+    rows = next_chunk(m - row0, k, n);
     const int variant = row_variant(rows);
     const int config = pick_config(variant, k, n);
     if (config < 0) continue;
@@ -165,8 +181,8 @@ cudaError_t sparse_matmul(const SparseProblem& pr, cudaStream_t stream) {
   }
   const bool grouped = pr.group_size != pr.k;
   const int locks_per_chunk = pr.n / kWarpCols;
-  for (int row0 = 0, chunk = 0; row0 < pr.m; row0 += kSparseMaxRows, ++chunk) {
-    const int rows = pr.m - row0 < kSparseMaxRows ? pr.m - row0 : kSparseMaxRows;
+  for (int row0 = 0, chunk = 0, rows = 0; row0 < pr.m; row0 += rows, ++chunk) {
+    rows = next_chunk(pr.m - row0, pr.k, pr.n);
     const int variant = row_variant(rows);
     const int config = pick_config(variant, pr.k, pr.n);
     if (config < 0) return cudaErrorInvalidValue;

@@ -1,5 +1,5 @@
 // The 2:4 sparse Marlin kernel (issue 8): y[M, N] = x[M, K] @ W[K, N] for
-// M <= 64, W stored in the sparse layout of docs/SPARSE_FORMAT.md.
+// a chunk of up to 128 rows of x, W stored in the sparse layout of docs/SPARSE_FORMAT.md.
 //
 // Same structure as MarlinBlock (marlin_kernel.cuh): y^T = W^T x^T with the
 // dequantized weight as the (sparse) A operand, striped (n-tile, k-tile)
@@ -31,7 +31,7 @@ namespace jax_marlin::cuda {
 // Tile geometry
 // ---------------------------------------------------------------------------
 
-// kRowBlocks: 8-row blocks of x (1, 2, 4, 8); kNBlocks: 16-column blocks of
+// kRowBlocks: 8-row blocks of x (1, 2, 4, 8, 16); kNBlocks: 16-column blocks of
 // the output per tile (a multiple of 4: a warp owns a 64-column run);
 // kBands: 32-row bands of K per tile; kWarps: warps per block; kWarpsM:
 // warps sharing a run, each with kRowBlocks / kWarpsM row blocks. Warps not

@@ -35,7 +35,7 @@ const char* sparse_unsupported_reason(int m, int k, int n, int group_size);
 cudaError_t prepare_sparse_kernels();
 
 // Enqueues the whole product on `stream` (a lock reset unless locks_zeroed,
-// then one launch per 64-row chunk of x). Capturable in a CUDA graph.
+// then one launch per chunk of up to 128 rows of x). Capturable in a CUDA graph.
 cudaError_t sparse_matmul(const SparseProblem& problem, cudaStream_t stream);
 
 }  // namespace jax_marlin::cuda

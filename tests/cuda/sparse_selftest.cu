@@ -330,13 +330,13 @@ int main(int argc, char** argv) {
   std::vector<Setup> setups;
   std::vector<int> ms;
   if (quick) {
-    ms = {1, 33, 70};
+    ms = {1, 33, 70, 100};
     const int shapes[][2] = {{256, 192}, {512, 512}, {1024, 256}};
     for (bool bf16 : {false, true})
       for (auto& s : shapes)
         for (int g : {64, s[0]}) setups.push_back({s[0], s[1], g, bf16});
   } else {
-    ms = {1, 2, 7, 16, 33, 64, 100, 128};
+    ms = {1, 2, 7, 16, 33, 64, 100, 128, 200};
     // Small shapes reach every tile of the table (512 x 128, 128 x 256,
     // 256 x 128, 64 x 64) at every group size; 8192 x 2048 and the Llama
     // shapes have more tiles than SMs, so blocks share n-tiles.
