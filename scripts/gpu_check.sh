@@ -2,7 +2,8 @@
 # GPU machine check: build + install, tests, compute-sanitizer, benchmark.
 #
 #   scripts/gpu_check.sh [STEP...]      STEP in: build selftest tests sanitize bench
-#                                       (the default), sparse (the 2:4 sparse kernel's
+#                                       (the default), tests_sharded (every test, in
+#                                       parallel processes), sparse (the 2:4 sparse kernel's
 #                                       self-test, sanitizers and benchmark), or the tuning
 #                                       aids kbench, sweep, fixed (the fixed cost of a call at
 #                                       M = 1), profile (ncu, M = 1), profile64 (ncu, M = 64,
@@ -129,6 +130,27 @@ run_tests() {
   return $((gpu_rc || rc))
 }
 
+# The same tests in shards run side by side (one process each, contiguous
+# blocks of the collected ids so that module fixtures are built once a
+# shard): the machine has many cores and most of a test's time is XLA
+# compiling on the host. JAX_MARLIN_SHARDS sets the count (default 6).
+run_tests_sharded() {
+  local n="${JAX_MARLIN_SHARDS:-6}" ids="$scratch/test_ids" rc=0 i
+  python3 -m pytest --co -q -p no:cacheprovider "$repo/tests" | grep '::' > "$ids"
+  local total
+  total=$(wc -l < "$ids")
+  echo "$total tests in $n shards"
+  for ((i = 0; i < n; i++)); do
+    awk -v n="$n" -v i="$i" -v t="$total" -v r="$repo/" 'int((NR - 1) * n / t) == i { print r $0 }' "$ids" > "$ids.$i"
+    mapfile -t shard < "$ids.$i"
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider --durations=5 \
+      "${shard[@]}" > "$OUT/tests_shard$i.log" 2>&1 &
+  done
+  for ((i = 0; i < n; i++)); do wait -n || rc=1; done
+  for ((i = 0; i < n; i++)); do echo "--- shard $i"; tail -n 12 "$OUT/tests_shard$i.log"; done
+  return $rc
+}
+
 for s in "${steps[@]}"; do
   case "$s" in
     build)
@@ -136,6 +158,8 @@ for s in "${steps[@]}"; do
         python3 -m pip install --no-build-isolation --no-deps -v "$repo" ;;
     tests)
       step "tests (-m gpu, then -m \"not gpu\")" "$OUT/tests.log" run_tests ;;
+    tests_sharded)
+      step "tests, all of them, in parallel shards" "$OUT/tests.log" run_tests_sharded ;;
     selftest)
       step "build CUDA self-test" "$OUT/selftest_build.log" build_selftest
       step "CUDA self-test" "$OUT/selftest.log" "$selftest_bin"
@@ -178,7 +202,7 @@ for s in "${steps[@]}"; do
         summary+=("skipped benchmark (no jax_marlin/bench.py)")
       fi ;;
     *)
-      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, sanitize, bench, sparse, kbench, sweep, fixed, profile, profile64, probe)")
+      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, tests_sharded, sanitize, bench, sparse, kbench, sweep, fixed, profile, profile64, probe)")
       failed=1 ;;
   esac
 done
