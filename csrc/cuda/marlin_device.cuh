@@ -18,6 +18,21 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// Returns v, but ptxas can no longer see how it was computed. Loop-invariant
+// offsets derived from threadIdx are otherwise rematerialized: recomputed
+// from the thread index inside the main loop (shifts, masks, multiplies
+// each tile) to shorten their live ranges, which costs issue slots in a
+// loop that is bound by them.
+template <typename V>
+__device__ __forceinline__ V keep_in_register(V v) {
+  if constexpr (sizeof(V) == 8) {
+    asm volatile("" : "+l"(v));
+  } else {
+    asm volatile("" : "+r"(v));
+  }
+  return v;
+}
+
 // 16-byte copy that bypasses L1 (.cg): every tile is read once per block, so
 // L1 would only be polluted.
 // Shared-memory operands are 32-bit shared-window addresses (smem_addr):

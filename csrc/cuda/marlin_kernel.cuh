@@ -49,7 +49,7 @@ class MarlinBlock {
   __device__ MarlinBlock(const MarlinParams<T>& p, int4* smem)
       : p_(p),
         red_(smem + Tile::kStages * Tile::kStage),
-        smem_base_(smem_addr(smem)),
+        smem_base_(keep_in_register(smem_addr(smem))),
         warp_(threadIdx.x / 32),
         lane_(threadIdx.x % 32),
         // A warpgroup shares one slab (wgmma); otherwise each warp has one.
@@ -74,17 +74,42 @@ class MarlinBlock {
       a_src_[j] = (a_valid_[j] ? row * (p.k / 8) : 0) + chunk;
       a_dst_[j] = 16 * a_offset(row, chunk);
     }
+    // Weights: thread tid copies unit tid % kBRow of packed row tid / kBRow,
+    // then the same unit kThreads / kBRow rows further down, and so on.
     const int b_row_stride = p.n / 2;  // 2 N int32 = N / 2 int4 per packed row
-#pragma unroll
-    for (int j = 0; j < kBCopies; ++j) {
-      const int c = j * Tile::kThreads + tid;
-      b_src_[j] = (c / kBRow) * b_row_stride + c % kBRow;
+    b_thread_ = p.packed + (tid / kBRow) * b_row_stride + tid % kBRow;
+    b_copy_stride_ = Tile::kThreads / kBRow * b_row_stride;
+    b_k_step_ = Tile::kKBlocks * b_row_stride;
+    // Scales: thread tid copies 16 bytes (8 columns) of a k-tile's scale rows.
+    if constexpr (Tile::kGrouped) {
+      constexpr int kRowChunks = Tile::kTileN / 8;
+      s_copy_ = keep_in_register(int{tid < max(1, Tile::kTileK >> p.group_shift) * kRowChunks});
+      s_src_ = keep_in_register(tid / kRowChunks * p.n + tid % kRowChunks * 8);
     }
     // With wgmma a warp reads only its own word (j0) of each 16-byte unit.
-    b_read_ = 16 * (Tile::kAStage + (warp_k_ * Tile::kKBlocksPerWarp * Tile::kWarpsN + warp_n_) * 32 + lane_) +
-              4 * j0();
-    s_read_ = 16 * (Tile::kAStage + Tile::kBStage + warp_n_ * kWarpCols / 8 + lane_ / 4) + 4 * j0();
-    x_read_ = 16 * ((row_block0_ * 8 + lane_ % 8) * Tile::kAChunksPerRow);
+    b_read_ = keep_in_register(
+        16 * (Tile::kAStage + (warp_k_ * Tile::kKBlocksPerWarp * Tile::kWarpsN + warp_n_) * 32 + lane_) + 4 * j0());
+    s_read_ = keep_in_register(16 * (Tile::kAStage + Tile::kBStage + warp_n_ * kWarpCols / 8 + lane_ / 4) + 4 * j0());
+    if constexpr (kScaleOncePossible) {
+      // The one group row of the warp's share of a k-tile (scale-once path).
+      const int s_row = (warp_k_ * Tile::kKBlocksPerWarp * 16) >> p.group_shift;
+      s_read_once_ = keep_in_register(s_read_ + s_row * (2 * Tile::kTileN));
+    }
+    // ldmatrix of 8 rows x 16 columns of x gives lane (g, t) x[g][2t, 2t + 1]
+    // and x[g][2t + 8, 2t + 9], the B layout. Lane l addresses row l % 8 of
+    // half (l / 8) % 2 of k16 block kb, chunk 2 kb + (l / 8) % 2; the swizzle
+    // XORs the chunk with the row's low bits, l % 8 for every row block. The
+    // XOR only touches the chunk's low 3 bits, 2 (i % 4) + (l / 8) % 2 for
+    // step i of the warp (its first block is a multiple of 4 when it has 4 or
+    // more): steps i and i + 4 differ by 8 chunks, so kXReads offsets cover
+    // all. Where the steps stay a loop, only the row's address is kept.
+    const int x_row = (row_block0_ * 8 + lane_ % 8) * Tile::kAChunksPerRow;
+#pragma unroll
+    for (int i = 0; i < kXReads; ++i) {
+      const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
+      const int chunk = kStepsUnrolled ? (kb * 2 + (lane_ / 8) % 2) ^ (lane_ % 8) : 0;
+      x_read_[i] = keep_in_register(16 * (x_row + chunk));
+    }
   }
 
   __device__ void run() {
@@ -95,8 +120,8 @@ class MarlinBlock {
 
     // Two cursors walk the stripe: one kStages - 1 iterations ahead issuing
     // loads, one consuming. Stepped, not recomputed: no divisions per tile.
-    LoadCursor load{begin / k_tiles_, begin % k_tiles_, 0};
-    load.b_tile = b_tile_offset(load.n_tile, load.k_tile);
+    LoadCursor load{begin / k_tiles_, begin % k_tiles_, nullptr};
+    load.b = b_thread_ + b_tile_offset(load.n_tile, load.k_tile);
 
     zero(acc_);
     stream_stripe<Tile::kStages, Tile::kWgmma>(
@@ -118,23 +143,28 @@ class MarlinBlock {
   static constexpr int kACopies = (Tile::kAStage + Tile::kThreads - 1) / Tile::kThreads;
   static constexpr int kBCopies = (Tile::kBStage + Tile::kThreads - 1) / Tile::kThreads;
   static_assert(Tile::kBStage % Tile::kThreads == 0, "every thread copies the same weight units");
+  static_assert(Tile::kThreads % kBRow == 0, "a thread copies the same unit of every kThreads / kBRow-th row");
 
   // Position in the (n-tile, k-tile) iteration space (k fastest) of the
-  // next copies to issue, with the tile's offset in the packed weight
-  // (16-byte units; < 2^31 for any weight that fits in memory).
+  // next copies to issue, with this thread's first weight source of that
+  // tile. The pointer is stepped, not rebuilt from the tile's offset: a
+  // rebuilt 64-bit address costs four integer instructions a copy, which
+  // was a fifth of the main loop (tile offsets in 16-byte units are < 2^31
+  // for any weight that fits in memory).
   struct LoadCursor {
-    int n_tile, k_tile, b_tile;
+    int n_tile, k_tile;
+    const int4* b;
   };
   __device__ int b_tile_offset(int n_tile, int k_tile) const {
-    return k_tile * Tile::kKBlocks * (p_.n / 2) + n_tile * kBRow;
+    return k_tile * b_k_step_ + n_tile * kBRow;
   }
   __device__ void step(LoadCursor& c) const {
     if (++c.k_tile == k_tiles_) {
       c.k_tile = 0;
       ++c.n_tile;
-      c.b_tile = c.n_tile * kBRow;
+      c.b = b_thread_ + c.n_tile * kBRow;
     } else {
-      c.b_tile += Tile::kKBlocks * (p_.n / 2);
+      c.b += b_k_step_;
     }
   }
 
@@ -165,33 +195,32 @@ class MarlinBlock {
   // scale rows (kSStage). `stage` is the stage's shared address.
   __device__ void load_stage(uint32_t stage, const LoadCursor& at) {
     // Activations: kTileM rows x kTileK columns; rows past M are zero-filled.
-    const int4* x_tile = reinterpret_cast<const int4*>(p_.x) + at.k_tile * Tile::kAChunksPerRow;
+    // Offsets in unsigned 32-bit arithmetic (x has < 2^32 16-byte units):
+    // one wide multiply-add per address instead of a sign extension, a
+    // shift and a 64-bit add.
+    const auto* x_units = reinterpret_cast<const int4*>(p_.x);
+    const unsigned x_tile = static_cast<unsigned>(at.k_tile) * Tile::kAChunksPerRow;
 #pragma unroll
     for (int j = 0; j < kACopies; ++j) {
-      if (a_copy_[j]) cp_async16_zfill(stage + a_dst_[j], x_tile + a_src_[j], a_valid_[j]);
+      if (a_copy_[j]) cp_async16_zfill(stage + a_dst_[j], x_units + (x_tile + a_src_[j]), a_valid_[j]);
     }
 
     // Weights: kKBlocks rows of the packed array, kBRow 16-byte units each,
     // contiguous in global memory and copied as they are.
-    const int4* b_tile = p_.packed + at.b_tile;
     const uint32_t b_dst = stage + 16 * (Tile::kAStage + threadIdx.x);
 #pragma unroll
     for (int j = 0; j < kBCopies; ++j) {
-      cp_async16_stream(b_dst + 16 * j * Tile::kThreads, b_tile + b_src_[j], evict_first_);
+      cp_async16_stream(b_dst + 16 * j * Tile::kThreads, at.b + j * b_copy_stride_, evict_first_);
     }
 
     // Scales: the group rows this k-tile touches (one when a group spans
     // several k-tiles).
     if constexpr (Tile::kGrouped) {
-      const int tid = threadIdx.x;
-      const int first_row = (at.k_tile * Tile::kTileK) >> p_.group_shift;
-      const int rows = max(1, Tile::kTileK >> p_.group_shift);
-      constexpr int kRowChunks = Tile::kTileN / 8;
-      if (tid < rows * kRowChunks) {
-        const int r = tid / kRowChunks, chunk = tid % kRowChunks;
-        const T* src = p_.scales + static_cast<size_t>(first_row + r) * p_.n + at.n_tile * Tile::kTileN;
-        cp_async16(stage + 16 * (Tile::kAStage + Tile::kBStage + r * kRowChunks + chunk),
-                   reinterpret_cast<const int4*>(src) + chunk);
+      if (s_copy_) {
+        // (K / group) N < 2^32 scales (16 <= group, K N / 32 < 2^31 units).
+        const unsigned first_row = static_cast<unsigned>(at.k_tile * Tile::kTileK) >> p_.group_shift;
+        const unsigned offset = first_row * p_.n + at.n_tile * Tile::kTileN + s_src_;
+        cp_async16(stage + 16 * (Tile::kAStage + Tile::kBStage + threadIdx.x), p_.scales + offset);
       }
     }
   }
@@ -227,8 +256,7 @@ class MarlinBlock {
     Accumulators<kRB, kJ> part;
     zero(part);
     multiply_stage<false>(stage, part);
-    const int s_row = (warp_k_ * Tile::kKBlocksPerWarp * 16) >> p_.group_shift;
-    const uint4 s_raw = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
+    const uint4 s_raw = ld_shared16(stage + s_read_once_);
     const uint32_t scale_words[4] = {s_raw.x, s_raw.y, s_raw.z, s_raw.w};
 #pragma unroll
     for (int j = 0; j < kJ; ++j) {
@@ -263,14 +291,16 @@ class MarlinBlock {
       const int s_row = (kb * 16) >> p_.group_shift;
       op.scales = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
     }
-    // ldmatrix of 8 rows x 16 columns of x gives lane (g, t) x[g][2t, 2t + 1]
-    // and x[g][2t + 8, 2t + 9], the B layout. Lane l addresses row l % 8 of
-    // half (l / 8) % 2; the swizzle XORs the chunk with the row's low bits,
-    // which are l % 8 for every row block.
-    const int x_chunk = (kb * 2 + (lane_ / 8) % 2) ^ (lane_ % 8);
+    // x fragments (the constructor has this lane's swizzled addresses).
+    uint32_t x_step;
+    if constexpr (kStepsUnrolled) {
+      x_step = stage + x_read_[i % kXReads] + 16 * 8 * (i / kXReads);
+    } else {
+      x_step = stage + x_read_[0] + 16 * ((kb * 2 + (lane_ / 8) % 2) ^ (lane_ % 8));
+    }
 #pragma unroll
     for (int rb = 0; rb < kRB; ++rb) {
-      ldmatrix_x2(op.x[rb], stage + x_read_ + 16 * (rb * 8 * Tile::kAChunksPerRow + x_chunk));
+      ldmatrix_x2(op.x[rb], x_step + 16 * rb * 8 * Tile::kAChunksPerRow);
     }
   }
 
@@ -302,9 +332,10 @@ class MarlinBlock {
   // dequantized weights are multiplied by their group scales first. With 4
   // row blocks the accumulators fill most of the register file: the step
   // pairs stay a loop there.
+  static constexpr bool kStepsUnrolled = kRB <= 2;
   template <bool kScaled>
   __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][kJ][4]) {
-    pipelined_steps<Tile::kKBlocksPerWarp, (kRB > 2), (kRB <= 4), StepOperands>(
+    pipelined_steps<Tile::kKBlocksPerWarp, !kStepsUnrolled, (kRB <= 4), StepOperands>(
         [&](int i, StepOperands& op) { load_step<kScaled>(stage, i, op); },
         [&](const StepOperands& op) { multiply_step<kScaled>(op, acc); });
   }
@@ -407,9 +438,20 @@ class MarlinBlock {
   // its row is real (else zero-filled).
   int a_src_[kACopies], a_dst_[kACopies];
   bool a_copy_[kACopies], a_valid_[kACopies];
-  int b_src_[kBCopies];
+  const int4* b_thread_;  // this thread's first weight source in tile (0, 0)
+  int b_copy_stride_;     // 16-byte units between its copies of a tile
+  int b_k_step_;          // 16-byte units from a tile to the next along k
+  // Grouped scales: whether this thread copies 16 bytes of a k-tile's scale
+  // rows, and from where (elements past the rows' start at the n-tile).
+  int s_copy_ = 0;
+  int s_src_ = 0;
   // Byte offsets in a stage of this lane's first weight, scale and x reads.
-  int b_read_, s_read_, x_read_;
+  // x_read_[i]: the ldmatrix address of the warp's k16 step i (i < 4), or
+  // of the row (steps in a loop).
+  static constexpr int kXReads = !kStepsUnrolled ? 1 : Tile::kKBlocksPerWarp < 4 ? Tile::kKBlocksPerWarp : 4;
+  static_assert(Tile::kKBlocksPerWarp <= 4 || Tile::kKBlocksPerWarp % 4 == 0, "see x_read_");
+  int b_read_, s_read_, x_read_[kXReads];
+  int s_read_once_ = 0;  // compute_stage_scaled_once's scale row
   // acc_[rb][j]: the m16n8 accumulator of output columns 16 j .. 16 j + 15 of
   // the warp's slab (as MMA rows) and rows 8 rb .. 8 rb + 7 of x (as columns).
   float acc_[kRB][kJ][4];
