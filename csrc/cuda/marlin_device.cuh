@@ -26,9 +26,9 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 template <typename V>
 __device__ __forceinline__ V keep_in_register(V v) {
   if constexpr (sizeof(V) == 8) {
-    asm volatile("" : "+l"(v));
+    asm("" : "+l"(v));
   } else {
-    asm volatile("" : "+r"(v));
+    asm("" : "+r"(v));
   }
   return v;
 }
@@ -63,6 +63,17 @@ __device__ __forceinline__ uint64_t make_evict_first_policy() {
 __device__ __forceinline__ void cp_async16_stream(uint32_t smem, const void* gmem, uint64_t policy) {
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem),
                "l"(gmem), "l"(policy));
+}
+
+// cp_async16_stream where `hint` (a compile-time constant once inlined),
+// else a plain cp_async16: see stream_stripe's prologue.
+__device__ __forceinline__ void cp_async16_weights(uint32_t smem, const void* gmem, uint64_t policy,
+                                                   bool hint) {
+  if (hint) {
+    cp_async16_stream(smem, gmem, policy);
+  } else {
+    cp_async16(smem, gmem);
+  }
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }

@@ -126,8 +126,8 @@ class MarlinBlock {
     zero(acc_);
     stream_stripe<Tile::kStages, Tile::kWgmma>(
         smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
-        [&](uint32_t stage) {
-          load_stage(stage, load);
+        [&](uint32_t stage, bool hint) {
+          load_stage(stage, load, hint);
           step(load);
         },
         [&](uint32_t stage) { compute_stage(stage); },
@@ -193,7 +193,7 @@ class MarlinBlock {
 
   // Stage layout (16-byte units): x tile (kAStage), packed weight (kBStage),
   // scale rows (kSStage). `stage` is the stage's shared address.
-  __device__ void load_stage(uint32_t stage, const LoadCursor& at) {
+  __device__ void load_stage(uint32_t stage, const LoadCursor& at, bool hint) {
     // Activations: kTileM rows x kTileK columns; rows past M are zero-filled.
     // Offsets in unsigned 32-bit arithmetic (x has < 2^32 16-byte units):
     // one wide multiply-add per address instead of a sign extension, a
@@ -210,7 +210,7 @@ class MarlinBlock {
     const uint32_t b_dst = stage + 16 * (Tile::kAStage + threadIdx.x);
 #pragma unroll
     for (int j = 0; j < kBCopies; ++j) {
-      cp_async16_stream(b_dst + 16 * j * Tile::kThreads, at.b + j * b_copy_stride_, evict_first_);
+      cp_async16_weights(b_dst + 16 * j * Tile::kThreads, at.b + j * b_copy_stride_, evict_first_, hint);
     }
 
     // Scales: the group rows this k-tile touches (one when a group spans

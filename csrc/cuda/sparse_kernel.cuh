@@ -215,8 +215,8 @@ class SparseBlock {
     zero(acc_);
     stream_stripe<Tile::kStages, false>(
         smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
-        [&](uint32_t stage) {
-          load_stage(stage, load);
+        [&](uint32_t stage, bool hint) {
+          load_stage(stage, load, hint);
           step(load);
         },
         [&](uint32_t stage) { compute_stage(stage); },
@@ -263,7 +263,7 @@ class SparseBlock {
   }
 
   // Stage layout (16-byte units): x tile, values, metadata, scale rows.
-  __device__ void load_stage(uint32_t stage, const LoadCursor& at) {
+  __device__ void load_stage(uint32_t stage, const LoadCursor& at, bool hint) {
     const int4* x_tile = reinterpret_cast<const int4*>(p_.x) + at.k_tile * Tile::kAChunksPerRow;
 #pragma unroll
     for (int j = 0; j < kACopies; ++j) {
@@ -276,14 +276,14 @@ class SparseBlock {
     const uint32_t v_dst = stage + 16 * (Tile::kAStage + threadIdx.x);
 #pragma unroll
     for (int j = 0; j < kVCopies; ++j) {
-      cp_async16_stream(v_dst + 16 * j * Tile::kThreads, v_tile + v_src_[j], evict_first_);
+      cp_async16_weights(v_dst + 16 * j * Tile::kThreads, v_tile + v_src_[j], evict_first_, hint);
     }
     const int4* m_tile = p_.meta + at.m_tile;
     const uint32_t m_dst = stage + 16 * (Tile::kAStage + Tile::kVStage + threadIdx.x);
 #pragma unroll
     for (int j = 0; j < kMCopies; ++j) {
       if (Tile::kMStage % Tile::kThreads == 0 || j * Tile::kThreads + static_cast<int>(threadIdx.x) < Tile::kMStage)
-        cp_async16_stream(m_dst + 16 * j * Tile::kThreads, m_tile + m_src_[j], evict_first_);
+        cp_async16_weights(m_dst + 16 * j * Tile::kThreads, m_tile + m_src_[j], evict_first_, hint);
     }
 
     // Scales: the group rows this k-tile touches (one when a group spans

@@ -14,11 +14,12 @@
 namespace jax_marlin::cuda {
 
 // Streams `count` iterations through kStages shared-memory stages of
-// stage_bytes each, from smem_base. issue(stage) starts the cp.async copies
-// of the next iteration into `stage` (and advances the caller's load
-// cursor); compute(stage) consumes a landed stage; end_tile(n_tile) runs
-// after the last k-tile of each n-tile (and after the stripe's last
-// iteration). The stripe starts at (n_tile, k_tile); k_tiles per n-tile.
+// stage_bytes each, from smem_base. issue(stage, hint) starts the cp.async
+// copies of the next iteration into `stage` (and advances the caller's load
+// cursor), the weights with the L2 evict-first hint where `hint`;
+// compute(stage) consumes a landed stage; end_tile(n_tile) runs after the
+// last k-tile of each n-tile (and after the stripe's last iteration).
+// The stripe starts at (n_tile, k_tile); k_tiles per n-tile.
 // kFenceAsyncProxy: compute reads through the async proxy (wgmma).
 template <int kStages, bool kFenceAsyncProxy, typename Issue, typename Compute, typename EndTile>
 __device__ __forceinline__ void stream_stripe(uint32_t smem_base, uint32_t stage_bytes, int count,
@@ -27,13 +28,15 @@ __device__ __forceinline__ void stream_stripe(uint32_t smem_base, uint32_t stage
   // Prologue: fill all but one stage. Every iteration commits exactly one
   // group (possibly empty) so that wait_group<kStages - 2> always means
   // "the stage about to be consumed has landed".
-  // Unrolled on purpose: with a rolled loop, ptxas 13.0 folds the uniform
-  // stage address into the L2-cache-hint copy (LDGSTS [R+UR], desc[UR])
-  // and encodes registers it never sets: an illegal instruction at run
-  // time. scripts/prebuild_tools.sh greps the SASS for that form.
+  // The prologue's copies go without the L2 cache hint (issue's second
+  // argument): ptxas 13.0 can fold a uniform stage address into the
+  // cache-hint copy (LDGSTS [R+UR], desc[UR]) and encode uniform registers
+  // it never sets, an illegal instruction at run time. It did so in the
+  // prologue of several tiles, rolled or unrolled, whenever the registers
+  // around it shifted. scripts/prebuild_tools.sh greps the SASS for that form.
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < count) issue(smem_base + s * stage_bytes);
+    if (s < count) issue(smem_base + s * stage_bytes, false);
     cp_async_commit();
   }
 
@@ -45,7 +48,7 @@ __device__ __forceinline__ void stream_stripe(uint32_t smem_base, uint32_t stage
     if constexpr (kFenceAsyncProxy) fence_proxy_async();
     // Also guarantees every warp is done with the stage refilled below.
     __syncthreads();
-    if (i + kStages - 1 < count) issue(write_stage);
+    if (i + kStages - 1 < count) issue(write_stage, true);
     cp_async_commit();
 
     compute(read_stage);
