@@ -49,7 +49,7 @@ class MarlinBlock {
   __device__ MarlinBlock(const MarlinParams<T>& p, int4* smem)
       : p_(p),
         red_(smem + Tile::kStages * Tile::kStage),
-        smem_base_(keep_in_register(smem_addr(smem))),
+        smem_base_(keep(smem_addr(smem))),
         warp_(threadIdx.x / 32),
         lane_(threadIdx.x % 32),
         // A warpgroup shares one slab (wgmma); otherwise each warp has one.
@@ -83,17 +83,17 @@ class MarlinBlock {
     // Scales: thread tid copies 16 bytes (8 columns) of a k-tile's scale rows.
     if constexpr (Tile::kGrouped) {
       constexpr int kRowChunks = Tile::kTileN / 8;
-      s_copy_ = keep_in_register(int{tid < max(1, Tile::kTileK >> p.group_shift) * kRowChunks});
-      s_src_ = keep_in_register(tid / kRowChunks * p.n + tid % kRowChunks * 8);
+      s_copy_ = keep(int{tid < max(1, Tile::kTileK >> p.group_shift) * kRowChunks});
+      s_src_ = keep(tid / kRowChunks * p.n + tid % kRowChunks * 8);
     }
     // With wgmma a warp reads only its own word (j0) of each 16-byte unit.
-    b_read_ = keep_in_register(
+    b_read_ = keep(
         16 * (Tile::kAStage + (warp_k_ * Tile::kKBlocksPerWarp * Tile::kWarpsN + warp_n_) * 32 + lane_) + 4 * j0());
-    s_read_ = keep_in_register(16 * (Tile::kAStage + Tile::kBStage + warp_n_ * kWarpCols / 8 + lane_ / 4) + 4 * j0());
+    s_read_ = keep(16 * (Tile::kAStage + Tile::kBStage + warp_n_ * kWarpCols / 8 + lane_ / 4) + 4 * j0());
     if constexpr (kScaleOncePossible) {
       // The one group row of the warp's share of a k-tile (scale-once path).
       const int s_row = (warp_k_ * Tile::kKBlocksPerWarp * 16) >> p.group_shift;
-      s_read_once_ = keep_in_register(s_read_ + s_row * (2 * Tile::kTileN));
+      s_read_once_ = keep(s_read_ + s_row * (2 * Tile::kTileN));
     }
     // ldmatrix of 8 rows x 16 columns of x gives lane (g, t) x[g][2t, 2t + 1]
     // and x[g][2t + 8, 2t + 9], the B layout. Lane l addresses row l % 8 of
@@ -108,7 +108,7 @@ class MarlinBlock {
     for (int i = 0; i < kXReads; ++i) {
       const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
       const int chunk = kStepsUnrolled ? (kb * 2 + (lane_ / 8) % 2) ^ (lane_ % 8) : 0;
-      x_read_[i] = keep_in_register(16 * (x_row + chunk));
+      x_read_[i] = keep(16 * (x_row + chunk));
     }
   }
 
@@ -333,6 +333,19 @@ class MarlinBlock {
   // row blocks the accumulators fill most of the register file: the step
   // pairs stay a loop there.
   static constexpr bool kStepsUnrolled = kRB <= 2;
+  // Loop invariants are kept in registers (keep_in_register) up to 4 row
+  // blocks a warp. Beyond, the register file is full (the 128-row tiles
+  // spill): there ptxas recomputed them from %tid inside the inner step loop
+  // anyway, with a spill reload, 110 -> 125 instructions a step pair and
+  // 9% slower at M = 128; left to the compiler there, as before.
+  template <typename V>
+  __device__ static V keep(V v) {
+    if constexpr (kRB <= 4) {
+      return keep_in_register(v);
+    } else {
+      return v;
+    }
+  }
   template <bool kScaled>
   __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][kJ][4]) {
     pipelined_steps<Tile::kKBlocksPerWarp, !kStepsUnrolled, (kRB <= 4), StepOperands>(
