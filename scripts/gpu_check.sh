@@ -6,7 +6,8 @@
 #                                       parallel processes), sparse (the 2:4 sparse kernel's
 #                                       self-test, sanitizers and benchmark), or the tuning
 #                                       aids kbench, sweep, fixed (the fixed cost of a call at
-#                                       M = 1), profile (ncu, M = 1), profile64 (ncu, M = 64,
+#                                       M = 1), phases (one M = 1 call's timeline, block by
+#                                       block), profile (ncu, M = 1), profile64 (ncu, M = 64,
 #                                       dense and 2:4), probe (Hopper wgmma layout facts)
 #
 # The device copy of the tree has no .git: pass the commit being checked as
@@ -90,6 +91,14 @@ build_sweep() {
   prebuilt marlin_tile_sweep "$sweep_bin" && return 0
   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I"$repo/csrc" \
     "$repo/tests/cuda/marlin_tile_sweep.cu" "$repo/csrc/cuda/marlin_dispatch.cu" -o "$sweep_bin"
+}
+# The same tool with per-phase timestamps compiled in (--phases: where the
+# time of one M = 1 call goes, block by block).
+phase_bin="$scratch/marlin_phase_probe"
+build_phase_probe() {
+  prebuilt marlin_phase_probe "$phase_bin" && return 0
+  nvcc -std=c++17 -O3 -DJAX_MARLIN_PHASES -gencode=arch=compute_90a,code=sm_90a -I"$repo/csrc" \
+    "$repo/tests/cuda/marlin_tile_sweep.cu" "$repo/csrc/cuda/marlin_dispatch.cu" -o "$phase_bin"
 }
 # Hopper wgmma layout probe (sm_90a): which descriptor convention holds.
 probe_bin="$scratch/wgmma_probe"
@@ -185,6 +194,9 @@ for s in "${steps[@]}"; do
     fixed)
       [[ -x "$sweep_bin" ]] || step "build tile sweep" "$OUT/sweep_build.log" build_sweep
       step "fixed cost of a call at M = 1 (sweep --fixed)" "$OUT/fixed.log" "$sweep_bin" --fixed ;;
+    phases)
+      step "build phase probe" "$OUT/phases_build.log" build_phase_probe
+      step "timeline of a call at M = 1 (--phases)" "$OUT/phases.log" "$phase_bin" --phases ;;
     profile)
       [[ -x "$sweep_bin" ]] || step "build tile sweep" "$OUT/sweep_build.log" build_sweep
       step "ncu: 8192x8192, M = 1" "$OUT/ncu_m1.log" profile_m1 ;;
@@ -202,7 +214,7 @@ for s in "${steps[@]}"; do
         summary+=("skipped benchmark (no jax_marlin/bench.py)")
       fi ;;
     *)
-      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, tests_sharded, sanitize, bench, sparse, kbench, sweep, fixed, profile, profile64, probe)")
+      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, tests_sharded, sanitize, bench, sparse, kbench, sweep, fixed, phases, profile, profile64, probe)")
       failed=1 ;;
   esac
 done

@@ -16,6 +16,8 @@ nvcc=(nvcc -std=c++17 -I"$repo/csrc" -I"$repo/tests/cuda")
   "$repo/csrc/cuda/sparse_dispatch.cu" "$repo/csrc/cuda/marlin_dispatch.cu" -o "$out/sparse_selftest" &
 "${nvcc[@]}" -O3 -gencode=arch=compute_90a,code=sm_90a "$repo/tests/cuda/marlin_tile_sweep.cu" \
   "$repo/csrc/cuda/marlin_dispatch.cu" -o "$out/marlin_tile_sweep" &
+"${nvcc[@]}" -O3 -DJAX_MARLIN_PHASES -gencode=arch=compute_90a,code=sm_90a "$repo/tests/cuda/marlin_tile_sweep.cu" \
+  "$repo/csrc/cuda/marlin_dispatch.cu" -o "$out/marlin_phase_probe" &
 if [[ -f "$repo/tests/cuda/wgmma_probe.cu" ]]; then
   "${nvcc[@]}" -O2 -gencode=arch=compute_90a,code=sm_90a "$repo/tests/cuda/wgmma_probe.cu" \
     -o "$out/wgmma_probe" &

@@ -474,6 +474,7 @@ template <typename T, typename Tile>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
     marlin_kernel(const MarlinParams<T> p) {
   static_assert(Tile::kFits, "the tile's pipeline stages do not fit in shared memory");
+  phase(kEntry);
   extern __shared__ int4 smem[];
   MarlinBlock<T, Tile> block(p, smem);
   block.run();

@@ -13,6 +13,27 @@
 
 namespace jax_marlin::cuda {
 
+// Where a call's time goes, in probe builds only (-DJAX_MARLIN_PHASES: the
+// tile sweep's --phases): thread 0 of each block records %globaltimer
+// (nanoseconds, one clock for all SMs) and clock64 (its SM's cycles) at
+// each phase. In every other build phase() is empty.
+enum Phase { kEntry, kSetUp, kPrologueIssued, kFirstStage, kLastCompute, kReduced, kExit, kPhases };
+#ifdef JAX_MARLIN_PHASES
+constexpr int kPhaseBlocks = 1024;
+__device__ unsigned long long g_phase_ns[kPhaseBlocks][kPhases];
+__device__ long long g_phase_clk[kPhaseBlocks][kPhases];
+__device__ __forceinline__ void phase(Phase at) {
+  if (threadIdx.x == 0 && blockIdx.x < kPhaseBlocks) {
+    unsigned long long ns;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+    g_phase_ns[blockIdx.x][at] = ns;
+    g_phase_clk[blockIdx.x][at] = clock64();
+  }
+}
+#else
+__device__ __forceinline__ void phase(Phase) {}
+#endif
+
 // Streams `count` iterations through kStages shared-memory stages of
 // stage_bytes each, from smem_base. issue(stage, hint) starts the cp.async
 // copies of the next iteration into `stage` (and advances the caller's load
@@ -34,11 +55,13 @@ __device__ __forceinline__ void stream_stripe(uint32_t smem_base, uint32_t stage
   // it never sets, an illegal instruction at run time. It did so in the
   // prologue of several tiles, rolled or unrolled, whenever the registers
   // around it shifted. scripts/prebuild_tools.sh greps the SASS for that form.
+  phase(kSetUp);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < count) issue(smem_base + s * stage_bytes, false);
     cp_async_commit();
   }
+  phase(kPrologueIssued);
 
   const uint32_t last_stage = smem_base + (kStages - 1) * stage_bytes;
   uint32_t read_stage = smem_base, write_stage = last_stage;
@@ -48,10 +71,12 @@ __device__ __forceinline__ void stream_stripe(uint32_t smem_base, uint32_t stage
     if constexpr (kFenceAsyncProxy) fence_proxy_async();
     // Also guarantees every warp is done with the stage refilled below.
     __syncthreads();
+    if (i == 0) phase(kFirstStage);
     if (i + kStages - 1 < count) issue(write_stage, true);
     cp_async_commit();
 
     compute(read_stage);
+    if (i == count - 1) phase(kLastCompute);
     if (k_tile == k_tiles - 1 || i == count - 1) end_tile(n_tile);
     if (++k_tile == k_tiles) {
       k_tile = 0;
@@ -61,6 +86,7 @@ __device__ __forceinline__ void stream_stripe(uint32_t smem_base, uint32_t stage
     write_stage = write_stage == last_stage ? smem_base : write_stage + stage_bytes;
   }
   cp_async_wait<0>();
+  phase(kExit);
 }
 
 // acc[rb][j]: a warp's m16n8 fp32 accumulators, for its kRB 8-row blocks of
@@ -151,6 +177,7 @@ struct TileReduction {
           for (int j = 0; j < kJ; ++j) __stcg(&mine[index(rb, j)], as_float4(acc, rb, j));
       }
       if (!last_to_arrive(locks + n_tile, last - first + 1)) return false;
+      phase(kReduced);
       if (owner) sum_parts(acc, n_tile, total, first, last, index);
     }
     return owner;

@@ -13,7 +13,8 @@
 // --launch-skip 20 --launch-count 1 ./sweep 8192 8192` profiles the first
 // candidate, the current small-batch tile, at M = 1).
 //
-// With --fixed, the fixed cost of a call at M = 1 instead (see fixed_costs).
+// With --fixed, the fixed cost of a call at M = 1 instead (see fixed_costs);
+// built with -DJAX_MARLIN_PHASES, --phases prints a call's timeline (phase_report).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -294,6 +295,93 @@ static void fixed_costs(const Buffers& b) {
   }
 }
 
+#ifdef JAX_MARLIN_PHASES
+// --phases (probe build, -DJAX_MARLIN_PHASES): one call's timeline at M = 1
+// with the production tile. For each phase, the spread over blocks of its
+// %globaltimer stamp after the first block's entry; then, per block, the SM
+// cycles between phases (medians over blocks). Weights from HBM (the copy
+// timed is not the last one the warm-up used).
+static double median_of(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+static void phase_report(const Buffers& b, int k, int n) {
+  using Tile = TileShape<1, 8, 16, 8, true>;
+  Layer layer = make_layer(k, n);
+  CHECK_CUDA(cudaFuncSetAttribute(marlin_kernel<half, Tile>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  const int total = (k / Tile::kTileK) * (n / Tile::kTileN);
+  const int stripes = std::min({total, g_sms * Tile::kBlocksPerSM, kPhaseBlocks});
+  const int copies = static_cast<int>(layer.packed.size());
+  MarlinParams<half> p;
+  p.x = static_cast<const half*>(b.x);
+  p.y = static_cast<half*>(b.y);
+  p.workspace = b.workspace;
+  p.locks = b.locks;
+  p.rows = 1;
+  p.k = k;
+  p.n = n;
+  p.group_shift = 7;
+  p.stripes = stripes;
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  void* ns_addr = nullptr;
+  void* clk_addr = nullptr;
+  CHECK_CUDA(cudaGetSymbolAddress(&ns_addr, g_phase_ns));
+  CHECK_CUDA(cudaGetSymbolAddress(&clk_addr, g_phase_clk));
+  for (int rep = 0; rep < 2 * copies + 1; ++rep) {
+    const bool last = rep == 2 * copies;
+    if (last) {
+      CHECK_CUDA(cudaMemset(ns_addr, 0, sizeof(g_phase_ns)));
+      CHECK_CUDA(cudaMemset(clk_addr, 0, sizeof(g_phase_clk)));
+      CHECK_CUDA(cudaEventRecord(start));
+    }
+    p.packed = static_cast<const int4*>(layer.packed[rep % copies]);
+    p.scales = static_cast<const half*>(layer.scales[rep % copies]);
+    marlin_kernel<half, Tile><<<stripes, Tile::kThreads, Tile::kSmemBytes>>>(p);
+    CHECK_CUDA(cudaGetLastError());
+    if (last) CHECK_CUDA(cudaEventRecord(stop));
+  }
+  CHECK_CUDA(cudaDeviceSynchronize());
+  float event_ms = 0;
+  CHECK_CUDA(cudaEventElapsedTime(&event_ms, start, stop));
+  std::vector<unsigned long long> ns(static_cast<size_t>(kPhaseBlocks) * kPhases);
+  std::vector<long long> clk(ns.size());
+  CHECK_CUDA(cudaMemcpy(ns.data(), ns_addr, ns.size() * sizeof(ns[0]), cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(clk.data(), clk_addr, clk.size() * sizeof(clk[0]), cudaMemcpyDeviceToHost));
+  auto at = [&](int blk, int ph) { return ns[static_cast<size_t>(blk) * kPhases + ph]; };
+  auto cyc = [&](int blk, int ph) { return clk[static_cast<size_t>(blk) * kPhases + ph]; };
+  unsigned long long t0 = ~0ull;
+  for (int blk = 0; blk < stripes; ++blk) t0 = std::min(t0, at(blk, kEntry));
+  static const char* names[kPhases] = {"entry", "set up", "prologue issued", "first stage landed",
+                                       "last tile computed", "tile reduced (last arriver)", "exit"};
+  std::printf("%6d x %-6d M = 1, %d blocks, %d iterations a block, event time %.2f us\n", k, n, stripes,
+              total / stripes, event_ms * 1e3);
+  for (int ph = 0; ph < kPhases; ++ph) {
+    std::vector<double> t;
+    for (int blk = 0; blk < stripes; ++blk)
+      if (at(blk, ph) != 0) t.push_back((at(blk, ph) - t0) * 1e-3);
+    if (t.empty()) continue;
+    std::sort(t.begin(), t.end());
+    std::printf("  %-28s blocks %4zu   min %7.2f  median %7.2f  max %7.2f us after the first entry\n",
+                names[ph], t.size(), t.front(), t[t.size() / 2], t.back());
+  }
+  const int spans[][2] = {{kEntry, kSetUp}, {kSetUp, kPrologueIssued}, {kPrologueIssued, kFirstStage},
+                          {kFirstStage, kLastCompute}, {kLastCompute, kExit}};
+  for (auto& sp : spans) {
+    std::vector<double> d;
+    for (int blk = 0; blk < stripes; ++blk)
+      if (cyc(blk, sp[0]) != 0 && cyc(blk, sp[1]) != 0) d.push_back(double(cyc(blk, sp[1]) - cyc(blk, sp[0])));
+    std::printf("  cycles %-20s -> %-20s median %8.0f\n", names[sp[0]], names[sp[1]], median_of(d));
+  }
+  CHECK_CUDA(cudaEventDestroy(start));
+  CHECK_CUDA(cudaEventDestroy(stop));
+  free_layer(layer);
+}
+#endif
+
 int main(int argc, char** argv) {
   CHECK_CUDA(cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, 0));
   const int shapes[][2] = {{4096, 4096}, {8192, 8192}, {8192, 28672}, {28672, 8192}};
@@ -320,6 +408,13 @@ int main(int argc, char** argv) {
     fixed_costs(b);
     return 0;
   }
+#ifdef JAX_MARLIN_PHASES
+  if (argc == 2 && std::strcmp(argv[1], "--phases") == 0) {
+    const int layers[][2] = {{4096, 4096}, {8192, 8192}, {8192, 28672}, {28672, 8192}};
+    for (auto& l : layers) phase_report(b, l[0], l[1]);
+    return 0;
+  }
+#endif
   for (auto& s : shapes) {
     if (argc == 3 && (std::atoi(argv[1]) != s[0] || std::atoi(argv[2]) != s[1])) continue;
     Layer layer = make_layer(s[0], s[1]);
