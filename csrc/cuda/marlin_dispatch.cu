@@ -40,11 +40,6 @@ constexpr std::array<int, kNumConfigs> preference(int variant) {
   // 64-row chunks instead.)
   return {1, -1, -1, -1};
 }
-constexpr bool preferred(int variant, int config) {
-  for (int c : preference(variant))
-    if (c == config) return true;
-  return false;
-}
 
 template <typename T, typename Tile>
 cudaError_t prepare_chunk() {
@@ -105,7 +100,7 @@ constexpr auto table_entry() {
   using T = std::conditional_t<is_bf16, __nv_bfloat16, half>;
   constexpr int variant = (I / kNumConfigs) % kNumRowVariants;
   using Entry = std::conditional_t<Prepare, ChunkPreparer, ChunkLauncher>;
-  if constexpr (!preferred(variant, config)) {
+  if constexpr (!tries(preference(variant), config)) {
     return Entry{nullptr};
   } else {
     using Tile =

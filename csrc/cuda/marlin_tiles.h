@@ -2,6 +2,9 @@
 // derive from a tile configuration lives here, as compile-time constants.
 #pragma once
 
+#include <array>
+#include <cstddef>
+
 namespace jax_marlin::cuda {
 
 // Fixed by the packed format: one 16-byte load per lane covers a 16 x 64
@@ -32,6 +35,14 @@ constexpr int warps_m(int row_blocks) { return row_blocks >= 8 ? 2 : 1; }
 constexpr int chunk_rows(int remaining, bool full_pass) {
   return remaining > 96 && full_pass ? (remaining < kMaxRows ? remaining : kMaxRows)
                                      : (remaining < 64 ? remaining : 64);
+}
+// Whether `config` is among the tile configurations a row variant tries,
+// in its dispatch table's order (-1: none): only those are instantiated.
+template <std::size_t kN>
+constexpr bool tries(const std::array<int, kN>& order, int config) {
+  for (int c : order)
+    if (c == config) return true;
+  return false;
 }
 // Shared-memory budget per block. 160 KiB fits every sm_80+ part that has
 // the 164 KiB carve-out (A100, H100); the pipeline takes as many stages as fit.
