@@ -420,6 +420,9 @@ int main(int argc, char** argv) {
     Layer layer = make_layer(s[0], s[1]);
     for (int m : {1}) {
       SMALL_M_CANDIDATES(1);
+      // 512-row k-tiles: half the barriers and stage switches per byte.
+      SWEEP(1, 8, 32, 8);
+      SWEEP(1, 4, 32, 8);
       SWEEPW(1, 8, 16, 8);
     }
     for (int m : {16}) {
