@@ -1,16 +1,17 @@
 """Large-M dispatch on the GPU: the Marlin kernel, or dequantize + XLA's dot.
 
 The kernel streams the whole 4-bit weight once for every chunk of x's rows
-(128 rows, or 64 where fewer than 97 are left), so past some M a dense GEMM on the dequantized weight (cuBLAS through XLA) is
-faster. Where that happens is measured, per GPU kind, by
+(128 rows, or 64 where fewer than 97 are left), so past some M a dense GEMM
+on the dequantized weight (cuBLAS through XLA) is faster. Where that happens
+is measured, per GPU kind, by
 
     python -m jax_marlin.bench --tune-dispatch
 
 which writes a table (JSON) to copy into ``jax_marlin/dispatch_tables/``. A
 GPU kind without a table always runs the kernel; a kind not yet measured may
-borrow a sibling's table (``"borrowed_from"``, with the reason in the file). The choice is made when a
-call is traced (M, K, N and the dtype are static then), so it costs nothing
-at run time.
+borrow a sibling's table (``"borrowed_from"``, with the reason in the file).
+The choice is made when a call is traced (M, K, N and the dtype are static
+then), so it costs nothing at run time.
 """
 
 from __future__ import annotations

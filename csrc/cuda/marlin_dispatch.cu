@@ -163,9 +163,9 @@ size_t workspace_floats(int m, int k, int n) {
 }
 
 size_t lock_count(int m, int n) {
-  // One lock per 64-column slab for each chunk; chunks have at least 64
-  // rows (but the last), in both the dense and the 2:4 sparse kernel.
-  return static_cast<size_t>((m + 63) / 64) * (n / kWarpCols);
+  // One lock per 64-column slab for each chunk (chunk_rows), in both the
+  // dense and the 2:4 sparse kernel.
+  return static_cast<size_t>((m + kMinChunkRows - 1) / kMinChunkRows) * (n / kWarpCols);
 }
 
 const char* unsupported_reason(int m, int k, int n, int group_size) {

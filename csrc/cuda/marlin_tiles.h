@@ -31,10 +31,12 @@ constexpr int warps_m(int row_blocks) { return row_blocks >= 8 ? 2 : 1; }
 // problem has a tile for 128 rows. A 128-row chunk streams the weights once
 // for all its rows (M = 128 on the 70B layers, dense: 224 against 262 us as
 // two 64-row chunks, H200), but only pays when it is mostly real rows;
-// below 97 rows, 64 plus the rest is faster.
+// below 97 rows, 64 plus the rest is faster. So every chunk but the last
+// has at least kMinChunkRows rows (what the lock buffers are sized by).
+inline constexpr int kMinChunkRows = 64;
 constexpr int chunk_rows(int remaining, bool full_pass) {
   return remaining > 96 && full_pass ? (remaining < kMaxRows ? remaining : kMaxRows)
-                                     : (remaining < 64 ? remaining : 64);
+                                     : (remaining < kMinChunkRows ? remaining : kMinChunkRows);
 }
 // Whether `config` is among the tile configurations a row variant tries,
 // in its dispatch table's order (-1: none): only those are instantiated.
