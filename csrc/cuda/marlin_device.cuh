@@ -290,17 +290,21 @@ __device__ __forceinline__ int stripe_of(int it, int total, int stripes) {
 // Call after this block stored its partial sums (every thread reaches it).
 // Counts the block in on `counter`; true in exactly one of the `parts`
 // blocks, the last to arrive, which then sees every other block's partial
-// sums and leaves the counter at 0 for the next launch. The fence before the
-// count publishes the block's stores (the barrier orders them before it);
-// the one after it makes the others' stores visible to the loads that follow.
+// sums and leaves the counter at 0 for the next launch. One acquire-release
+// count instead of two sequentially consistent fences (__threadfence): the
+// barrier orders the block's stores before thread 0's release, which makes
+// them visible with the count (release is cumulative); the last block's
+// acquire then sees every earlier block's, and the second barrier passes
+// that on to its other threads. The reset needs no ordering: the next
+// launch starts after this one ends.
 __device__ __forceinline__ bool last_to_arrive(int* counter, int parts) {
   __shared__ int is_last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();
-    const bool last = atomicAdd(counter, 1) == parts - 1;
+    int before;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(before) : "l"(counter) : "memory");
+    const bool last = before == parts - 1;
     if (last) *counter = 0;
-    __threadfence();
     is_last = last;
   }
   __syncthreads();
