@@ -157,12 +157,26 @@ template <typename T, typename Tile>
 class SparseBlock {
   using T2 = typename Dtype<T>::T2;
   static constexpr int kRB = Tile::kRowBlocksPerWarp;
+  // Up to 2 row blocks a warp the bands are unrolled; beyond, pairs of them
+  // stay a loop (the accumulators fill the register file).
+  static constexpr bool kBandsUnrolled = kRB <= 2;
+  // Loop invariants kept in registers (keep_in_register) up to 4 row blocks
+  // a warp; beyond, the register file is full: left to the compiler (see
+  // MarlinBlock::keep).
+  template <typename V>
+  __device__ static V keep(V v) {
+    if constexpr (kRB <= 4) {
+      return keep_in_register(v);
+    } else {
+      return v;
+    }
+  }
 
  public:
   __device__ SparseBlock(const SparseParams<T>& p, int4* smem)
       : p_(p),
         red_(smem + Tile::kStages * Tile::kStage),
-        smem_base_(smem_addr(smem)),
+        smem_base_(keep(smem_addr(smem))),
         warp_(threadIdx.x / 32),
         lane_(threadIdx.x % 32),
         warp_n_(warp_ % Tile::kWarpsN),
@@ -183,23 +197,43 @@ class SparseBlock {
       a_src_[j] = (a_valid_[j] ? row * (p.k / 8) : 0) + chunk;
       a_dst_[j] = 16 * a_offset(row, chunk);
     }
+    // Values and metadata: thread tid copies unit tid % kVRow (kMRow) of
+    // band tid / kVRow (kMRow), then the same unit kThreads / kVRow
+    // (kThreads / kMRow) bands further, and so on.
     const int v_row_stride = p.n / 2;  // 2 N int32 = N / 2 units per band
-#pragma unroll
-    for (int j = 0; j < kVCopies; ++j) {
-      const int c = j * Tile::kThreads + tid;
-      v_src_[j] = (c / Tile::kVRow) * v_row_stride + c % Tile::kVRow;
-    }
+    v_thread_ = p.values + (tid / Tile::kVRow) * v_row_stride + tid % Tile::kVRow;
+    v_copy_stride_ = Tile::kThreads / Tile::kVRow * v_row_stride;
+    v_k_step_ = Tile::kBands * v_row_stride;
     const int m_row_stride = p.n / 4;  // N int32 = N / 4 units per band
-#pragma unroll
-    for (int j = 0; j < kMCopies; ++j) {
-      const int c = j * Tile::kThreads + tid;
-      m_src_[j] = (c / Tile::kMRow) * m_row_stride + c % Tile::kMRow;
+    m_thread_ = p.meta + (tid / Tile::kMRow) * m_row_stride + tid % Tile::kMRow;
+    m_copy_stride_ = Tile::kThreads / Tile::kMRow * m_row_stride;
+    m_k_step_ = Tile::kBands * m_row_stride;
+    if constexpr (Tile::kGrouped) {
+      constexpr int kRowChunks = Tile::kTileN / 8;
+      s_copy_ = keep(int{tid < max(1, Tile::kTileK >> p.group_shift) * kRowChunks});
+      s_src_ = keep(tid / kRowChunks * p.n + tid % kRowChunks * 8);
     }
-    v_read_ = 16 * (Tile::kAStage + (warp_k_ * Tile::kBandsPerWarp * Tile::kWarpsN + warp_n_) * 32 + lane_);
-    m_read_ = 16 * (Tile::kAStage + Tile::kVStage + (warp_k_ * Tile::kBandsPerWarp * Tile::kWarpsN + warp_n_) * 16) +
-              8 * lane_;
-    s_read_ = 16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage + warp_n_ * kWarpCols / 8 + lane_ / 4);
-    x_read_ = 16 * ((row_block0_ * 8 + lane_ % 8) * Tile::kAChunksPerRow);
+    v_read_ = keep(16 * (Tile::kAStage + (warp_k_ * Tile::kBandsPerWarp * Tile::kWarpsN + warp_n_) * 32 + lane_));
+    m_read_ = keep(16 * (Tile::kAStage + Tile::kVStage + (warp_k_ * Tile::kBandsPerWarp * Tile::kWarpsN + warp_n_) * 16) +
+                   8 * lane_);
+    s_read_ = keep(16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage + warp_n_ * kWarpCols / 8 + lane_ / 4));
+    if constexpr (kScaleOncePossible) {
+      // The one group row of the warp's share of a k-tile (scale-once path).
+      const int s_row = (warp_k_ * Tile::kBandsPerWarp * 32) >> p.group_shift;
+      s_read_once_ = keep(s_read_ + s_row * (2 * Tile::kTileN));
+    }
+    // ldmatrix.x4 addresses of x (see load_band): band b's chunk is
+    // (4 b + l / 8) ^ (l % 8); the XOR touches the low 3 bits, 4 (b % 2) +
+    // l / 8, so bands i and i + 2 of the warp differ by 8 chunks (its first
+    // band is even when it has 2 or more) and kXReads addresses cover all.
+    // Where the band pairs stay a loop, only the row's address is kept.
+    const int x_row = (row_block0_ * 8 + lane_ % 8) * Tile::kAChunksPerRow;
+#pragma unroll
+    for (int i = 0; i < kXReads; ++i) {
+      const int band = warp_k_ * Tile::kBandsPerWarp + i;
+      const int chunk = kBandsUnrolled ? (band * 4 + lane_ / 8) ^ (lane_ % 8) : 0;
+      x_read_[i] = keep(16 * (x_row + chunk));
+    }
   }
 
   __device__ void run() {
@@ -208,9 +242,9 @@ class SparseBlock {
     const int end = static_cast<int>(static_cast<long long>(blockIdx.x + 1) * total / p_.stripes);
     const int count = end - begin;
 
-    LoadCursor load{begin / k_tiles_, begin % k_tiles_, 0, 0};
-    load.v_tile = v_tile_offset(load.n_tile, load.k_tile);
-    load.m_tile = m_tile_offset(load.n_tile, load.k_tile);
+    LoadCursor load{begin / k_tiles_, begin % k_tiles_, nullptr, nullptr};
+    load.v = v_thread_ + load.k_tile * v_k_step_ + load.n_tile * Tile::kVRow;
+    load.m = m_thread_ + load.k_tile * m_k_step_ + load.n_tile * Tile::kMRow;
 
     zero(acc_);
     stream_stripe<Tile::kStages, false>(
@@ -232,27 +266,26 @@ class SparseBlock {
   static constexpr int kVCopies = Tile::kVStage / Tile::kThreads;
   static constexpr int kMCopies = (Tile::kMStage + Tile::kThreads - 1) / Tile::kThreads;
 
+  static_assert(Tile::kThreads % Tile::kVRow == 0 && Tile::kThreads % Tile::kMRow == 0,
+                "a thread copies the same unit of every kThreads / kVRow-th band");
+
   // Position in the (n-tile, k-tile) iteration space (k fastest) of the
-  // next copies to issue, with the tile's offsets (16-byte units) in the
-  // values and metadata arrays.
+  // next copies to issue, with this thread's first values and metadata
+  // sources of that tile: stepped pointers, as in the dense kernel's
+  // producer (tile offsets in 16-byte units are < 2^31).
   struct LoadCursor {
-    int n_tile, k_tile, v_tile, m_tile;
+    int n_tile, k_tile;
+    const int4 *v, *m;
   };
-  __device__ int v_tile_offset(int n_tile, int k_tile) const {
-    return k_tile * Tile::kBands * (p_.n / 2) + n_tile * Tile::kVRow;
-  }
-  __device__ int m_tile_offset(int n_tile, int k_tile) const {
-    return k_tile * Tile::kBands * (p_.n / 4) + n_tile * Tile::kMRow;
-  }
   __device__ void step(LoadCursor& c) const {
     if (++c.k_tile == k_tiles_) {
       c.k_tile = 0;
       ++c.n_tile;
-      c.v_tile = c.n_tile * Tile::kVRow;
-      c.m_tile = c.n_tile * Tile::kMRow;
+      c.v = v_thread_ + c.n_tile * Tile::kVRow;
+      c.m = m_thread_ + c.n_tile * Tile::kMRow;
     } else {
-      c.v_tile += Tile::kBands * (p_.n / 2);
-      c.m_tile += Tile::kBands * (p_.n / 4);
+      c.v += v_k_step_;
+      c.m += m_k_step_;
     }
   }
 
@@ -264,41 +297,37 @@ class SparseBlock {
 
   // Stage layout (16-byte units): x tile, values, metadata, scale rows.
   __device__ void load_stage(uint32_t stage, const LoadCursor& at, bool hint) {
-    const int4* x_tile = reinterpret_cast<const int4*>(p_.x) + at.k_tile * Tile::kAChunksPerRow;
+    // Unsigned offsets (x has < 2^32 16-byte units): one wide multiply-add.
+    const auto* x_units = reinterpret_cast<const int4*>(p_.x);
+    const unsigned x_tile = static_cast<unsigned>(at.k_tile) * Tile::kAChunksPerRow;
 #pragma unroll
     for (int j = 0; j < kACopies; ++j) {
-      if (a_copy_[j]) cp_async16_zfill(stage + a_dst_[j], x_tile + a_src_[j], a_valid_[j]);
+      if (a_copy_[j]) cp_async16_zfill(stage + a_dst_[j], x_units + (x_tile + a_src_[j]), a_valid_[j]);
     }
 
     // Values and metadata: kBands rows of each array, copied as they are
     // (a band's runs are contiguous), both streamed once: evict-first.
-    const int4* v_tile = p_.values + at.v_tile;
     const uint32_t v_dst = stage + 16 * (Tile::kAStage + threadIdx.x);
 #pragma unroll
     for (int j = 0; j < kVCopies; ++j) {
-      cp_async16_weights(v_dst + 16 * j * Tile::kThreads, v_tile + v_src_[j], evict_first_, hint);
+      cp_async16_weights(v_dst + 16 * j * Tile::kThreads, at.v + j * v_copy_stride_, evict_first_, hint);
     }
-    const int4* m_tile = p_.meta + at.m_tile;
     const uint32_t m_dst = stage + 16 * (Tile::kAStage + Tile::kVStage + threadIdx.x);
 #pragma unroll
     for (int j = 0; j < kMCopies; ++j) {
       if (Tile::kMStage % Tile::kThreads == 0 || j * Tile::kThreads + static_cast<int>(threadIdx.x) < Tile::kMStage)
-        cp_async16_weights(m_dst + 16 * j * Tile::kThreads, m_tile + m_src_[j], evict_first_, hint);
+        cp_async16_weights(m_dst + 16 * j * Tile::kThreads, at.m + j * m_copy_stride_, evict_first_, hint);
     }
 
     // Scales: the group rows this k-tile touches (one when a group spans
     // several k-tiles).
     if constexpr (Tile::kGrouped) {
-      const int tid = threadIdx.x;
-      const int first_row = (at.k_tile * Tile::kTileK) >> p_.group_shift;
-      const int rows = max(1, Tile::kTileK >> p_.group_shift);
-      constexpr int kRowChunks = Tile::kTileN / 8;
       static_assert(Tile::kSStage <= Tile::kThreads, "one scale copy a thread at most");
-      if (tid < rows * kRowChunks) {
-        const int r = tid / kRowChunks, chunk = tid % kRowChunks;
-        const T* src = p_.scales + static_cast<size_t>(first_row + r) * p_.n + at.n_tile * Tile::kTileN;
-        cp_async16(stage + 16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage + tid),
-                   reinterpret_cast<const int4*>(src) + chunk);
+      if (s_copy_) {
+        // (K / group) N < 2^32 scales (16 <= group, K N / 32 < 2^31 units).
+        const unsigned first_row = static_cast<unsigned>(at.k_tile * Tile::kTileK) >> p_.group_shift;
+        const unsigned offset = first_row * p_.n + at.n_tile * Tile::kTileN + s_src_;
+        cp_async16(stage + 16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage + threadIdx.x), p_.scales + offset);
       }
     }
   }
@@ -334,8 +363,7 @@ class SparseBlock {
 #pragma unroll
         for (int e = 0; e < 4; ++e) part[rb][j][e] = 0.f;
     multiply_stage<false>(stage, part);
-    const int s_row = (warp_k_ * Tile::kBandsPerWarp * 32) >> p_.group_shift;
-    const uint4 s_raw = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
+    const uint4 s_raw = ld_shared16(stage + s_read_once_);
     const uint32_t scale_words[4] = {s_raw.x, s_raw.y, s_raw.z, s_raw.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -376,10 +404,15 @@ class SparseBlock {
     // lane (g, t) gets x[g][8q + 2t, 8q + 2t + 1] in register q: the
     // m16n8k32 B layout (k rows 2t + 8q, + 1; column g). The swizzle XORs
     // the chunk with the row's low bits, l % 8 for every row block.
-    const int x_chunk = (band * 4 + lane_ / 8) ^ (lane_ % 8);
+    uint32_t x_band;
+    if constexpr (kBandsUnrolled) {
+      x_band = stage + x_read_[i % kXReads] + 16 * 8 * (i / kXReads);
+    } else {
+      x_band = stage + x_read_[0] + 16 * ((band * 4 + lane_ / 8) ^ (lane_ % 8));
+    }
 #pragma unroll
     for (int rb = 0; rb < kRB; ++rb) {
-      ldmatrix_x4(op.x[rb], stage + x_read_ + 16 * (rb * 8 * Tile::kAChunksPerRow + x_chunk));
+      ldmatrix_x4(op.x[rb], x_band + 16 * rb * 8 * Tile::kAChunksPerRow);
     }
   }
 
@@ -425,7 +458,7 @@ class SparseBlock {
   // kernel's steps; with 4 row blocks the band pairs stay a loop.
   template <bool kScaled>
   __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][4][4]) {
-    pipelined_steps<Tile::kBandsPerWarp, (kRB > 2), (kRB <= 4), BandOperands>(
+    pipelined_steps<Tile::kBandsPerWarp, !kBandsUnrolled, (kRB <= 4), BandOperands>(
         [&](int i, BandOperands& op) { load_band<kScaled>(stage, i, op); },
         [&](const BandOperands& op) { multiply_band<kScaled>(op, acc); });
   }
@@ -481,9 +514,19 @@ class SparseBlock {
   const uint64_t evict_first_;
   int a_src_[kACopies], a_dst_[kACopies];
   bool a_copy_[kACopies], a_valid_[kACopies];
-  int v_src_[kVCopies], m_src_[kMCopies];
-  // Byte offsets in a stage of this lane's first values, metadata, scale and x reads.
-  int v_read_, m_read_, s_read_, x_read_;
+  const int4* v_thread_;  // this thread's first values source in tile (0, 0)
+  const int4* m_thread_;  // ... and metadata source
+  int v_copy_stride_, m_copy_stride_;  // 16-byte units between its copies of a tile
+  int v_k_step_, m_k_step_;            // ... from a tile to the next along k
+  // Grouped scales: whether this thread copies 16 bytes of a k-tile's scale
+  // rows, and from where (elements past the rows' start at the n-tile).
+  int s_copy_ = 0, s_src_ = 0;
+  // Byte offsets in a stage of this lane's first values, metadata and scale
+  // reads; the scale row of the scale-once path; x_read_[i]: the ldmatrix
+  // address of the warp's band i (i < 2), or of the row (bands in a loop).
+  static constexpr int kXReads = !kBandsUnrolled ? 1 : Tile::kBandsPerWarp < 2 ? Tile::kBandsPerWarp : 2;
+  static_assert(Tile::kBandsPerWarp <= 2 || Tile::kBandsPerWarp % 2 == 0, "see x_read_");
+  int v_read_, m_read_, s_read_, s_read_once_ = 0, x_read_[kXReads];
   // acc_[rb][j]: the m16n8 accumulator of output columns 16 j .. 16 j + 15
   // of the warp's run (as mma rows) and rows 8 rb .. 8 rb + 7 of x.
   float acc_[kRB][4][4];
