@@ -16,29 +16,39 @@ namespace {
 
 struct TileConfig {
   int n_blocks, k_blocks, warps;
+  // The fewest tiles of the layer for which the configuration is used: a
+  // long tile on a small layer leaves too few tiles to balance the stripes.
+  int min_tiles = 0;
   constexpr int tile_n() const { return 16 * n_blocks; }
   constexpr int tile_k() const { return 16 * k_blocks; }
+  constexpr bool serves(int k, int n) const {
+    return k % tile_k() == 0 && n % tile_n() == 0 && (k / tile_k()) * (n / tile_n()) >= min_tiles;
+  }
 };
 
 // k x n tiles: 256x128 and 128x256 stream the most weight per barrier;
 // 128x128 where those do not divide (K, N); 64x64 is the fallback that
-// covers every K, N multiple of 64. (Measured and left out, H200: 128x512
-// with one warp a slab at 8 row blocks, so that each dequantized weight
-// feeds 8 MMAs instead of 4: 4-7% faster on the two widest 70B layers at
-// M = 64, but up to 2x slower on the 7B layers, whose stripes it leaves
-// a few tiles long.)
-constexpr std::array<TileConfig, 4> kTileConfigs = {{{8, 16, 8}, {16, 8, 8}, {8, 8, 8}, {4, 4, 4}}};
+// covers every K, N multiple of 64. At M <= 8, 512x128 on layers of at
+// least 512 such tiles: the M = 1 loop is latency-bound, and a tile twice
+// as long halves the barriers and stage switches per byte (H200 tile
+// sweep: 8192x28672 46.7 -> 41.9 us, 8192^2 19.3 -> 18.0; on 4096^2, 256
+// tiles, 3% slower). (Measured and left out, H200: 128x512 with one warp a
+// slab at 8 row blocks, so that each dequantized weight feeds 8 MMAs
+// instead of 4: 4-7% faster on the two widest 70B layers at M = 64, but up
+// to 2x slower on the 7B layers, whose stripes it leaves a few tiles long.)
+constexpr std::array<TileConfig, 5> kTileConfigs = {
+    {{8, 16, 8}, {16, 8, 8}, {8, 8, 8}, {4, 4, 4}, {8, 32, 8, 512}}};
 constexpr int kNumConfigs = static_cast<int>(kTileConfigs.size());
 
 // Configurations tried for a row variant, in order (-1: none); the first
 // whose tile divides (K, N) wins. Only these are instantiated.
 constexpr std::array<int, kNumConfigs> preference(int variant) {
-  if (variant == 0) return {0, 1, 2, 3};
-  if (variant <= 3) return {1, 0, 2, 3};
+  if (variant == 0) return {4, 0, 1, 2, 3};
+  if (variant <= 3) return {1, 0, 2, 3, -1};
   // 128 rows: 128 x 256 only. (The 64 x 64 tile at 16 row blocks is one
   // ptxas 13.0 miscompiles: see stream_stripe. Shapes it would serve run as
   // 64-row chunks instead.)
-  return {1, -1, -1, -1};
+  return {1, -1, -1, -1, -1};
 }
 
 template <typename T, typename Tile>
@@ -131,7 +141,7 @@ int pick_config(int variant, int k, int n) {
     if (kLaunchers[table_index(ActDtype::kFloat16, true, variant, c)] == nullptr ||
         kLaunchers[table_index(ActDtype::kFloat16, false, variant, c)] == nullptr)
       continue;
-    if (k % kTileConfigs[c].tile_k() == 0 && n % kTileConfigs[c].tile_n() == 0) return c;
+    if (kTileConfigs[c].serves(k, n)) return c;
   }
   return -1;
 }
