@@ -142,10 +142,12 @@ run_tests() {
 # The same tests in shards run side by side (one process each, contiguous
 # blocks of the collected ids so that module fixtures are built once a
 # shard): the machine has many cores and most of a test's time is XLA
-# compiling on the host. JAX_MARLIN_SHARDS sets the count (default 6).
+# compiling on the host. JAX_MARLIN_SHARDS sets the count (default 6);
+# JAX_MARLIN_TEST_MARK, a marker expression (e.g. gpu), narrows the tests.
 run_tests_sharded() {
   local n="${JAX_MARLIN_SHARDS:-6}" ids="$scratch/test_ids" rc=0 i
-  python3 -m pytest --co -q -p no:cacheprovider "$repo/tests" | grep '::' > "$ids"
+  local mark=(${JAX_MARLIN_TEST_MARK:+-m "$JAX_MARLIN_TEST_MARK"})
+  python3 -m pytest --co -q -p no:cacheprovider "${mark[@]}" "$repo/tests" | grep '::' > "$ids"
   local total
   total=$(wc -l < "$ids")
   echo "$total tests in $n shards"

@@ -28,22 +28,25 @@ struct TileConfig {
 
 // k x n tiles: 256x128 and 128x256 stream the most weight per barrier;
 // 128x128 where those do not divide (K, N); 64x64 is the fallback that
-// covers every K, N multiple of 64. At M <= 8, 512x128 on layers of at
-// least 512 such tiles: the M = 1 loop is latency-bound, and a tile twice
-// as long halves the barriers and stage switches per byte (H200 tile
-// sweep: 8192x28672 46.7 -> 41.9 us, 8192^2 19.3 -> 18.0; on 4096^2, 256
-// tiles, 3% slower). (Measured and left out, H200: 128x512 with one warp a
-// slab at 8 row blocks, so that each dequantized weight feeds 8 MMAs
-// instead of 4: 4-7% faster on the two widest 70B layers at M = 64, but up
-// to 2x slower on the 7B layers, whose stripes it leaves a few tiles long.)
+// covers every K, N multiple of 64. At M <= 16, 256x256 on layers of at
+// least 512 such tiles: the small-M loop is latency-bound, and a stage
+// twice as large halves the barriers and stage switches per byte (H200
+// tile sweep, us: 8192x28672 M=1 45.6 -> 40.2, M=8 48.3 -> 41.9, M=16
+// 54.0 -> 49.7; 8192^2 M=1 18.6 -> 16.6; on 4096^2, 256 tiles, 3-10%
+// slower). (Measured and left out, H200: 512x128 at M <= 8, 1-5% behind
+// 256x256; 128x512 with one warp a slab at 8 row blocks, so that each
+// dequantized weight feeds 8 MMAs instead of 4: 4-7% faster on the two
+// widest 70B layers at M = 64, but up to 2x slower on the 7B layers, whose
+// stripes it leaves a few tiles long.)
 constexpr std::array<TileConfig, 5> kTileConfigs = {
-    {{8, 16, 8}, {16, 8, 8}, {8, 8, 8}, {4, 4, 4}, {8, 32, 8, 512}}};
+    {{8, 16, 8}, {16, 8, 8}, {8, 8, 8}, {4, 4, 4}, {16, 16, 8, 512}}};
 constexpr int kNumConfigs = static_cast<int>(kTileConfigs.size());
 
 // Configurations tried for a row variant, in order (-1: none); the first
 // whose tile divides (K, N) wins. Only these are instantiated.
 constexpr std::array<int, kNumConfigs> preference(int variant) {
   if (variant == 0) return {4, 0, 1, 2, 3};
+  if (variant == 1) return {4, 1, 0, 2, 3};
   if (variant <= 3) return {1, 0, 2, 3, -1};
   // 128 rows: 128 x 256 only. (The 64 x 64 tile at 16 row blocks is one
   // ptxas 13.0 miscompiles: see stream_stripe. Shapes it would serve run as

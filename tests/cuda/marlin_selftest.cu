@@ -194,8 +194,8 @@ int main(int argc, char** argv) {
   const int ms_quick[] = {1, 33, 70, 100};
   const int shapes_full[][2] = {{64, 64}, {128, 192}, {256, 256}, {384, 320}, {1024, 768}, {4096, 512}};
   const int shapes_quick[][2] = {{256, 192}, {512, 512}};
-  // The smallest layer with enough 512 x 128 tiles for the long-k tile of
-  // M <= 8 (see kTileConfigs in marlin_dispatch.cu).
+  // The smallest layer with enough 256 x 256 tiles for the large tile of
+  // M <= 16 (see kTileConfigs in marlin_dispatch.cu).
   const int long_k[2] = {4096, 8192};
   for (bool bf16 : {false, true}) {
     if (quick) {
@@ -208,7 +208,7 @@ int main(int argc, char** argv) {
         for (int m : ms_full)
           for (int g : {32, 64, 128, s[0]})
             if (s[0] % g == 0) cases.push_back({m, s[0], s[1], g, bf16});
-      for (int m : {1, 5, 8})
+      for (int m : {1, 5, 8, 13, 16})
         for (int g : {32, 128, long_k[0]}) cases.push_back({m, long_k[0], long_k[1], g, bf16});
     }
   }
