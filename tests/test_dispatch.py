@@ -165,12 +165,16 @@ def test_a_kind_not_yet_measured_borrows_a_table(table, tmp_path):
     assert not dispatch.use_dense("Unknown GPU", 4096, 8192, 28672, "float16")
 
 
-def test_h200_borrows_the_h100_table_until_measured():
+def test_h200_table_was_measured_there_and_keeps_the_kernel_for_decoding():
     dispatch.load_table.cache_clear()
+    table = json.loads((dispatch.TABLE_DIR / "nvidia-h200.json").read_text())
+    assert "borrowed_from" not in table and table["device"] == "NVIDIA H200"
     for K, N in [(4096, 12288), (8192, 28672), (28672, 8192)]:
         for dt in ("float16", "bfloat16"):
-            assert not any(dispatch.use_dense("NVIDIA H200", M, K, N, dt) for M in (1, 16, 64))
-            assert dispatch.use_dense("NVIDIA H200", 4096, K, N, dt)
+            for fmt in ("dense", "sparse"):
+                assert not any(dispatch.use_dense("NVIDIA H200", M, K, N, dt, fmt)
+                               for M in (1, 16, 64, 128))
+                assert dispatch.use_dense("NVIDIA H200", 4096, K, N, dt, fmt)
 
 
 def test_a_new_measurement_merges_into_the_table():
