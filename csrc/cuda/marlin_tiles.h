@@ -48,8 +48,18 @@ constexpr bool tries(const std::array<int, kN>& order, int config) {
 }
 // Shared-memory budget per block. 160 KiB fits every sm_80+ part that has
 // the 164 KiB carve-out (A100, H100); the pipeline takes as many stages as fit.
+// Tuning builds may set another (-DJAX_MARLIN_SMEM_BUDGET_KB=224: what
+// Hopper's 227 KiB would buy); production builds never do.
+#ifdef JAX_MARLIN_SMEM_BUDGET_KB
+inline constexpr int kSmemBudget = JAX_MARLIN_SMEM_BUDGET_KB * 1024;
+#else
 inline constexpr int kSmemBudget = 160 * 1024;
+#endif
+#ifdef JAX_MARLIN_MAX_STAGES  // tuning builds only, as the budget above
+inline constexpr int kMaxStages = JAX_MARLIN_MAX_STAGES;
+#else
 inline constexpr int kMaxStages = 16;
+#endif
 
 // The kernel computes y^T = W^T x^T: the dequantized weight is the 16 x 16
 // A operand of mma.m16n8k16 (16 output columns) and the activations the
