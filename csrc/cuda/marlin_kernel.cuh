@@ -333,18 +333,10 @@ class MarlinBlock {
   // row blocks the accumulators fill most of the register file: the step
   // pairs stay a loop there.
   static constexpr bool kStepsUnrolled = kRB <= 2;
-  // Loop invariants are kept in registers (keep_in_register) up to 4 row
-  // blocks a warp. Beyond, the register file is full (the 128-row tiles
-  // spill): there ptxas recomputed them from %tid inside the inner step loop
-  // anyway, with a spill reload, 110 -> 125 instructions a step pair and
-  // 9% slower at M = 128; left to the compiler there, as before.
+  // Loop invariants kept in registers where there is room (keep_if_room).
   template <typename V>
   __device__ static V keep(V v) {
-    if constexpr (kRB <= 4) {
-      return keep_in_register(v);
-    } else {
-      return v;
-    }
+    return keep_if_room<kRB>(v);
   }
   template <bool kScaled>
   __device__ void multiply_stage(uint32_t stage, float (&acc)[kRB][kJ][4]) {

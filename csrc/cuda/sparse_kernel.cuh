@@ -160,16 +160,10 @@ class SparseBlock {
   // Up to 2 row blocks a warp the bands are unrolled; beyond, pairs of them
   // stay a loop (the accumulators fill the register file).
   static constexpr bool kBandsUnrolled = kRB <= 2;
-  // Loop invariants kept in registers (keep_in_register) up to 4 row blocks
-  // a warp; beyond, the register file is full: left to the compiler (see
-  // MarlinBlock::keep).
+  // Loop invariants kept in registers where there is room (keep_if_room).
   template <typename V>
   __device__ static V keep(V v) {
-    if constexpr (kRB <= 4) {
-      return keep_in_register(v);
-    } else {
-      return v;
-    }
+    return keep_if_room<kRB>(v);
   }
 
  public:
