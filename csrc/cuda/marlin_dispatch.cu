@@ -26,9 +26,9 @@ struct TileConfig {
   }
 };
 
-// k x n tiles: 256x128 and 128x256 stream the most weight per barrier;
-// 128x128 where those do not divide (K, N); 64x64 is the fallback that
-// covers every K, N multiple of 64. At M <= 16, 256x256 on layers of at
+// k x n tiles: 256x128 and 128x256; 128x128 where those do not divide
+// (K, N); 64x64 is the fallback that covers every K, N multiple of 64.
+// At M <= 16, 256x256 on layers of at
 // least 512 such tiles: the small-M loop is latency-bound, and a stage
 // twice as large halves the barriers and stage switches per byte (H200
 // tile sweep, us: 8192x28672 M=1 45.6 -> 40.2, M=8 48.3 -> 41.9, M=16
@@ -43,7 +43,7 @@ constexpr std::array<TileConfig, 5> kTileConfigs = {
 constexpr int kNumConfigs = static_cast<int>(kTileConfigs.size());
 
 // Configurations tried for a row variant, in order (-1: none); the first
-// whose tile divides (K, N) wins. Only these are instantiated.
+// that serves (K, N) wins (TileConfig::serves). Only these are instantiated.
 constexpr std::array<int, kNumConfigs> preference(int variant) {
   if (variant == 0) return {4, 0, 1, 2, 3};
   if (variant == 1) return {4, 1, 0, 2, 3};

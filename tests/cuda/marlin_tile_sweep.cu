@@ -86,24 +86,6 @@ static int g_grid_divisor = 1;
 // (the memset a scratch lock buffer would need is timed separately).
 template <typename Tile>
 static void time_fitting_tile(const char* name, Layer& layer, const Buffers& b, int m, bool rotate,
-                              bool probe);
-
-template <typename Tile>
-// rotate = false keeps one copy of the weights (L2-resident when it fits):
-// the gap to the rotated time is what HBM costs. Probes (loads-only,
-// per-channel on group-128 data) compute something else: not checked.
-static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, bool rotate = true,
-                      bool probe = false) {
-  if (layer.k % Tile::kTileK || layer.n % Tile::kTileN) return;
-  if constexpr (!Tile::kFits) {
-    std::printf("%6d %6d %4d  %-28s does not fit shared memory\n", layer.k, layer.n, m, name);
-  } else {
-    time_fitting_tile<Tile>(name, layer, b, m, rotate, probe);
-  }
-}
-
-template <typename Tile>
-static void time_fitting_tile(const char* name, Layer& layer, const Buffers& b, int m, bool rotate,
                               bool probe) {
   CHECK_CUDA(cudaFuncSetAttribute(marlin_kernel<half, Tile>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
@@ -150,6 +132,22 @@ static void time_fitting_tile(const char* name, Layer& layer, const Buffers& b, 
               layer.k, layer.n, m, name, Tile::kStages, Tile::kSmemBytes / 1024, us,
               100.0 * bytes / g_bw / (us * 1e-6),
               probe ? "probe" : diff <= 1e-2 ? "same" : "MISMATCH", diff);
+}
+
+// Times one candidate on one layer (see time_fitting_tile); a tile whose
+// stages do not fit shared memory is reported, not instantiated.
+// rotate = false keeps one copy of the weights (L2-resident when it fits):
+// the gap to the rotated time is what HBM costs. Probes (loads-only,
+// per-channel on group-128 data) compute something else: not checked.
+template <typename Tile>
+static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, bool rotate = true,
+                      bool probe = false) {
+  if (layer.k % Tile::kTileK || layer.n % Tile::kTileN) return;
+  if constexpr (!Tile::kFits) {
+    std::printf("%6d %6d %4d  %-28s does not fit shared memory\n", layer.k, layer.n, m, name);
+  } else {
+    time_fitting_tile<Tile>(name, layer, b, m, rotate, probe);
+  }
 }
 
 // Candidate RB x NB x KB x W: RB 8-row blocks of x, a (16 KB) x (16 NB)
