@@ -50,12 +50,28 @@ inline int log2_exact(int v) {
   return s;
 }
 
+// Blocks of the grid for `total` (n-tile, k-tile) iterations over `n_tiles`
+// n-tiles, with `resident` blocks resident at once. One stripe per resident
+// block in general; but where the layer has few n-tiles (at most half the
+// slots), n_tiles x S stripes with S = resident / n_tiles, when they still
+// fill 7/8 of the slots: then every n-tile is cut into exactly S equal parts
+// (floor(b * total / stripes) lands on n-tile boundaries every S blocks), so
+// each block adds to one n-tile once and every n-tile has the same number of
+// parts, instead of stripes that straddle two n-tiles and leave the last
+// arrivals of some tiles a part longer (4096^2 at M = 1: 128 blocks of 4
+// k-tiles rather than 132 stripes of 3 or 4).
+inline int stripe_count(int total, int n_tiles, int resident) {
+  if (total <= resident) return total;
+  const int parts = resident / n_tiles;
+  if (parts >= 2 && 8 * n_tiles * parts >= 7 * resident) return n_tiles * parts;
+  return resident;
+}
+
 // How many blocks of `Kernel` (launched with Tile's threads and shared
 // memory) an SM holds, on the current device, at most Tile::kBlocksPerSM. The
 // first call per device raises the kernel's dynamic shared-memory limit (a
 // per-device setting) and asks the occupancy calculator; later calls read
-// the cache (one per instantiation). The grid must never exceed what is
-// resident at once: a block may wait on another.
+// the cache (one per instantiation).
 template <auto Kernel, typename Tile>
 cudaError_t resident_blocks_per_sm(int* out) {
   static std::atomic<int> cache[kCachedDevices];

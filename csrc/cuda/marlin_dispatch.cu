@@ -83,12 +83,12 @@ cudaError_t launch_chunk(const MarlinProblem& pr, int row0, int rows, int* locks
   p.k = pr.k;
   p.n = pr.n;
   p.group_shift = Tile::kGrouped ? log2_exact(pr.group_size) : 0;
-  // One stripe per resident block: the ordered reduction needs every block
-  // of the grid resident at once (a block may wait on another).
-  const int total = (pr.k / Tile::kTileK) * (pr.n / Tile::kTileN);
+  // At most one stripe per resident block (stripe_count): the workspace
+  // holds two slots for each.
+  const int n_tiles = pr.n / Tile::kTileN;
+  const int total = (pr.k / Tile::kTileK) * n_tiles;
   static_assert(Tile::kBlocksPerSM == 1, "workspace_floats sizes the grid at one block per SM");
-  const int resident = multiprocessor_count() * resident_per_sm;
-  p.stripes = total < resident ? total : resident;
+  p.stripes = stripe_count(total, n_tiles, multiprocessor_count() * resident_per_sm);
 
   marlin_kernel<T, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
   return cudaGetLastError();

@@ -192,7 +192,10 @@ int main(int argc, char** argv) {
   std::vector<Case> cases;
   const int ms_full[] = {1, 5, 16, 17, 33, 64, 65, 100, 128, 130, 200};
   const int ms_quick[] = {1, 33, 70, 100};
-  const int shapes_full[][2] = {{64, 64}, {128, 192}, {256, 256}, {384, 320}, {1024, 768}, {4096, 512}};
+  // 5120 x 1024: more tiles than SMs on few n-tiles, so each n-tile is cut
+  // into parts of unequal k-tile counts (stripe_count in launch_util.h).
+  const int shapes_full[][2] = {{64, 64},    {128, 192},  {256, 256}, {384, 320},
+                                {1024, 768}, {4096, 512}, {5120, 1024}};
   const int shapes_quick[][2] = {{256, 192}, {512, 512}};
   // The smallest layer with enough 256 x 256 tiles for the large tile of
   // M <= 16 (see kTileConfigs in marlin_dispatch.cu).

@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cuda/launch_util.h"
 #include "cuda/marlin_kernel.cuh"
 #include "cuda/marlin_launch.h"
 #include "cuda/sparse_kernel.cuh"  // SparseMmaOp, for the mma.sp rate
@@ -99,7 +100,8 @@ static void time_fitting_tile(const char* name, Layer& layer, const Buffers& b, 
                 m, name, resident);
     return;
   }
-  const int total = (layer.k / Tile::kTileK) * (layer.n / Tile::kTileN);
+  const int n_tiles = layer.n / Tile::kTileN;
+  const int total = (layer.k / Tile::kTileK) * n_tiles;
   const int copies = rotate ? static_cast<int>(layer.packed.size()) : 1;
   const float us = median_us_per_call(
       [&](int i, cudaStream_t stream) {
@@ -114,7 +116,7 @@ static void time_fitting_tile(const char* name, Layer& layer, const Buffers& b, 
         p.k = layer.k;
         p.n = layer.n;
         p.group_shift = 7;
-        p.stripes = std::min(total, std::max(1, g_sms * Tile::kBlocksPerSM / g_grid_divisor));
+        p.stripes = stripe_count(total, n_tiles, std::max(1, g_sms * Tile::kBlocksPerSM / g_grid_divisor));
         marlin_kernel<half, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
         CHECK_CUDA(cudaGetLastError());
       },
@@ -304,8 +306,9 @@ static void phase_report(const Buffers& b, int k, int n) {
   Layer layer = make_layer(k, n);
   CHECK_CUDA(cudaFuncSetAttribute(marlin_kernel<half, Tile>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
-  const int total = (k / Tile::kTileK) * (n / Tile::kTileN);
-  const int stripes = std::min({total, g_sms * Tile::kBlocksPerSM, kPhaseBlocks});
+  const int n_tiles = n / Tile::kTileN;
+  const int total = (k / Tile::kTileK) * n_tiles;
+  const int stripes = stripe_count(total, n_tiles, std::min(g_sms * Tile::kBlocksPerSM, kPhaseBlocks));
   const int copies = static_cast<int>(layer.packed.size());
   MarlinParams<half> p;
   p.x = static_cast<const half*>(b.x);
