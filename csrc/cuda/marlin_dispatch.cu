@@ -21,9 +21,7 @@ struct TileConfig {
   int min_tiles = 0;
   constexpr int tile_n() const { return 16 * n_blocks; }
   constexpr int tile_k() const { return 16 * k_blocks; }
-  constexpr bool serves(int k, int n) const {
-    return k % tile_k() == 0 && n % tile_n() == 0 && (k / tile_k()) * (n / tile_n()) >= min_tiles;
-  }
+  constexpr bool serves(int k, int n) const { return tile_serves(k, n, tile_k(), tile_n(), min_tiles); }
 };
 
 // k x n tiles: 256x128 and 128x256; 128x128 where those do not divide

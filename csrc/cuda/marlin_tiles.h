@@ -46,6 +46,14 @@ constexpr bool tries(const std::array<int, kN>& order, int config) {
     if (c == config) return true;
   return false;
 }
+// Whether a tile_k x tile_n tile serves a K x N layer, in both kernels'
+// dispatch tables: it divides the layer, and the layer has at least
+// `min_tiles` of it (a long tile on a small layer leaves too few tiles to
+// balance the stripes).
+constexpr bool tile_serves(int k, int n, int tile_k, int tile_n, int min_tiles) {
+  return k % tile_k == 0 && n % tile_n == 0 && (k / tile_k) * (n / tile_n) >= min_tiles;
+}
+
 // Shared-memory budget per block. 160 KiB fits every sm_80+ part that has
 // the 164 KiB carve-out (A100, H100); the pipeline takes as many stages as fit.
 // Tuning builds may set another (-DJAX_MARLIN_SMEM_BUDGET_KB=224: what

@@ -16,27 +16,35 @@ namespace {
 
 struct SparseConfig {
   int n_blocks, bands, warps;
+  int min_tiles = 0;  // as TileConfig::min_tiles
   constexpr int tile_n() const { return 16 * n_blocks; }
   constexpr int tile_k() const { return 32 * bands; }
+  constexpr bool serves(int k, int n) const { return tile_serves(k, n, tile_k(), tile_n(), min_tiles); }
 };
 
 // k x n tiles. Per stage a band of a run costs 768 bytes of weight (512 of
 // values, 256 of metadata) but 64 bytes of x per row of x, so the k-tile
 // shrinks as M grows: 512 x 128 (M <= 16), 128 x 256 (M up to 64), 256 x 128
 // where those do not divide (K, N), and 64 x 64, which covers every K, N
-// multiple of 64. Tiles whose stages do not fit (kFits) drop out.
-constexpr std::array<SparseConfig, 4> kSparseConfigs = {{{8, 16, 8}, {16, 4, 8}, {8, 8, 8}, {4, 2, 2}}};
+// multiple of 64. At M <= 16, 256 x 256 first on layers of at least 512
+// such tiles, as the dense kernel does: the same 32-36 KB stage as 512 x
+// 128, but four warps along N and a 2-way K split instead of two and four,
+// so half the shared-memory reduction per tile. Tiles whose stages do not
+// fit (kFits) drop out.
+constexpr std::array<SparseConfig, 5> kSparseConfigs = {
+    {{8, 16, 8}, {16, 4, 8}, {8, 8, 8}, {4, 2, 2}, {16, 8, 8, 512}}};
 constexpr int kNumConfigs = static_cast<int>(kSparseConfigs.size());
 
 // Configurations tried for a row variant, in order (-1: none); the first
-// whose tile divides (K, N) wins. Only these are instantiated. 128 rows:
+// that serves (K, N) wins (SparseConfig::serves). Only these are
+// instantiated. 128 rows:
 // 128 x 256 only (the others do not fit shared memory at 16 row blocks, or
 // are slower than two 64-row chunks would be); shapes it does not divide run
 // as 64-row chunks.
 constexpr std::array<int, kNumConfigs> preference(int variant) {
-  if (variant <= 1) return {0, 2, 1, 3};
-  if (variant <= 3) return {1, 2, 0, 3};
-  return {1, -1, -1, -1};
+  if (variant <= 1) return {4, 0, 2, 1, 3};
+  if (variant <= 3) return {1, 2, 0, 3, -1};
+  return {1, -1, -1, -1, -1};
 }
 
 template <typename T, typename Tile>
@@ -125,7 +133,7 @@ int pick_config(int variant, int k, int n) {
     if (kLaunchers[table_index(ActDtype::kFloat16, true, variant, c)] == nullptr ||
         kLaunchers[table_index(ActDtype::kFloat16, false, variant, c)] == nullptr)
       continue;
-    if (k % kSparseConfigs[c].tile_k() == 0 && n % kSparseConfigs[c].tile_n() == 0) return c;
+    if (kSparseConfigs[c].serves(k, n)) return c;
   }
   return -1;
 }
