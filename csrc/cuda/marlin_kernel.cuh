@@ -4,11 +4,13 @@
 // Work decomposition ("striped"): the output is cut into column tiles of
 // kTileN columns, the reduction into k-tiles of kTileK rows. The
 // (n-tile, k-tile) iterations, k fastest, are dealt out to the blocks as
-// contiguous stripes of near-equal length, one block per SM. A stripe may end
-// in the middle of one n-tile and continue into the next, so several blocks
-// can share an n-tile: each stores its fp32 partial sums in its own workspace
-// slot and counts itself in on the tile's counter; the last to arrive adds
-// the slots in block order (fixed, so results are deterministic) and writes y.
+// contiguous stripes of near-equal length, at most one block per SM (on a
+// layer of few n-tiles, a whole number of stripes per n-tile: stripe_count
+// in launch_util.h). A stripe may end in the middle of one n-tile and
+// continue into the next, so several blocks can share an n-tile: each
+// stores its fp32 partial sums in its own workspace slot and counts itself
+// in on the tile's counter; the last to arrive adds the slots in block
+// order (fixed, so results are deterministic) and writes y.
 // Nobody waits on anybody: the cost is one round trip to L2, however many
 // blocks share the tile.
 // Every block streams its weights through one cp.async pipeline that runs

@@ -3,7 +3,7 @@
 //
 // Same structure as MarlinBlock (marlin_kernel.cuh): y^T = W^T x^T with the
 // dequantized weight as the (sparse) A operand, striped (n-tile, k-tile)
-// iterations over one block per SM, a cp.async multi-stage pipeline running
+// iterations over at most one block per SM (stripe_count), a cp.async multi-stage pipeline running
 // across n-tile boundaries with evict-first weight streams, an in-block K
 // split reduced through shared memory, and the last-arriver reduction of
 // shared n-tiles through the workspace (counters left zeroed).
