@@ -9,8 +9,8 @@
 # .git/info/exclude, and pass it in the device run's carry); NVCC FLAGS:
 # extra flags such as -DJAX_MARLIN_MAX_STAGES=4; TOOL: marlin_selftest,
 # sparse_selftest (the default: both) and phase_probe. About 2 minutes a tool
-# on two cores. Each binary is checked for the LDGSTS form ptxas 13.0 can
-# miscompile (see scripts/prebuild_tools.sh) when cuobjdump is found.
+# on two cores. Each binary is checked for the instruction form ptxas 13.0
+# can miscompile (scripts/check_sass.sh).
 set -euo pipefail
 src="$(cd "$1" && pwd)"
 out="$2"
@@ -35,12 +35,5 @@ for t in "${tools[@]}"; do
     *) echo "ab_build.sh: unknown tool '$t' (marlin_selftest, sparse_selftest, phase_probe)" >&2; exit 2 ;;
   esac
 done
-if command -v cuobjdump >/dev/null; then
-  for b in "$out"/*; do
-    if cuobjdump -sass "$b" | grep -E "LDGSTS.*\+UR[0-9]+.*desc\[" >/dev/null; then
-      echo "error: $b has an LDGSTS with a uniform shared offset and a cache-hint descriptor" >&2
-      exit 1
-    fi
-  done
-fi
+"$(dirname "${BASH_SOURCE[0]}")/check_sass.sh" "$out"/*
 ls -l "$out"

@@ -24,14 +24,4 @@ if [[ -f "$repo/tests/cuda/wgmma_probe.cu" ]]; then
 fi
 wait
 ls -l "$out"
-# ptxas 13.0 can encode an L2-cache-hint async copy whose shared address sits in a
-# uniform register with registers it never sets (an illegal instruction at run
-# time; see the prologue of MarlinBlock::run). Refuse binaries that hold that form.
-if command -v cuobjdump >/dev/null; then
-  for b in "$out"/*; do
-    if cuobjdump -sass "$b" | grep -E "LDGSTS.*\+UR[0-9]+.*desc\[" >/dev/null; then
-      echo "error: $b has an LDGSTS with a uniform shared offset and a cache-hint descriptor" >&2
-      exit 1
-    fi
-  done
-fi
+"$repo/scripts/check_sass.sh" "$out"/*

@@ -54,7 +54,7 @@ __device__ __forceinline__ void stream_stripe(uint32_t smem_base, uint32_t stage
   // cache-hint copy (LDGSTS [R+UR], desc[UR]) and encode uniform registers
   // it never sets, an illegal instruction at run time. It did so in the
   // prologue of several tiles, rolled or unrolled, whenever the registers
-  // around it shifted. scripts/prebuild_tools.sh greps the SASS for that form.
+  // around it shifted. scripts/check_sass.sh refuses that form.
   phase(kSetUp);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
