@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine: checks and times variants of the CUDA self-tests built
-# off the device by scripts/ab_build.sh (one folder a variant).
+# off the device by scripts/build_tools.sh (one folder a variant).
 #
 #   scripts/ab_check.sh DIR [REPS]
 #

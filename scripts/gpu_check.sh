@@ -67,46 +67,31 @@ sanitize() {
 # Binaries prebuilt off the device (same nvcc, sm_90) may be carried in
 # $repo/.devbuild/ to save device time; they must be built from this tree.
 prebuilt() { [[ -x "$repo/.devbuild/$1" ]] && cp "$repo/.devbuild/$1" "$2"; }
-selftest_bin="$scratch/marlin_selftest"
-build_selftest() {
-  prebuilt marlin_selftest "$selftest_bin" && return 0
-  nvcc -std=c++17 -O2 -gencode=arch=compute_90,code=sm_90 -I"$repo/csrc" \
-    "$repo/tests/cuda/marlin_selftest.cu" "$repo/csrc/cuda/marlin_dispatch.cu" -o "$selftest_bin"
+# build BINARY TOOL: the prebuilt binary if there is one, else build TOOL
+# here (scripts/build_tools.sh, the one place with the nvcc lines).
+build() {
+  prebuilt "$1" "$scratch/$1" && return 0
+  "$repo/scripts/build_tools.sh" "$repo" "$scratch" "" "$2"
 }
+selftest_bin="$scratch/marlin_selftest"
+build_selftest() { build marlin_selftest marlin_selftest; }
 # The 2:4 sparse kernel's self-test (issue 8): built like the dense one.
 sparse_bin="$scratch/sparse_selftest"
-build_sparse() {
-  prebuilt sparse_selftest "$sparse_bin" && return 0
-  nvcc -std=c++17 -O2 -gencode=arch=compute_90,code=sm_90 -I"$repo/csrc" -I"$repo/tests/cuda" \
-    "$repo/tests/cuda/sparse_selftest.cu" "$repo/csrc/cuda/sparse_dispatch.cu" \
-    "$repo/csrc/cuda/marlin_dispatch.cu" -o "$sparse_bin"
-}
+build_sparse() { build sparse_selftest sparse_selftest; }
 sanitize_sparse() {
   "$sanitizer" --tool "$1" --error-exitcode 1 "$sparse_bin" --quick
 }
 # Tuning aids (not in the default steps): candidate tile shapes timed
 # directly, and an Nsight Compute report of the current M = 1 tile.
 sweep_bin="$scratch/marlin_tile_sweep"
-build_sweep() {
-  prebuilt marlin_tile_sweep "$sweep_bin" && return 0
-  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I"$repo/csrc" \
-    "$repo/tests/cuda/marlin_tile_sweep.cu" "$repo/csrc/cuda/marlin_dispatch.cu" -o "$sweep_bin"
-}
+build_sweep() { build marlin_tile_sweep tile_sweep; }
 # The same tool with per-phase timestamps compiled in (--phases: where the
 # time of one M = 1 call goes, block by block).
 phase_bin="$scratch/marlin_phase_probe"
-build_phase_probe() {
-  prebuilt marlin_phase_probe "$phase_bin" && return 0
-  nvcc -std=c++17 -O3 -DJAX_MARLIN_PHASES -gencode=arch=compute_90a,code=sm_90a -I"$repo/csrc" \
-    "$repo/tests/cuda/marlin_tile_sweep.cu" "$repo/csrc/cuda/marlin_dispatch.cu" -o "$phase_bin"
-}
+build_phase_probe() { build marlin_phase_probe phase_probe; }
 # Hopper wgmma layout probe (sm_90a): which descriptor convention holds.
 probe_bin="$scratch/wgmma_probe"
-build_probe() {
-  prebuilt wgmma_probe "$probe_bin" && return 0
-  nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -I"$repo/tests/cuda" \
-    "$repo/tests/cuda/wgmma_probe.cu" -o "$probe_bin"
-}
+build_probe() { build wgmma_probe wgmma_probe; }
 NCU_SECTIONS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats
               --section LaunchStats --section Occupancy --section ComputeWorkloadAnalysis
               --section InstructionStats --section SchedulerStats)
