@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -167,10 +166,12 @@ def test_same_result_without_command_buffers(weights, util, tmp_path):
 
 
 def test_inside_forced_command_buffer(weights, tmp_path):
-    """With command buffers forced on for custom calls (graph size 1), the
-    bits equal an eager call's. The handler counts executions whose stream
-    was being captured (the compiled HLO text no longer shows command
-    buffers); a warning says when XLA did not capture the call at all."""
+    """With the handler registered as command-buffer compatible
+    (JAX_MARLIN_COMMAND_BUFFERS=1) and command buffers forced on for custom
+    calls (graph size 1), XLA records calls into a CUDA graph (the handler counts executions whose
+    stream was being captured: the compiled HLO text no longer shows command
+    buffers), and the bits equal an eager call's, in a scan and in a program
+    of several calls."""
     qw = weights(4096, 4096, 128, jnp.float16)
     x = np.random.default_rng(7).standard_normal((16, 4096)).astype(np.float16)
     np.savez(tmp_path / "in.npz", x=x, packed=np.asarray(qw.packed), scales=np.asarray(qw.scales))
@@ -186,6 +187,11 @@ def test_inside_forced_command_buffer(weights, tmp_path):
         x = jax.numpy.asarray(d["x"])
         out = np.asarray(f(x))
         np.save({str(tmp_path / "out.npy")!r}, out)
+        # Four calls in a row with their own x: a command buffer of calls.
+        g = jax.jit(lambda x: [jm.marlin_matmul(x * (i + 1), qw) for i in range(4)])
+        for _ in range(3):  # XLA may record a command buffer only after a first run
+            out_g = g(x)
+        np.save({str(tmp_path / "out_g.npy")!r}, np.asarray(out_g[1]))
         open({str(tmp_path / "captured.txt")!r}, "w").write(str(_ffi._ext.cuda_captured_calls()))
         """
     )
@@ -195,13 +201,16 @@ def test_inside_forced_command_buffer(weights, tmp_path):
         + " --xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
     ).strip()
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # as above: this process holds the memory
+    env["JAX_MARLIN_COMMAND_BUFFERS"] = "1"  # register the handler as command-buffer compatible
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
     out = np.load(tmp_path / "out.npy")
     expected = np.asarray(jm.marlin_matmul(jnp.asarray(x), qw))
     np.testing.assert_array_equal(out[0].view(np.uint16), expected.view(np.uint16))
-    # Whether XLA records the call by stream capture is XLA's choice, not ours:
-    # jax 0.11.2 ran it uncaptured under these flags (H100, session 3). Say so.
+    expected_g = np.asarray(jm.marlin_matmul(jnp.asarray(x) * 2, qw))
+    np.testing.assert_array_equal(np.load(tmp_path / "out_g.npy").view(np.uint16),
+                                  expected_g.view(np.uint16))
+    # The registration carries the command-buffer trait (_ffi._registration_traits);
+    # without it XLA runs the calls of this program as host-side thunks.
     captured = int((tmp_path / "captured.txt").read_text())
-    if captured == 0:
-        warnings.warn(f"jax {jax.__version__}: XLA ran the Marlin call outside any CUDA graph "
-                      "capture under forced command-buffer flags; only eager equality was checked")
+    assert captured > 0, (f"jax {jax.__version__}: XLA ran the Marlin call outside any CUDA "
+                          "graph capture under forced command-buffer flags")

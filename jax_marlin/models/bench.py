@@ -37,7 +37,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 
@@ -47,6 +46,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jax_marlin import _ffi
 from jax_marlin.bench import git_commit, gpu_and_host_events, load_trace
 from jax_marlin.models import generate as gen
 from jax_marlin.models import llama
@@ -146,6 +146,12 @@ def prefill_runner(graphdef, state, cfg, batch, prompt_len, steps, mesh, dtype):
     return setup, run
 
 
+def captured_calls() -> int:
+    """Executions of the CUDA handlers so far that ran under CUDA-graph capture."""
+    ext = _ffi._ext
+    return int(ext.cuda_captured_calls()) if ext.has_cuda() else 0
+
+
 def timed(setup, run, reps):
     """Median wall time of ``run(setup())`` over reps, the setup not timed."""
     t = []
@@ -204,7 +210,12 @@ def bench_variant(variant, cfg, args, mesh, log, on_row=lambda row: None):
             t0 = time.perf_counter()
             run(setup())  # compile + warm up
             row["compile_s"] = time.perf_counter() - t0
+            captured0 = captured_calls()
             wall = timed(setup, run, args.reps)
+            # Marlin calls XLA recorded into CUDA graphs in the timed runs (a
+            # recorded call replays without the host; 0: every call was
+            # launched from the host).
+            row["captured_calls"] = captured_calls() - captured0
             steps = args.new_tokens - 1  # decode forward passes a run
             row.update(decode_s=wall, steps=steps, ms_per_step=wall / steps * 1e3,
                        decode_tokens_per_s=batch * steps / wall)
@@ -232,6 +243,7 @@ def bench_variant(variant, cfg, args, mesh, log, on_row=lambda row: None):
                + (f", marlin {100 * share:.0f}% of GPU kernel time, GPU busy "
                   f"{100 * prof['gpu_busy_share']:.0f}%" if share is not None else "")
                + (f", prefill {row['prefill_ms']:.1f} ms" if "prefill_ms" in row else "")
+               + f", {row['captured_calls']} marlin calls recorded into CUDA graphs"
                + f" (compile {row['compile_s']:.0f} s)"
                if row["fits"] else row["note"]))
         rows.append(row)
