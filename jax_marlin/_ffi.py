@@ -8,7 +8,6 @@ target for a platform JAX has no device for is harmless.
 
 from __future__ import annotations
 
-import os
 import threading
 
 import jax
@@ -70,31 +69,6 @@ def cuda_sparse_workspace_floats(m: int, k: int, n: int) -> int:
     return int(_ext.cuda_sparse_workspace_floats(m, k, n))
 
 
-def _registration_traits(platform: str) -> dict:
-    """Keyword arguments for registering a handler: with
-    ``JAX_MARLIN_COMMAND_BUFFERS=1`` (read at registration), the CUDA handlers
-    are registered as command-buffer compatible.
-
-    XLA takes that trait from the registration, not from the one the handler
-    declares (kCmdBufferCompatible in marlin_cuda_ffi.cu, which says why it
-    holds), and then records the calls into its command buffers (CUDA graphs)
-    by stream capture. Off by default because it did not pay (H200, jax 0.11.2):
-    a program of 256 calls re-records every call whenever its output buffers
-    move, which they do from run to run (8192^2 at M = 16: 22.9 -> 32.8 us a
-    call); the Llama-7B decode loop ran at the same speed either way (2.57 vs
-    2.60 ms a step), and with WHILE command buffers XLA records the whole loop,
-    our calls included, without the trait.
-    """
-    if platform.upper() != "CUDA" or os.environ.get("JAX_MARLIN_COMMAND_BUFFERS", "0") != "1":
-        return {}
-    from jaxlib import xla_client
-
-    traits = getattr(xla_client, "CustomCallTargetTraits", None)
-    if traits is None or not hasattr(traits, "COMMAND_BUFFER_COMPATIBLE"):
-        return {}  # an older jaxlib: its calls run outside command buffers
-    return {"traits": traits.COMMAND_BUFFER_COMPATIBLE}
-
-
 _lock = threading.Lock()
 _registered = False
 
@@ -116,6 +90,5 @@ def ensure_registered() -> None:
                 jax.ffi.register_ffi_type(name, registration, platform=platform)
         for platform, targets in _REGISTRATIONS.items():
             for name, handler in targets.items():
-                jax.ffi.register_ffi_target(name, handler, platform=platform,
-                                            **_registration_traits(platform))
+                jax.ffi.register_ffi_target(name, handler, platform=platform)
         _registered = True

@@ -16,6 +16,17 @@ def test_byte_counts():
             == 4096 * 4096 * 3 // 8)
 
 
+def test_device_timers_count_a_run():
+    # Three kernels of one run, with a 2 us gap and two overlapping: the
+    # profiler timer sums durations, the span timer takes first start to last end.
+    run = [dict(ts=100.0, dur=5.0), dict(ts=107.0, dur=4.0), dict(ts=108.0, dur=1.0)]
+    assert bench.DeviceTimer.run_time(run) == 10.0
+    assert bench.SpanTimer.run_time(run) == 11.0  # 100 .. 111
+    gap_only = [dict(ts=0.0, dur=1.0), dict(ts=3.0, dur=1.0)]
+    assert bench.DeviceTimer.run_time(gap_only) == 2.0
+    assert bench.SpanTimer.run_time(gap_only) == 4.0
+
+
 @pytest.fixture(scope="module")
 def sparse_rows():
     return bench.bench_layer(128, 128, "fp16", (1, 3), reps=1, timer_cls=bench.WallTimer, sparse=True)
