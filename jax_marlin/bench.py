@@ -20,7 +20,7 @@ this is device throughput; median over repetitions). ``--timer profiler``
 instead sums the GPU kernel durations the JAX profiler records (kernel time
 only, no gaps between kernels); ``--timer span`` takes a run's device span in
 that trace (kernels and the gaps between them, not the host's time between
-runs). ``--check-timing`` times one row both ways.
+runs). ``--check-timing`` times one row all three ways.
 """
 
 from __future__ import annotations
@@ -520,8 +520,8 @@ def combine(paths, out_dir) -> str:
 
 def check_timing(reps: int = 7, K: int = 8192, N: int = 8192, M: int = 16, calls: int = 256) -> dict:
     """One row timed every way (profiler kernel time, device span, wall clock over async runs), for the
-    Marlin kernel and for ``jnp.dot`` on a 16-bit weight: the two timers agree when nothing
-    but kernels fills the program's time."""
+    Marlin kernel and for ``jnp.dot`` on a 16-bit weight: they agree when nothing but kernels
+    fills the program's time (the wall clock also holds XLA's work between runs)."""
     xs = activations(jax.random.PRNGKey(1), M, K, jnp.float16, calls)
     ws = marlin_weights(jax.random.PRNGKey(0), K, N, 128, jnp.float16,
                         copies_for(marlin_bytes(0, K, N, 128)))
@@ -554,7 +554,7 @@ def main(argv=None):
                     help="wall: host clock over many async runs; profiler: kernel durations; "
                          "span: first kernel start to last kernel end of a run")
     ap.add_argument("--check-timing", action="store_true",
-                    help="also time one row both ways (profiler and wall clock) to show they agree")
+                    help="also time one row with every timer (profiler, span, wall clock) to compare them")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results"))
     ap.add_argument("--commit", default=None,
                     help="commit id to record (default: git rev-parse HEAD, if available)")

@@ -3,10 +3,11 @@
 //
 // Same structure as MarlinBlock (marlin_kernel.cuh): y^T = W^T x^T with the
 // dequantized weight as the (sparse) A operand, striped (n-tile, k-tile)
-// iterations over at most one block per SM (stripe_count), a cp.async multi-stage pipeline running
-// across n-tile boundaries with evict-first weight streams, an in-block K
-// split reduced through shared memory, and the last-arriver reduction of
-// shared n-tiles through the workspace (counters left zeroed).
+// iterations over at most one block per SM (stripe_count), a cp.async
+// multi-stage pipeline running across n-tile boundaries with evict-first
+// weight streams, an in-block K split reduced through shared memory, and the
+// last-arriver reduction of shared n-tiles through the workspace (counters
+// left zeroed).
 //
 // What differs: the weight's unit of K is a *band* of 32 rows (one
 // mma.sp.m16n8k32), and a band of a 64-column run is 512 bytes of values

@@ -147,7 +147,8 @@ def prefill_runner(graphdef, state, cfg, batch, prompt_len, steps, mesh, dtype):
 
 
 def captured_calls() -> int:
-    """Executions of the CUDA handlers so far that ran under CUDA-graph capture."""
+    """Executions of the CUDA handlers so far that ran under CUDA-graph capture
+    (recordings: a recorded graph replays without running the handler)."""
     ext = _ffi._ext
     return int(ext.cuda_captured_calls()) if ext.has_cuda() else 0
 
@@ -212,9 +213,9 @@ def bench_variant(variant, cfg, args, mesh, log, on_row=lambda row: None):
             row["compile_s"] = time.perf_counter() - t0
             captured0 = captured_calls()
             wall = timed(setup, run, args.reps)
-            # Marlin calls XLA recorded into CUDA graphs in the timed runs (a
-            # recorded call replays without the host; 0: every call was
-            # launched from the host).
+            # Marlin calls XLA recorded (or re-recorded) into CUDA graphs in the
+            # timed runs. 0 means either that no graph holds them or that the
+            # graphs were recorded before (in the warm-up) and only replayed.
             row["captured_calls"] = captured_calls() - captured0
             steps = args.new_tokens - 1  # decode forward passes a run
             row.update(decode_s=wall, steps=steps, ms_per_step=wall / steps * 1e3,
@@ -243,7 +244,7 @@ def bench_variant(variant, cfg, args, mesh, log, on_row=lambda row: None):
                + (f", marlin {100 * share:.0f}% of GPU kernel time, GPU busy "
                   f"{100 * prof['gpu_busy_share']:.0f}%" if share is not None else "")
                + (f", prefill {row['prefill_ms']:.1f} ms" if "prefill_ms" in row else "")
-               + f", {row['captured_calls']} marlin calls recorded into CUDA graphs"
+               + f", {row['captured_calls']} marlin calls recorded into CUDA graphs while timed"
                + f" (compile {row['compile_s']:.0f} s)"
                if row["fits"] else row["note"]))
         rows.append(row)
