@@ -122,7 +122,7 @@ class MarlinBlock {
 
     // Two cursors walk the stripe: one kStages - 1 iterations ahead issuing
     // loads, one consuming. Stepped, not recomputed: no divisions per tile.
-    LoadCursor load{begin / k_tiles_, begin % k_tiles_, nullptr};
+    LoadCursor load{begin / k_tiles_, begin % k_tiles_, count, nullptr};
     load.b = b_thread_ + b_tile_offset(load.n_tile, load.k_tile);
 
     zero(acc_);
@@ -133,8 +133,8 @@ class MarlinBlock {
           step(load);
         },
         [&](uint32_t stage) { compute_stage(stage); },
-        [&](int n_tile) {
-          finish_tile(n_tile, total);
+        [&](int n_tile, uint32_t stage) {
+          finish_tile(n_tile, total, stage);
           zero(acc_);
         });
   }
@@ -155,12 +155,14 @@ class MarlinBlock {
   // for any weight that fits in memory).
   struct LoadCursor {
     int n_tile, k_tile;
+    int left;  // iterations of the stripe from this one on
     const int4* b;
   };
   __device__ int b_tile_offset(int n_tile, int k_tile) const {
     return k_tile * b_k_step_ + n_tile * kBRow;
   }
   __device__ void step(LoadCursor& c) const {
+    --c.left;
     if (++c.k_tile == k_tiles_) {
       c.k_tile = 0;
       ++c.n_tile;
@@ -223,6 +225,14 @@ class MarlinBlock {
         const unsigned first_row = static_cast<unsigned>(at.k_tile * Tile::kTileK) >> p_.group_shift;
         const unsigned offset = first_row * p_.n + at.n_tile * Tile::kTileN + s_src_;
         cp_async16(stage + 16 * (Tile::kAStage + Tile::kBStage + threadIdx.x), p_.scales + offset);
+      }
+    }
+    // Per-channel scales: the n-tile's row, in the stage that ends the
+    // n-tile for this block (the epilogue reads it: channel_scale).
+    if constexpr (Tile::kChannelScalesInStage) {
+      if (threadIdx.x < Tile::kChannelRow && (at.k_tile == k_tiles_ - 1 || at.left == 1)) {
+        cp_async16(stage + 16 * (Tile::kAStage + Tile::kBStage + threadIdx.x),
+                   p_.scales + at.n_tile * Tile::kTileN + 8 * threadIdx.x);
       }
     }
   }
@@ -388,12 +398,12 @@ class MarlinBlock {
 
   // End of this block's share of n-tile `n_tile` (stripe.cuh);
   // whoever completes the tile writes the output.
-  __device__ void finish_tile(int n_tile, int total) {
+  __device__ void finish_tile(int n_tile, int total, uint32_t stage) {
     const TileReduction<Tile, kRB, kJ> reduction{reinterpret_cast<float4*>(red_), p_.workspace,
                                                  p_.locks, p_.stripes, k_tiles_, warp_k_, warp_mn_,
                                                  lane_};
     if (reduction.finish(acc_, n_tile, total, [this](int rb, int j) { return workspace_index(rb, j); }))
-      write_output(n_tile);
+      write_output(n_tile, stage);
   }
 
   __device__ int workspace_index(int rb, int j) const {
@@ -402,8 +412,8 @@ class MarlinBlock {
 
   // Accumulator layout (m16n8, here n16 x m8): lane (g, t) holds columns
   // 16 j + g (elements 0, 1) and 16 j + g + 8 (elements 2, 3), each for rows
-  // 2 t and 2 t + 1 of the row block.
-  __device__ void write_output(int n_tile) {
+  // 2 t and 2 t + 1 of the row block. `stage`: the stage that ended the tile.
+  __device__ void write_output(int n_tile, uint32_t stage) {
     const int col0 = n_tile * Tile::kTileN + warp_n_ * kWarpCols;
     const int g = lane_ / 4, t = lane_ % 4;
 #pragma unroll
@@ -412,7 +422,11 @@ class MarlinBlock {
       for (int half = 0; half < 2; ++half) {
         const int col = col0 + 16 * (j0() + j) + 8 * half + g;
         float s = 1.f;
-        if constexpr (!Tile::kGrouped) s = to_float(p_.scales[per_channel_position(col)]);
+        if constexpr (Tile::kChannelScalesInStage) {
+          s = channel_scale(stage, n_tile, col);
+        } else if constexpr (!Tile::kGrouped) {
+          s = to_float(p_.scales[per_channel_position(col)]);
+        }
 #pragma unroll
         for (int rb = 0; rb < kRB; ++rb) {
           const int row = (row_block0_ + rb) * 8 + 2 * t;
@@ -429,6 +443,14 @@ class MarlinBlock {
   __device__ static int per_channel_position(int col) {
     const int c = col % 32;
     return col - c + 8 * ((c % 8) / 2) + 2 * (c / 8) + c % 2;
+  }
+  // The per-channel scale of column `col` of n-tile `n_tile`, from the scale
+  // row `stage` carries (load_stage).
+  __device__ float channel_scale(uint32_t stage, int n_tile, int col) const {
+    const int pos = per_channel_position(col) - n_tile * Tile::kTileN;
+    const uint32_t word = ld_shared4(stage + 16 * (Tile::kAStage + Tile::kBStage) + 4 * (pos / 2));
+    const uint32_t bits = pos % 2 ? word >> 16 : word & 0xffffu;
+    return Dtype<T>::to_floats(as_t2<T2>(bits | bits << 16)).x;
   }
   __device__ static float to_float(T v) { return Dtype<T>::to_floats(T2(v, v)).x; }
   __device__ static T from_float(float v) { return Dtype<T>::from_floats(v, v).x; }

@@ -120,15 +120,26 @@ struct TileShape {
   static constexpr int kBStage = kKBlocks * kWarpsN * 32;
   // Scale rows a stage may need: one per group of 32 (the smallest group).
   static constexpr int kScaleRowsMax = kGrouped ? kTileK / 32 : 0;
-  static constexpr int kSStage = kScaleRowsMax * kTileN / 8;
-  static constexpr int kStage = kAStage + kBStage + kSStage;
   // Reduction scratch: a warp's fp32 fragments (4 floats a lane per n16
   // sub-tile and row block), for each warp in the upper half of the K split.
   static constexpr int kRed = (kWarpsK / 2) * kWarpsMN * kRowBlocksPerWarp * kSubTilesPerWarp * 32;
   static constexpr int kBlockBudget = kSmemBudget / 16 / kBlocksPerSM;  // 16-byte units
-  static constexpr int kStages = (kBlockBudget - kRed) / kStage < kMaxStages
-                                     ? (kBlockBudget - kRed) / kStage
-                                     : kMaxStages;
+  static constexpr int stages_of(int stage) {
+    return (kBlockBudget - kRed) / stage < kMaxStages ? (kBlockBudget - kRed) / stage : kMaxStages;
+  }
+  // Per-channel scales: a stage that ends an n-tile for its block also
+  // carries that n-tile's scale row (kTileN values), so the epilogue reads
+  // them from shared memory, not from global memory on the call's tail
+  // (after the cross-block reduction, whose release fences would wait for a
+  // load issued before it). Only where the row costs no pipeline stage.
+  static constexpr int kChannelRow = kTileN / 8;  // 16-byte units
+  static constexpr int kStageNoScales = kAStage + kBStage + kScaleRowsMax * kTileN / 8;
+  static constexpr bool kChannelScalesInStage =
+      !kGrouped && !kWgmma && !kLoadsOnly &&
+      stages_of(kStageNoScales + kChannelRow) == stages_of(kStageNoScales);
+  static constexpr int kSStage = kScaleRowsMax * kTileN / 8 + (kChannelScalesInStage ? kChannelRow : 0);
+  static constexpr int kStage = kAStage + kBStage + kSStage;
+  static constexpr int kStages = stages_of(kStage);
   static constexpr int kSmemBytes = 16 * (kStages * kStage + kRed);
   // The pipeline needs at least 3 stages; a tile whose stages do not fit is
   // left out of the dispatch table (and cannot be launched).

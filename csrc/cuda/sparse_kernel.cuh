@@ -249,7 +249,7 @@ class SparseBlock {
           step(load);
         },
         [&](uint32_t stage) { compute_stage(stage); },
-        [&](int n_tile) {
+        [&](int n_tile, uint32_t) {
           finish_tile(n_tile, total);
           zero(acc_);
         });

@@ -38,8 +38,9 @@ __device__ __forceinline__ void phase(Phase) {}
 // stage_bytes each, from smem_base. issue(stage, hint) starts the cp.async
 // copies of the next iteration into `stage` (and advances the caller's load
 // cursor), the weights with the L2 evict-first hint where `hint`;
-// compute(stage) consumes a landed stage; end_tile(n_tile) runs after the
-// last k-tile of each n-tile (and after the stripe's last iteration).
+// compute(stage) consumes a landed stage; end_tile(n_tile, stage) runs after
+// the last k-tile of each n-tile (and after the stripe's last iteration),
+// with that k-tile's stage, which stays as it landed until end_tile returns.
 // The stripe starts at (n_tile, k_tile); k_tiles per n-tile.
 // kFenceAsyncProxy: compute reads through the async proxy (wgmma).
 template <int kStages, bool kFenceAsyncProxy, typename Issue, typename Compute, typename EndTile>
@@ -77,7 +78,7 @@ __device__ __forceinline__ void stream_stripe(uint32_t smem_base, uint32_t stage
 
     compute(read_stage);
     if (i == count - 1) phase(kLastCompute);
-    if (k_tile == k_tiles - 1 || i == count - 1) end_tile(n_tile);
+    if (k_tile == k_tiles - 1 || i == count - 1) end_tile(n_tile, read_stage);
     if (++k_tile == k_tiles) {
       k_tile = 0;
       ++n_tile;
