@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 
 namespace jax_marlin::cuda {
 
@@ -66,6 +68,48 @@ inline int stripe_count(int total, int n_tiles, int resident) {
   const int parts = resident / n_tiles;
   if (parts >= 2 && 8 * n_tiles * parts >= 7 * resident) return n_tiles * parts;
   return resident;
+}
+
+// Whether launches on the current device allow programmatic dependent
+// launch (compute capability 9.0+; the kernels' griddepcontrol needs it).
+// JAX_MARLIN_PDL=0 turns it off (an A/B switch for benchmarks), read once.
+inline bool programmatic_launch() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("JAX_MARLIN_PDL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  if (!enabled) return false;
+  static std::atomic<int> cache[kCachedDevices];  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (device < kCachedDevices) {
+    if (int v = cache[device].load(std::memory_order_relaxed)) return v == 2;
+  }
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (device < kCachedDevices) cache[device].store(major >= 9 ? 2 : 1, std::memory_order_relaxed);
+  return major >= 9;
+}
+
+// Launches kernel<<<blocks, threads, smem, stream>>>(params); where
+// `overlap` (the kernel waits for its predecessor itself:
+// overlap_previous_grid in stripe.cuh) and the device has it, as a
+// programmatic dependent launch, which may start before the previous kernel
+// in the stream ends. In a CUDA graph capture that is a programmatic edge.
+template <typename Params>
+cudaError_t launch_overlapping(void (*kernel)(Params), int blocks, int threads, int smem,
+                               cudaStream_t stream, const Params& params, bool overlap) {
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = overlap && programmatic_launch() ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, params);
 }
 
 // How many blocks of `Kernel` (launched with Tile's threads and shared

@@ -90,6 +90,16 @@ __device__ __forceinline__ void cp_async16_weights(uint32_t smem, const void* gm
   }
 }
 
+// Starts pulling `bytes` (a multiple of 16) at `gmem` into L2 (sm_90+; a
+// no-op before). Only a hint: nothing reaches the SM, and L2 is where every
+// SM's writes land, so it is safe even while an earlier kernel may still
+// write those bytes (see overlap_previous_grid).
+__device__ __forceinline__ void prefetch_l2(const void* gmem, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(gmem), "r"(bytes) : "memory");
+#endif
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Wait until at most `kPending` committed groups are still in flight.

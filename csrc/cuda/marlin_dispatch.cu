@@ -88,8 +88,8 @@ cudaError_t launch_chunk(const MarlinProblem& pr, int row0, int rows, int* locks
   static_assert(Tile::kBlocksPerSM == 1, "workspace_floats sizes the grid at one block per SM");
   p.stripes = stripe_count(total, n_tiles, multiprocessor_count() * resident_per_sm);
 
-  marlin_kernel<T, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_overlapping(marlin_kernel<T, Tile>, p.stripes, Tile::kThreads, Tile::kSmemBytes,
+                            stream, p, kLaunchesOverlapping<Tile::kTileM>);
 }
 
 // Table index = ((dtype * 2 + grouped) * kNumRowVariants + variant) * kNumConfigs + config.

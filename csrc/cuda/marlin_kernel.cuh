@@ -120,6 +120,8 @@ class MarlinBlock {
     const int end = static_cast<int>(static_cast<long long>(blockIdx.x + 1) * total / p_.stripes);
     const int count = end - begin;
 
+    if constexpr (kLaunchesOverlapping<Tile::kTileM>)
+      overlap_previous_grid([&] { prefetch_prologue(begin, end); });
     // Two cursors walk the stripe: one kStages - 1 iterations ahead issuing
     // loads, one consuming. Stepped, not recomputed: no divisions per tile.
     LoadCursor load{begin / k_tiles_, begin % k_tiles_, count, nullptr};
@@ -170,6 +172,23 @@ class MarlinBlock {
     } else {
       c.b += b_k_step_;
     }
+  }
+
+  // L2 prefetches of what the pipeline's prologue will copy, the weights and
+  // scales of the stripe's first kStages - 1 iterations (overlap_previous_grid):
+  // one packed row of a tile (kBRow 16-byte units, contiguous) a request.
+  __device__ void prefetch_prologue(int begin, int end) const {
+    const int tiles = min(end - begin, Tile::kStages - 1);
+    for (int r = threadIdx.x; r < tiles * Tile::kKBlocks; r += Tile::kThreads) {
+      const int it = begin + r / Tile::kKBlocks;
+      const int n_tile = it / k_tiles_, k_tile = it - n_tile * k_tiles_;
+      prefetch_l2(b_tile_start(n_tile, k_tile) + (r % Tile::kKBlocks) * (p_.n / 2), 16 * kBRow);
+    }
+    prefetch_scales_l2<Tile>(p_.scales, p_.n, p_.group_shift, k_tiles_, begin, end, tiles);
+  }
+  // The first 16-byte unit of the tile's packed rows.
+  __device__ const int4* b_tile_start(int n_tile, int k_tile) const {
+    return p_.packed + static_cast<size_t>(k_tile) * b_k_step_ + n_tile * kBRow;
   }
 
   // Activation tiles are stored with their 16-byte chunks XOR-swizzled by row

@@ -84,8 +84,8 @@ cudaError_t launch_chunk(const SparseProblem& pr, int row0, int rows, int* locks
   static_assert(Tile::kBlocksPerSM == 1, "sparse_workspace_floats sizes the grid at one block per SM");
   p.stripes = stripe_count(total, n_tiles, multiprocessor_count() * resident_per_sm);
 
-  marlin_sparse_kernel<T, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_overlapping(marlin_sparse_kernel<T, Tile>, p.stripes, Tile::kThreads,
+                            Tile::kSmemBytes, stream, p, kLaunchesOverlapping<Tile::kTileM>);
 }
 
 constexpr int table_index(ActDtype dtype, bool grouped, int variant, int config) {

@@ -237,6 +237,8 @@ class SparseBlock {
     const int end = static_cast<int>(static_cast<long long>(blockIdx.x + 1) * total / p_.stripes);
     const int count = end - begin;
 
+    if constexpr (kLaunchesOverlapping<Tile::kTileM>)
+      overlap_previous_grid([&] { prefetch_prologue(begin, end); });
     LoadCursor load{begin / k_tiles_, begin % k_tiles_, nullptr, nullptr};
     load.v = v_thread_ + load.k_tile * v_k_step_ + load.n_tile * Tile::kVRow;
     load.m = m_thread_ + load.k_tile * m_k_step_ + load.n_tile * Tile::kMRow;
@@ -282,6 +284,21 @@ class SparseBlock {
       c.v += v_k_step_;
       c.m += m_k_step_;
     }
+  }
+
+  // L2 prefetches of what the pipeline's prologue will copy, the values,
+  // metadata and scales of the stripe's first kStages - 1 iterations
+  // (overlap_previous_grid): one band's run (contiguous) a request.
+  __device__ void prefetch_prologue(int begin, int end) const {
+    const int tiles = min(end - begin, Tile::kStages - 1);
+    for (int r = threadIdx.x; r < tiles * Tile::kBands; r += Tile::kThreads) {
+      const int it = begin + r / Tile::kBands;
+      const int n_tile = it / k_tiles_, k_tile = it - n_tile * k_tiles_;
+      const size_t band = static_cast<size_t>(k_tile) * Tile::kBands + r % Tile::kBands;
+      prefetch_l2(p_.values + band * (p_.n / 2) + n_tile * Tile::kVRow, 16 * Tile::kVRow);
+      prefetch_l2(p_.meta + band * (p_.n / 4) + n_tile * Tile::kMRow, 16 * Tile::kMRow);
+    }
+    prefetch_scales_l2<Tile>(p_.scales, p_.n, p_.group_shift, k_tiles_, begin, end, tiles);
   }
 
   // x tiles keep their 16-byte chunks XOR-swizzled by row (chunk ^ row % 8),

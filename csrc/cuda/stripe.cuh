@@ -34,6 +34,46 @@ __device__ __forceinline__ void phase(Phase at) {
 __device__ __forceinline__ void phase(Phase) {}
 #endif
 
+// Programmatic dependent launch (sm_90+; the launch allows it where the
+// device has it, launch_util.h): this grid may start while the kernel before
+// it in the stream is still finishing, e.g. on the SMs its early blocks have
+// left. Until griddepcontrol.wait returns, nothing written by earlier
+// kernels may be read and nothing may be written (an earlier kernel may
+// still read a buffer XLA reuses for our output), so the block only does
+// what is safe anyway: `prefetch` pulls its first weight tiles into L2
+// (prefetch_l2). That turns the previous kernel's tail, when HBM idles as
+// its last blocks reduce, into this kernel's ramp. The early trigger lets
+// the next kernel do the same on our tail; it only lets that kernel be
+// scheduled, its own wait still waits for all of this grid.
+template <typename Prefetch>
+__device__ __forceinline__ void overlap_previous_grid(Prefetch&& prefetch) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  prefetch();
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// For overlap_previous_grid's prefetch: L2 prefetches of the scale rows the
+// stripe's first `tiles` iterations (from `begin`) read with group scales,
+// or with per-channel scales the rows of the stripe's first and last n-tile.
+template <typename Tile, typename T>
+__device__ __forceinline__ void prefetch_scales_l2(const T* scales, int n, int group_shift,
+                                                   int k_tiles, int begin, int end, int tiles) {
+  if constexpr (Tile::kGrouped) {
+    const int rows = max(1, Tile::kTileK >> group_shift);
+    for (int r = threadIdx.x; r < tiles * rows; r += Tile::kThreads) {
+      const int it = begin + r / rows;
+      const int n_tile = it / k_tiles, k_tile = it - n_tile * k_tiles;
+      const int row = ((k_tile * Tile::kTileK) >> group_shift) + r % rows;
+      prefetch_l2(scales + static_cast<size_t>(row) * n + n_tile * Tile::kTileN, 2 * Tile::kTileN);
+    }
+  } else if (threadIdx.x < 2 && end > begin) {
+    const int n_tile = (threadIdx.x == 0 ? begin : end - 1) / k_tiles;
+    prefetch_l2(scales + n_tile * Tile::kTileN, 2 * Tile::kTileN);
+  }
+}
+
 // Streams `count` iterations through kStages shared-memory stages of
 // stage_bytes each, from smem_base. issue(stage, hint) starts the cp.async
 // copies of the next iteration into `stage` (and advances the caller's load

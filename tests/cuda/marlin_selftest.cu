@@ -133,6 +133,84 @@ static double run_case(const Case& c, std::mt19937& rng, int repeats) {
   return worst;
 }
 
+// --- back-to-back calls -----------------------------------------------------
+
+// A chain of calls on an M x K activation and a K x K weight, ping-ponging
+// between two buffers: each call reads the previous one's output and writes
+// the buffer the previous one read, through the same workspace and locks.
+// The launcher lets a call start before its predecessor ends (programmatic
+// dependent launch, sm_90+), so this fails if a call reads x, the
+// workspace or the locks, or writes anything, before its predecessor is
+// done. Runs the chain with a synchronize after every call, back-to-back on
+// a stream, and as a CUDA graph (programmatic edges); the bits must match.
+static bool chain_matches(std::mt19937& rng, int m, int k) {
+  constexpr int kCalls = 8, kGroup = 128;
+  std::uniform_int_distribution<uint32_t> bits;
+  std::normal_distribution<float> normal(0.f, 1.f);
+  // Codes -8..7 (std ~4.6) times ~1 / (4.6 sqrt(K)) keep every output O(1).
+  std::uniform_real_distribution<float> scale_dist(0.5f, 1.5f);
+  std::vector<uint32_t> packed(static_cast<size_t>(k / 16) * 2 * k);
+  for (auto& v : packed) v = bits(rng);  // any bits are valid codes
+  std::vector<uint16_t> scales(static_cast<size_t>(k / kGroup) * k);
+  for (auto& v : scales) v = to_bits(scale_dist(rng) / (4.6f * std::sqrt(float(k))), false);
+  std::vector<uint16_t> x(static_cast<size_t>(m) * k);
+  for (auto& v : x) v = to_bits(normal(rng), false);
+
+  void *dp, *ds, *buf[2];
+  float* ws;
+  int* locks;
+  CHECK_CUDA(cudaMalloc(&dp, packed.size() * 4));
+  CHECK_CUDA(cudaMalloc(&ds, scales.size() * 2));
+  for (void*& b : buf) CHECK_CUDA(cudaMalloc(&b, x.size() * 2));
+  CHECK_CUDA(cudaMalloc(&ws, cuda::workspace_floats(m, k, k) * 4));
+  CHECK_CUDA(cudaMalloc(&locks, cuda::lock_count(m, k) * 4));
+  CHECK_CUDA(cudaMemcpy(dp, packed.data(), packed.size() * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(ds, scales.data(), scales.size() * 2, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemset(locks, 0, cuda::lock_count(m, k) * 4));
+  cudaStream_t stream;
+  CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+
+  auto enqueue = [&](bool sync_each) {
+    for (int i = 0; i < kCalls; ++i) {
+      cuda::MarlinProblem p{cuda::ActDtype::kFloat16, buf[i % 2], dp, ds, buf[1 - i % 2], ws, locks, true, m, k, k, kGroup};
+      CHECK_CUDA(cuda::marlin_matmul(p, stream));
+      if (sync_each) CHECK_CUDA(cudaStreamSynchronize(stream));
+    }
+  };
+  // kCalls is even: the chain ends in buf[0], where it started.
+  auto result = [&](auto&& run) {
+    CHECK_CUDA(cudaMemcpy(buf[0], x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemset(buf[1], 0xff, x.size() * 2));
+    run();
+    CHECK_CUDA(cudaStreamSynchronize(stream));
+    std::vector<uint16_t> y(x.size());
+    CHECK_CUDA(cudaMemcpy(y.data(), buf[0], y.size() * 2, cudaMemcpyDeviceToHost));
+    return y;
+  };
+  const auto serial = result([&] { enqueue(true); });
+  const auto streamed = result([&] { enqueue(false); });
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  enqueue(false);
+  CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
+  CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  const auto graphed = result([&] { CHECK_CUDA(cudaGraphLaunch(exec, stream)); });
+  CHECK_CUDA(cudaGraphExecDestroy(exec));
+  CHECK_CUDA(cudaGraphDestroy(graph));
+  CHECK_CUDA(cudaStreamDestroy(stream));
+  cudaFree(dp), cudaFree(ds), cudaFree(buf[0]), cudaFree(buf[1]), cudaFree(ws), cudaFree(locks);
+
+  bool finite = true;
+  for (uint16_t v : serial) finite = finite && std::isfinite(from_bits(v, false));
+  const size_t bytes = serial.size() * 2;
+  const bool same = std::memcmp(serial.data(), streamed.data(), bytes) == 0 &&
+                    std::memcmp(serial.data(), graphed.data(), bytes) == 0;
+  if (!finite || !same)
+    std::printf("FAIL chain m=%d k=n=%d: %s\n", m, k, !finite ? "non-finite output" : "back-to-back bits differ");
+  return finite && same;
+}
+
 // --- kernel-only timing -----------------------------------------------------
 
 static int bench() {
@@ -227,7 +305,15 @@ int main(int argc, char** argv) {
                   c.bf16 ? "bf16" : "fp16", err);
     }
   }
-  std::printf("selftest: %zu cases, %d failures; max rel err fp16 %.3g, bf16 %.3g\n", cases.size(),
-              failures, worst[0], worst[1]);
+  // Back-to-back chains: the 8-row, 64-row and (not overlapped) 128-row tiles.
+  const int chain_ms_full[] = {1, 16, 64, 128}, chain_ms_quick[] = {1, 64};
+  int chains = 0;
+  for (int m : quick ? std::vector<int>(std::begin(chain_ms_quick), std::end(chain_ms_quick))
+                     : std::vector<int>(std::begin(chain_ms_full), std::end(chain_ms_full))) {
+    ++chains;
+    if (!chain_matches(rng, m, quick ? 1024 : 4096)) ++failures;
+  }
+  std::printf("selftest: %zu cases + %d chains, %d failures; max rel err fp16 %.3g, bf16 %.3g\n",
+              cases.size(), chains, failures, worst[0], worst[1]);
   return failures ? 1 : 0;
 }
