@@ -39,11 +39,15 @@ constexpr int chunk_rows(int remaining, bool full_pass) {
                                      : (remaining < kMinChunkRows ? remaining : kMinChunkRows);
 }
 // Whether a kernel of kTileM rows is launched as a programmatic dependent
-// launch (overlap_previous_grid in stripe.cuh; sm_90+): up to 64 rows. A
-// 128-row call is long enough that the overlap gains nothing, and there it
-// measured 3-6% slower in the 2:4 sparse kernel on the 7B layers (H200).
+// launch (overlap_previous_grid in stripe.cuh; sm_90+): up to 16 rows, where
+// it pays (H200 kbench, M = 1: 6-10% on the 7B layers) and where the
+// self-test's back-to-back chains were seen bit-exact on the device. The
+// 32- and 64-row tiles gained 1-3% but their chain result is not yet clean
+// (session 10: the harness raced its own buffer resets, fixed since; rerun
+// `marlin_selftest --chains` before widening this). At 128 rows it gains
+// nothing and was 3-6% slower in the 2:4 sparse kernel on the 7B layers.
 template <int kTileM>
-inline constexpr bool kLaunchesOverlapping = kTileM < kMaxRows;
+inline constexpr bool kLaunchesOverlapping = kTileM <= 16;
 // Whether `config` is among the tile configurations a row variant tries,
 // in its dispatch table's order (-1: none): only those are instantiated.
 template <std::size_t kN>
