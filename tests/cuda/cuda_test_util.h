@@ -4,9 +4,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
+
+#include "common/float16.h"
 
 // Test tools stop at the first CUDA error, naming the call that failed.
 #define CHECK_CUDA(call)                                                                        \
@@ -88,4 +92,68 @@ inline double copy_bandwidth() {
   CHECK_CUDA(cudaFree(src));
   CHECK_CUDA(cudaFree(dst));
   return 2.0 * bytes / (us * 1e-6);
+}
+
+// Back-to-back calls, for launchers that may start a call before its
+// predecessor ends (programmatic dependent launch). launch(in, out, stream)
+// enqueues one call that reads the fp16 activation `in` and writes `out`, of
+// the same size (a K x K weight). The chain runs kChainCalls calls
+// ping-ponging between two buffers, each reading the previous call's output
+// and writing the buffer that call read (through the caller's one workspace
+// and lock set), three ways: a synchronize after every call, back-to-back on
+// a stream, and as a CUDA graph. Returns nullptr when the three end
+// bit-identical with a finite result that is not all ~0, else what failed.
+inline constexpr int kChainCalls = 8;  // even: the chain ends where it started
+
+template <typename Launch>
+const char* chain_failure(const std::vector<uint16_t>& x, Launch&& launch) {
+  const size_t bytes = x.size() * 2;
+  void* buf[2];
+  for (void*& b : buf) CHECK_CUDA(cudaMalloc(&b, bytes));
+  cudaStream_t stream;
+  CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  auto enqueue = [&](bool sync_each) {
+    for (int i = 0; i < kChainCalls; ++i) {
+      launch(buf[i % 2], buf[1 - i % 2], stream);
+      if (sync_each) CHECK_CUDA(cudaStreamSynchronize(stream));
+    }
+  };
+  // The resets go on `stream` too: a non-blocking stream does not wait for
+  // the default stream's copies and memsets (a pageable cudaMemcpy returns
+  // before its DMA lands).
+  auto result = [&](auto&& run) {
+    CHECK_CUDA(cudaMemcpyAsync(buf[0], x.data(), bytes, cudaMemcpyHostToDevice, stream));
+    CHECK_CUDA(cudaMemsetAsync(buf[1], 0xff, bytes, stream));
+    CHECK_CUDA(cudaStreamSynchronize(stream));
+    run();
+    CHECK_CUDA(cudaStreamSynchronize(stream));
+    std::vector<uint16_t> y(x.size());
+    CHECK_CUDA(cudaMemcpy(y.data(), buf[0], bytes, cudaMemcpyDeviceToHost));
+    return y;
+  };
+  const auto serial = result([&] { enqueue(true); });
+  const auto streamed = result([&] { enqueue(false); });
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  enqueue(false);
+  CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
+  CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  const auto graphed = result([&] { CHECK_CUDA(cudaGraphLaunch(exec, stream)); });
+  CHECK_CUDA(cudaGraphExecDestroy(exec));
+  CHECK_CUDA(cudaGraphDestroy(graph));
+  CHECK_CUDA(cudaStreamDestroy(stream));
+  cudaFree(buf[0]), cudaFree(buf[1]);
+
+  float largest = 0.f;
+  for (uint16_t v : serial) {
+    const float f = jax_marlin::HalfToFloat(v);
+    if (!std::isfinite(f)) return "output not finite";
+    largest = std::fmax(largest, std::fabs(f));
+  }
+  // An all-but-zero result would compare equal whatever the order.
+  if (!(largest > 1e-2f)) return "output all ~0";
+  if (std::memcmp(serial.data(), streamed.data(), bytes) != 0) return "streamed bits differ from synchronized";
+  if (std::memcmp(serial.data(), graphed.data(), bytes) != 0) return "graphed bits differ from synchronized";
+  return nullptr;
 }

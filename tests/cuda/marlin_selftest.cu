@@ -7,7 +7,8 @@
 //
 // `./selftest --bench` instead times the launcher alone (CUDA events, weights
 // rotated through 4x the L2) against a device-to-device copy: the quickest
-// loop for kernel tuning, with no JAX in the way.
+// loop for kernel tuning, with no JAX in the way. `--quick`: a small subset,
+// for compute-sanitizer; `--chains`: only the back-to-back chains.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -135,16 +136,12 @@ static double run_case(const Case& c, std::mt19937& rng, int repeats) {
 
 // --- back-to-back calls -----------------------------------------------------
 
-// A chain of calls on an M x K activation and a K x K weight, ping-ponging
-// between two buffers: each call reads the previous one's output and writes
-// the buffer the previous one read, through the same workspace and locks.
-// The launcher lets a call start before its predecessor ends (programmatic
-// dependent launch, sm_90+), so this fails if a call reads x, the
-// workspace or the locks, or writes anything, before its predecessor is
-// done. Runs the chain with a synchronize after every call, back-to-back on
-// a stream, and as a CUDA graph (programmatic edges); the bits must match.
+// A back-to-back chain (chain_failure in cuda_test_util.h) of an M x K
+// activation through a K x K group-128 weight, fp16: fails if a call reads
+// x, the workspace or the locks, or writes anything, before its predecessor
+// is done.
 static bool chain_matches(std::mt19937& rng, int m, int k) {
-  constexpr int kCalls = 8, kGroup = 128;
+  constexpr int kGroup = 128;
   std::uniform_int_distribution<uint32_t> bits;
   std::normal_distribution<float> normal(0.f, 1.f);
   // Codes -8..7 (std ~4.6, mean -0.5) times scales of random sign and size
@@ -161,68 +158,23 @@ static bool chain_matches(std::mt19937& rng, int m, int k) {
   std::vector<uint16_t> x(static_cast<size_t>(m) * k);
   for (auto& v : x) v = to_bits(normal(rng), false);
 
-  void *dp, *ds, *buf[2];
+  void *dp, *ds;
   float* ws;
   int* locks;
   CHECK_CUDA(cudaMalloc(&dp, packed.size() * 4));
   CHECK_CUDA(cudaMalloc(&ds, scales.size() * 2));
-  for (void*& b : buf) CHECK_CUDA(cudaMalloc(&b, x.size() * 2));
   CHECK_CUDA(cudaMalloc(&ws, cuda::workspace_floats(m, k, k) * 4));
   CHECK_CUDA(cudaMalloc(&locks, cuda::lock_count(m, k) * 4));
   CHECK_CUDA(cudaMemcpy(dp, packed.data(), packed.size() * 4, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(ds, scales.data(), scales.size() * 2, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemset(locks, 0, cuda::lock_count(m, k) * 4));
-  cudaStream_t stream;
-  CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-
-  auto enqueue = [&](bool sync_each) {
-    for (int i = 0; i < kCalls; ++i) {
-      cuda::MarlinProblem p{cuda::ActDtype::kFloat16, buf[i % 2], dp, ds, buf[1 - i % 2], ws, locks, true, m, k, k, kGroup};
-      CHECK_CUDA(cuda::marlin_matmul(p, stream));
-      if (sync_each) CHECK_CUDA(cudaStreamSynchronize(stream));
-    }
-  };
-  // kCalls is even: the chain ends in buf[0], where it started.
-  // The resets go on `stream` too: a non-blocking stream does not wait for
-  // copies and memsets on the default stream.
-  auto result = [&](auto&& run) {
-    CHECK_CUDA(cudaMemcpyAsync(buf[0], x.data(), x.size() * 2, cudaMemcpyHostToDevice, stream));
-    CHECK_CUDA(cudaMemsetAsync(buf[1], 0xff, x.size() * 2, stream));
-    CHECK_CUDA(cudaStreamSynchronize(stream));
-    run();
-    CHECK_CUDA(cudaStreamSynchronize(stream));
-    std::vector<uint16_t> y(x.size());
-    CHECK_CUDA(cudaMemcpy(y.data(), buf[0], y.size() * 2, cudaMemcpyDeviceToHost));
-    return y;
-  };
-  const auto serial = result([&] { enqueue(true); });
-  const auto streamed = result([&] { enqueue(false); });
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  enqueue(false);
-  CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
-  CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
-  const auto graphed = result([&] { CHECK_CUDA(cudaGraphLaunch(exec, stream)); });
-  CHECK_CUDA(cudaGraphExecDestroy(exec));
-  CHECK_CUDA(cudaGraphDestroy(graph));
-  CHECK_CUDA(cudaStreamDestroy(stream));
-  cudaFree(dp), cudaFree(ds), cudaFree(buf[0]), cudaFree(buf[1]), cudaFree(ws), cudaFree(locks);
-
-  bool finite = true;
-  float largest = 0.f;
-  for (uint16_t v : serial) {
-    finite = finite && std::isfinite(from_bits(v, false));
-    largest = std::fmax(largest, std::fabs(from_bits(v, false)));
-  }
-  // An all-but-zero result would compare equal whatever the order.
-  finite = finite && largest > 1e-2f;
-  const size_t bytes = serial.size() * 2;
-  const bool same = std::memcmp(serial.data(), streamed.data(), bytes) == 0 &&
-                    std::memcmp(serial.data(), graphed.data(), bytes) == 0;
-  if (!finite || !same)
-    std::printf("FAIL chain m=%d k=n=%d: %s\n", m, k, !finite ? "output not finite or all ~0" : "back-to-back bits differ");
-  return finite && same;
+  const char* failure = chain_failure(x, [&](void* in, void* out, cudaStream_t stream) {
+    cuda::MarlinProblem p{cuda::ActDtype::kFloat16, in, dp, ds, out, ws, locks, true, m, k, k, kGroup};
+    CHECK_CUDA(cuda::marlin_matmul(p, stream));
+  });
+  cudaFree(dp), cudaFree(ds), cudaFree(ws), cudaFree(locks);
+  if (failure) std::printf("FAIL chain m=%d k=n=%d: %s\n", m, k, failure);
+  return failure == nullptr;
 }
 
 // --- kernel-only timing -----------------------------------------------------

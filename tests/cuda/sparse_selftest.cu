@@ -8,6 +8,7 @@
 //   ./sparse_selftest            every shape (Llama ones too), M, group size, dtype;
 //                                3 repeats each, bit-identical
 //   ./sparse_selftest --quick    a small subset, for compute-sanitizer
+//   ./sparse_selftest --chains   only the back-to-back chains (cuda_test_util.h)
 //   ./sparse_selftest --bench    us/call (CUDA graphs) vs the dense kernel on the
 //                                same shape, and the copy-bandwidth roofline
 //
@@ -323,9 +324,50 @@ int bench() {
 
 }  // namespace
 
+// A back-to-back chain (chain_failure in cuda_test_util.h) of an M x K
+// activation through a K x K 2:4 group-128 weight, fp16: fails if a call
+// reads x, the workspace or the locks, or writes anything, before its
+// predecessor is done (the launcher overlaps calls of up to 16 rows).
+bool chain_matches(Rng& rng, int m, int k) {
+  constexpr int kGroup = 128;
+  const SparseWeight w = make_weight(k, k, rng);
+  // Half the codes kept, -8..7 (std ~4.6), times scales of random sign and
+  // size ~1 / (3.25 sqrt(K)): a weight of mean 0 that keeps the chain's
+  // outputs O(1).
+  std::vector<uint16_t> scales(static_cast<size_t>(k / kGroup) * k);
+  for (auto& v : scales)
+    v = to_bits((rng.next() & 1 ? -1.f : 1.f) * rng.uniform(0.5f, 1.5f) / (3.25f * std::sqrt(float(k))), false);
+  const std::vector<uint16_t> scales_perm = permute_scales(scales);
+  std::vector<uint16_t> x(static_cast<size_t>(m) * k);
+  for (auto& v : x) v = to_bits(rng.uniform(-1.7f, 1.7f), false);
+
+  void *dv, *dm, *ds;
+  float* ws;
+  int* locks;
+  const size_t ws_floats = std::max<size_t>(cuda::sparse_workspace_floats(m, k, k), 1);
+  CHECK_CUDA(cudaMalloc(&dv, w.values.size() * 4));
+  CHECK_CUDA(cudaMalloc(&dm, w.meta.size() * 4));
+  CHECK_CUDA(cudaMalloc(&ds, scales_perm.size() * 2));
+  CHECK_CUDA(cudaMalloc(&ws, ws_floats * 4));
+  CHECK_CUDA(cudaMalloc(&locks, cuda::lock_count(m, k) * 4));
+  CHECK_CUDA(cudaMemcpy(dv, w.values.data(), w.values.size() * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(dm, w.meta.data(), w.meta.size() * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(ds, scales_perm.data(), scales_perm.size() * 2, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemset(locks, 0, cuda::lock_count(m, k) * 4));
+  const char* failure = chain_failure(x, [&](void* in, void* out, cudaStream_t stream) {
+    cuda::SparseProblem p{cuda::ActDtype::kFloat16, in, dv, dm, ds, out, ws, locks, true, m, k, k, kGroup};
+    CHECK_CUDA(cuda::sparse_matmul(p, stream));
+  });
+  cudaFree(dv), cudaFree(dm), cudaFree(ds), cudaFree(ws), cudaFree(locks);
+  if (failure) std::printf("FAIL chain m=%d k=n=%d: %s\n", m, k, failure);
+  return failure == nullptr;
+}
+
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--bench") == 0) return bench();
   const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  // --chains: only the back-to-back chains of the full run.
+  const bool chains_only = argc > 1 && std::strcmp(argv[1], "--chains") == 0;
   Rng rng{1234};
   std::vector<Setup> setups;
   std::vector<int> ms;
@@ -355,13 +397,19 @@ int main(int argc, char** argv) {
       for (int g : {128, s[0]}) setups.push_back({s[0], s[1], g, true});
     }
   }
+  if (chains_only) setups.clear();
   int failures = 0, cases = 0;
   double worst[2] = {0, 0};
   for (const Setup& st : setups) {
     failures += run_setup(st, ms, quick ? 1 : 3, rng, &worst[st.bf16]);
     cases += static_cast<int>(ms.size());
   }
-  std::printf("sparse selftest: %d cases, %d failures; max rel err fp16 %.3g, bf16 %.3g\n", cases,
-              failures, worst[0], worst[1]);
+  // Back-to-back chains: the 8- and 16-row tiles (overlapped launches), and
+  // a 64-row one.
+  const std::vector<int> chain_ms = quick ? std::vector<int>{1, 64} : std::vector<int>{1, 16, 64};
+  for (int m : chain_ms)
+    if (!chain_matches(rng, m, quick ? 1024 : 4096)) ++failures;
+  std::printf("sparse selftest: %d cases + %zu chains, %d failures; max rel err fp16 %.3g, bf16 %.3g\n",
+              cases, chain_ms.size(), failures, worst[0], worst[1]);
   return failures ? 1 : 0;
 }
