@@ -385,6 +385,16 @@ def tune_dispatch(layers, dtype_names, reps, timer_cls, batches=TUNE_BATCHES, fo
     return entries
 
 
+# Environment variables that change what a benchmark measures: XLA's flags
+# (command buffers, for one) and the kernels' overlapped launch switch.
+RECORDED_ENV = ("XLA_FLAGS", "JAX_MARLIN_PDL")
+
+
+def run_environment() -> dict:
+    """The RECORDED_ENV variables set for this run, for the result file."""
+    return {k: os.environ[k] for k in RECORDED_ENV if k in os.environ}
+
+
 def git_commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -510,6 +520,7 @@ def combine(paths, out_dir) -> str:
     stamp = max(r["date"] for r in results)
     merged = dict(device=devices.pop(), platform=results[0]["platform"], jax=results[0]["jax"],
                   commit=",".join(sorted({r["commit"] for r in results})), date=stamp,
+                  environment=[r.get("environment", {}) for r in results],
                   combined_from=[os.path.basename(p) for p in paths],
                   copy_bandwidth_Bps=[r["copy_bandwidth_Bps"] for r in results],
                   timing=sorted({r["timing"] for r in results}),
@@ -605,7 +616,8 @@ def main(argv=None):
                    else BATCHES + (PREFILL,))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-                  commit=args.commit or git_commit(), date=stamp, copy_bandwidth_Bps=bw,
+                  commit=args.commit or git_commit(), date=stamp, environment=run_environment(),
+                  copy_bandwidth_Bps=bw,
                   timing=args.timer, timing_doc=TIMERS[args.timer].__doc__.split("\n")[0],
                   timing_check=None, complete=False, rows=[])
     tag = "quick" if args.quick else "full"

@@ -67,6 +67,8 @@ def test_a_run_cut_short_keeps_its_rows(tmp_path, monkeypatch):
         return real(K, N, *args)
 
     monkeypatch.setattr(bench, "bench_layer", failing_layer)
+    monkeypatch.setenv("JAX_MARLIN_PDL", "0")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     with pytest.raises(RuntimeError, match="cut off"):
         bench.main(["--sets", "tiny", "--dtypes", "fp16", "--batches", "1", "--reps", "1",
                     "--timer", "wall", "--out", str(tmp_path)])
@@ -74,3 +76,5 @@ def test_a_run_cut_short_keeps_its_rows(tmp_path, monkeypatch):
     saved = json.loads(path.read_text())
     assert not saved["complete"]
     assert [(r["K"], r["N"], r["M"]) for r in saved["rows"]] == [(128, 128, 1)] * 2
+    # The variables that change what is measured are in the file.
+    assert saved["environment"] == {"JAX_MARLIN_PDL": "0"}

@@ -47,7 +47,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jax_marlin import _ffi
-from jax_marlin.bench import git_commit, gpu_and_host_events, load_trace
+from jax_marlin.bench import git_commit, gpu_and_host_events, load_trace, run_environment
 from jax_marlin.models import generate as gen
 from jax_marlin.models import llama
 
@@ -359,7 +359,8 @@ def main(argv=None):
     result = dict(
         benchmark="llama decode (jax_marlin.models.bench)", device=dev.device_kind,
         platform=dev.platform, devices=args.tp, jax=jax.__version__,
-        commit=args.commit or git_commit(), date=stamp, config=args.config, layers=cfg.n_layers,
+        commit=args.commit or git_commit(), date=stamp, environment=run_environment(),
+        config=args.config, layers=cfg.n_layers,
         params=cfg.n_params(), tp=args.tp, dtype=args.dtype, group_size=args.group_size,
         fused_projections=cfg.fused_projections,
         prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps,
