@@ -4,7 +4,8 @@
 #   scripts/gpu_check.sh [STEP...]      STEP in: build selftest tests sanitize bench
 #                                       (the default), tests_sharded (every test, in
 #                                       parallel processes), sparse (the 2:4 sparse kernel's
-#                                       self-test, sanitizers and benchmark), or the tuning
+#                                       self-test, sanitizers and benchmark), chains (both
+#                                       self-tests' back-to-back chains, 5x), or the tuning
 #                                       aids kbench, sweep, fixed (the fixed cost of a call at
 #                                       M = 1), phases (one M = 1 call's timeline, block by
 #                                       block), profile (ncu, M = 1), profile64 (ncu, M = 64,
@@ -167,6 +168,12 @@ for s in "${steps[@]}"; do
       step "sparse self-test under memcheck" "$OUT/sparse_memcheck.log" sanitize_sparse memcheck
       step "sparse self-test under racecheck" "$OUT/sparse_racecheck.log" sanitize_sparse racecheck
       step "sparse kernel benchmark (--bench)" "$OUT/sparse_bench.log" "$sparse_bin" --bench ;;
+    chains)
+      # Back-to-back calls (overlapped launches), five times each: dense and 2:4.
+      [[ -x "$selftest_bin" ]] || step "build CUDA self-test" "$OUT/selftest_build.log" build_selftest
+      [[ -x "$sparse_bin" ]] || step "build sparse self-test" "$OUT/sparse_build.log" build_sparse
+      step "back-to-back chains x5 (--chains)" "$OUT/chains.log" \
+        bash -c "for i in 1 2 3 4 5; do '$selftest_bin' --chains && '$sparse_bin' --chains || exit 1; done" ;;
     kbench)
       # The production launcher's kernel time per shape and M (CUDA graphs,
       # no JAX), against the copy bandwidth measured in the same run.
