@@ -14,20 +14,25 @@ namespace jax_marlin::cuda {
 // Per-device caches hold this many devices; a larger index is queried every time.
 inline constexpr int kCachedDevices = 64;
 
-// SMs of the current device. Cached: the attribute query is cheap but not
-// free, and this runs on every call.
-inline int multiprocessor_count() {
-  static std::atomic<int> cache[kCachedDevices];
+// An attribute of the current device, cached per device (the query is
+// cheap but not free, and launches ask on every call); `fallback` when the
+// device cannot be queried.
+template <cudaDeviceAttr kAttr>
+inline int current_device_attribute(int fallback) {
+  static std::atomic<int> cache[kCachedDevices];  // 0: not yet known
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 1;
+  if (cudaGetDevice(&device) != cudaSuccess) return fallback;
   if (device < kCachedDevices) {
     if (int v = cache[device].load(std::memory_order_relaxed)) return v;
   }
-  int sms = 1;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (device < kCachedDevices) cache[device].store(sms, std::memory_order_relaxed);
-  return sms;
+  int v = fallback;
+  if (cudaDeviceGetAttribute(&v, kAttr, device) != cudaSuccess) return fallback;
+  if (device < kCachedDevices) cache[device].store(v, std::memory_order_relaxed);
+  return v;
 }
+
+// SMs of the current device.
+inline int multiprocessor_count() { return current_device_attribute<cudaDevAttrMultiProcessorCount>(1); }
 
 // The most SMs of any visible device (queried once): workspaces are sized
 // for it, so that one size serves every device.
@@ -78,17 +83,7 @@ inline bool programmatic_launch() {
     const char* v = std::getenv("JAX_MARLIN_PDL");
     return v == nullptr || std::strcmp(v, "0") != 0;
   }();
-  if (!enabled) return false;
-  static std::atomic<int> cache[kCachedDevices];  // 0 unknown, 1 no, 2 yes
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (device < kCachedDevices) {
-    if (int v = cache[device].load(std::memory_order_relaxed)) return v == 2;
-  }
-  int major = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (device < kCachedDevices) cache[device].store(major >= 9 ? 2 : 1, std::memory_order_relaxed);
-  return major >= 9;
+  return enabled && current_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) >= 9;
 }
 
 // Launches kernel<<<blocks, threads, smem, stream>>>(params); where
