@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# On the GPU machine: A/B of what JAX sees (the benchmark through XLA), where
+# the kernel benchmark (scripts/ab_check.sh) cannot tell: an older source tree
+# against the installed build, and XLA flag variants on the installed build.
+#
+#   scripts/jax_ab.sh [-o OLD_TREE | -p OLD_SITE] [-f XLA_FLAGS]... [-r ROUNDS] [-- BENCH_ARGS...]
+#
+# -o: a source tree of another commit (e.g. `git archive <commit> | tar -x -C
+#     .devrun/old` here, carried to the device): installed with pip --target
+#     into a scratch folder and run through PYTHONPATH, next to the installed
+#     build ("new"), which must be there (scripts/gpu_check.sh build).
+# -p: the old build already installed in a folder (pip install --target),
+#     e.g. built while something else ran.
+# -f: XLA_FLAGS for one more variant of the installed build (repeatable); a
+#     value this jaxlib refuses is logged and skipped. Each flag variant also
+#     runs benchmarks/xla_flags_check.py (results against the reference under
+#     those flags).
+# -r: rounds (default 1): every variant once a round, in the same order.
+# BENCH_ARGS: for `python3 -m jax_marlin.bench` (default: the 7B set, fp16,
+#     M = 1 and 16, --timer span).
+# Environment: JAX_MARLIN_COMMIT (recorded as the new build's commit),
+# JAX_AB_OLD_COMMIT (the old tree's), OUT (default ./jax_ab_out). Each
+# variant's JSON lands in $OUT/jax_ab/<variant>_r<round>/; compare with
+# `python3 scripts/jax_ab_compare.py jax_ab`.
+set -uo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+old=""
+flags=()
+rounds=1
+old_site=""
+while getopts "o:p:f:r:" opt; do
+  case "$opt" in
+    o) old="$(cd "$OPTARG" && pwd)" ;;
+    p) old_site="$(cd "$OPTARG" && pwd)" ;;
+    f) flags+=("$OPTARG") ;;
+    r) rounds="$OPTARG" ;;
+    *) echo "usage: scripts/jax_ab.sh [-o OLD_TREE | -p OLD_SITE] [-f XLA_FLAGS]... [-r ROUNDS] [-- BENCH_ARGS...]" >&2; exit 2 ;;
+  esac
+done
+shift $((OPTIND - 1))
+bench_args=("$@")
+[[ ${#bench_args[@]} -eq 0 ]] && bench_args=(--sets llama2-7b --dtypes fp16 --batches 1,16 --timer span)
+OUT="${OUT:-$PWD/jax_ab_out}"
+logs="$OUT/jax_ab"
+mkdir -p "$logs"
+logs="$(cd "$logs" && pwd)"
+export PYTHONUNBUFFERED=1
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+rc=0
+
+if [[ -n "$old" ]]; then
+  old_site="$scratch/old_site"
+  if ! python3 -m pip install --no-build-isolation --no-deps --target "$old_site" "$old" > "$logs/build_old.log" 2>&1; then
+    echo "jax_ab.sh: the old tree did not build (see build_old.log)" >&2
+    old_site=""
+    rc=1
+  fi
+fi
+
+# variant NAME PYTHONPATH COMMIT [VAR=VALUE...]: one benchmark run.
+variant() {
+  local name="$1" path="$2" commit="$3"
+  shift 3
+  (cd "$scratch" && env PYTHONPATH="$path" "$@" timeout 300 python3 -m jax_marlin.bench \
+    "${bench_args[@]}" --out "$logs/$name" --commit "$commit") > "$logs/$name.log" 2>&1
+  local status=$?
+  echo "exit $status" >> "$logs/$name.log"
+  [[ $status -eq 0 ]] || rc=1
+}
+
+# Flag variant i (1-based, in -f order) runs as "flags<i>" if its check passed.
+usable=()
+: > "$logs/flags.txt"
+for ((i = 1; i <= ${#flags[@]}; i++)); do
+  f="${flags[$((i - 1))]}"
+  echo "flags$i: $f" >> "$logs/flags.txt"
+  if (cd "$scratch" && XLA_FLAGS="$f" timeout 120 python3 "$repo/benchmarks/xla_flags_check.py") \
+      > "$logs/flags${i}_check.log" 2>&1; then
+    usable+=("$i")
+  else
+    echo "flags$i ($f): refused, or wrong results (flags${i}_check.log)" | tee -a "$logs/flags.txt"
+    rc=1
+  fi
+done
+
+new_commit="${JAX_MARLIN_COMMIT:-unknown}"
+for ((r = 1; r <= rounds; r++)); do
+  variant "new_r$r" "" "$new_commit"
+  [[ -n "$old_site" ]] && variant "old_r$r" "$old_site" "${JAX_AB_OLD_COMMIT:-unknown}"
+  for i in "${usable[@]}"; do
+    variant "flags${i}_r$r" "" "$new_commit" XLA_FLAGS="${flags[$((i - 1))]}"
+  done
+done
+exit $rc
