@@ -69,7 +69,9 @@ variant() {
   [[ $status -eq 0 ]] || rc=1
 }
 
-# Flag variant i (1-based, in -f order) runs as "flags<i>" if its check passed.
+# The installed build's results under the default flags, then flag variant
+# i (1-based, in -f order), which runs as "flags<i>" if its check passed.
+(cd "$scratch" && timeout 120 python3 "$repo/benchmarks/xla_flags_check.py") > "$logs/new_check.log" 2>&1 || rc=1
 usable=()
 : > "$logs/flags.txt"
 for ((i = 1; i <= ${#flags[@]}; i++)); do
