@@ -3,7 +3,7 @@
 # the kernel benchmark (scripts/ab_check.sh) cannot tell: an older source tree
 # against the installed build, and XLA flag variants on the installed build.
 #
-#   scripts/jax_ab.sh [-o OLD_TREE | -p OLD_SITE] [-f XLA_FLAGS]... [-r ROUNDS] [-- BENCH_ARGS...]
+#   scripts/jax_ab.sh [-o OLD_TREE | -p OLD_SITE] [-n NAME] [-f XLA_FLAGS]... [-r ROUNDS] [-- BENCH_ARGS...]
 #
 # -o: a source tree of another commit (e.g. `git archive <commit> | tar -x -C
 #     .devrun/old` here, carried to the device): installed with pip --target
@@ -11,6 +11,8 @@
 #     build ("new"), which must be there (scripts/gpu_check.sh build).
 # -p: the old build already installed in a folder (pip install --target),
 #     e.g. built while something else ran.
+# -n: the variant name of that other build (default "old"; e.g. "cand" for a
+#     candidate patch applied to a copy of this tree).
 # -f: XLA_FLAGS for one more variant of the installed build (repeatable); a
 #     value this jaxlib refuses is logged and skipped. Each flag variant also
 #     runs benchmarks/xla_flags_check.py (results against the reference under
@@ -28,13 +30,15 @@ old=""
 flags=()
 rounds=1
 old_site=""
-while getopts "o:p:f:r:" opt; do
+old_name=old
+while getopts "o:p:n:f:r:" opt; do
   case "$opt" in
     o) old="$(cd "$OPTARG" && pwd)" ;;
     p) old_site="$(cd "$OPTARG" && pwd)" ;;
+    n) old_name="$OPTARG" ;;
     f) flags+=("$OPTARG") ;;
     r) rounds="$OPTARG" ;;
-    *) echo "usage: scripts/jax_ab.sh [-o OLD_TREE | -p OLD_SITE] [-f XLA_FLAGS]... [-r ROUNDS] [-- BENCH_ARGS...]" >&2; exit 2 ;;
+    *) echo "usage: scripts/jax_ab.sh [-o OLD_TREE | -p OLD_SITE] [-n NAME] [-f XLA_FLAGS]... [-r ROUNDS] [-- BENCH_ARGS...]" >&2; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -89,7 +93,7 @@ done
 new_commit="${JAX_MARLIN_COMMIT:-unknown}"
 for ((r = 1; r <= rounds; r++)); do
   variant "new_r$r" "" "$new_commit"
-  [[ -n "$old_site" ]] && variant "old_r$r" "$old_site" "${JAX_AB_OLD_COMMIT:-unknown}"
+  [[ -n "$old_site" ]] && variant "${old_name}_r$r" "$old_site" "${JAX_AB_OLD_COMMIT:-unknown}"
   for i in "${usable[@]}"; do
     variant "flags${i}_r$r" "" "$new_commit" XLA_FLAGS="${flags[$((i - 1))]}"
   done
