@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -131,6 +132,14 @@ def run_on_8_cpu_devices(test_file: str) -> None:
                                  f"{run.stdout[-20000:]}\n{run.stderr[-5000:]}")
 
 
+def load_script(name: str) -> types.ModuleType:
+    """scripts/<name>.py of the repository, imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def util():
     return types.SimpleNamespace(
@@ -142,6 +151,7 @@ def util():
         assert_close=assert_close,
         TOLERANCE=TOLERANCE,
         run_on_8_cpu_devices=run_on_8_cpu_devices,
+        load_script=load_script,
     )
 
 

@@ -4,18 +4,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def load_jax_ab_compare():
-    spec = importlib.util.spec_from_file_location("jax_ab_compare", ROOT / "scripts" / "jax_ab_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write(folder, rows):
@@ -35,7 +24,7 @@ def row(out, section, key):
     raise AssertionError(f"no row {key} in section {section}:\n{out}")
 
 
-def test_medians_and_changes(tmp_path, capsys):
+def test_medians_and_changes(tmp_path, capsys, util):
     write(tmp_path / "new_r1", [(4096, 4096, 1, 128, 8.0, 10.0), (4096, 4096, 1, "channel", 9.0, 10.0)])
     write(tmp_path / "new_r2", [(4096, 4096, 1, 128, 10.0, 12.0), (4096, 4096, 1, "channel", 9.0, 10.0)])
     write(tmp_path / "new_r3", [(4096, 4096, 1, 128, 12.0, 11.0), (4096, 4096, 1, "channel", 9.0, 10.0)])
@@ -43,7 +32,7 @@ def test_medians_and_changes(tmp_path, capsys):
     write(tmp_path / "old_r1", [(4096, 4096, 1, 128, 9.0, 11.0)])
     (tmp_path / "flags.txt").write_text("flags1: --xla_example=1\n")
     write(tmp_path / "flags1_r1", [(4096, 4096, 1, 128, 7.5, 11.0), (4096, 4096, 1, "channel", 9.9, 11.0)])
-    assert load_jax_ab_compare().main([str(tmp_path)]) == 0
+    assert util.load_script("jax_ab_compare").main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "flags1: --xla_example=1" in out
     header = next(line for line in out.splitlines() if line.split()[:1] == ["K"])
@@ -58,7 +47,7 @@ def test_medians_and_changes(tmp_path, capsys):
     assert "11.00" in dot and dot.count("( +0.0%)") == 2
 
 
-def test_no_results(tmp_path, capsys):
+def test_no_results(tmp_path, capsys, util):
     (tmp_path / "notes").mkdir()
-    assert load_jax_ab_compare().main([str(tmp_path)]) == 1
+    assert util.load_script("jax_ab_compare").main([str(tmp_path)]) == 1
     assert "no <variant>_r<round> folders" in capsys.readouterr().out
