@@ -66,8 +66,12 @@ fi
 variant() {
   local name="$1" path="$2" commit="$3"
   shift 3
+  # The log names the package the variant imported (PYTHONPATH wins over
+  # site-packages; this shows that it did).
+  (cd "$scratch" && env PYTHONPATH="$path" python3 -c \
+    "import jax_marlin; print('jax_marlin from', jax_marlin.__file__)") > "$logs/$name.log" 2>&1
   (cd "$scratch" && env PYTHONPATH="$path" "$@" timeout 300 python3 -m jax_marlin.bench \
-    "${bench_args[@]}" --out "$logs/$name" --commit "$commit") > "$logs/$name.log" 2>&1
+    "${bench_args[@]}" --out "$logs/$name" --commit "$commit") >> "$logs/$name.log" 2>&1
   local status=$?
   echo "exit $status" >> "$logs/$name.log"
   [[ $status -eq 0 ]] || rc=1

@@ -79,7 +79,9 @@ def main(argv):
     flags = os.path.join(argv[0], "flags.txt")
     if os.path.exists(flags):
         with open(flags) as f:
-            print(f.read().strip())
+            text = f.read().strip()
+        if text:
+            print(text)
     table(runs, variants, 0, "marlin_matmul, us a call (change against new)")
     table(runs, variants, 1, "jnp.dot (16-bit weight), us a call (change against new)")
     return 0
