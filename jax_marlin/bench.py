@@ -582,7 +582,8 @@ def main(argv=None):
         return
 
     dev = jax.devices()[0]
-    print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}", flush=True)
+    print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}; "
+          f"jax_marlin from {os.path.dirname(jm.__file__)}", flush=True)
     bw = measure_copy_bandwidth(TIMERS[args.timer])
     print(f"copy bandwidth (read + write): {bw / 1e12:.3f} TB/s", flush=True)
 

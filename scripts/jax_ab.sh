@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # On the GPU machine: A/B of what JAX sees (the benchmark through XLA), where
-# the kernel benchmark (scripts/ab_check.sh) cannot tell: an older source tree
-# against the installed build, and XLA flag variants on the installed build.
+# the kernel benchmark (scripts/ab_check.sh) cannot tell: another build
+# against the installed one, and XLA flag variants on the installed build.
 #
-#   scripts/jax_ab.sh [-o OLD_TREE | -p OLD_SITE] [-n NAME] [-f XLA_FLAGS]... [-r ROUNDS] [-- BENCH_ARGS...]
+#   scripts/jax_ab.sh [-p SITE] [-n NAME] [-f XLA_FLAGS]... [-r ROUNDS] [-- BENCH_ARGS...]
 #
-# -o: a source tree of another commit (e.g. `git archive <commit> | tar -x -C
-#     .devrun/old` here, carried to the device): installed with pip --target
-#     into a scratch folder and run through PYTHONPATH, next to the installed
-#     build ("new"), which must be there (scripts/gpu_check.sh build).
-# -p: the old build already installed in a folder (pip install --target),
-#     e.g. built while something else ran.
-# -n: the variant name of that other build (default "old"; e.g. "cand" for a
-#     candidate patch applied to a copy of this tree).
+# The installed build ("new") must be there (scripts/gpu_check.sh build).
+# -p: another build, installed in the folder SITE with `python3 -m pip install
+#     --no-build-isolation --no-deps --target SITE TREE` (TREE: e.g. `git
+#     archive <commit> | tar -x -C .devrun/old` here, carried to the device;
+#     build it beside something else, it takes a minute or two), run through
+#     PYTHONPATH.
+# -n: that build's variant name (default "old"; e.g. "cand" for a candidate
+#     patch applied to a copy of this tree).
 # -f: XLA_FLAGS for one more variant of the installed build (repeatable); a
 #     value this jaxlib refuses is logged and skipped. Each flag variant also
 #     runs benchmarks/xla_flags_check.py (results against the reference under
@@ -21,24 +21,22 @@
 # BENCH_ARGS: for `python3 -m jax_marlin.bench` (default: the 7B set, fp16,
 #     M = 1 and 16, --timer span).
 # Environment: JAX_MARLIN_COMMIT (recorded as the new build's commit),
-# JAX_AB_OLD_COMMIT (the old tree's), OUT (default ./jax_ab_out). Each
+# JAX_AB_OLD_COMMIT (the other build's), OUT (default ./jax_ab_out). Each
 # variant's JSON lands in $OUT/jax_ab/<variant>_r<round>/; compare with
 # `python3 scripts/jax_ab_compare.py jax_ab`.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-old=""
 flags=()
 rounds=1
 old_site=""
 old_name=old
-while getopts "o:p:n:f:r:" opt; do
+while getopts "p:n:f:r:" opt; do
   case "$opt" in
-    o) old="$(cd "$OPTARG" && pwd)" ;;
     p) old_site="$(cd "$OPTARG" && pwd)" ;;
     n) old_name="$OPTARG" ;;
     f) flags+=("$OPTARG") ;;
     r) rounds="$OPTARG" ;;
-    *) echo "usage: scripts/jax_ab.sh [-o OLD_TREE | -p OLD_SITE] [-n NAME] [-f XLA_FLAGS]... [-r ROUNDS] [-- BENCH_ARGS...]" >&2; exit 2 ;;
+    *) echo "usage: scripts/jax_ab.sh [-p SITE] [-n NAME] [-f XLA_FLAGS]... [-r ROUNDS] [-- BENCH_ARGS...]" >&2; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -53,25 +51,14 @@ scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 rc=0
 
-if [[ -n "$old" ]]; then
-  old_site="$scratch/old_site"
-  if ! python3 -m pip install --no-build-isolation --no-deps --target "$old_site" "$old" > "$logs/build_old.log" 2>&1; then
-    echo "jax_ab.sh: the old tree did not build (see build_old.log)" >&2
-    old_site=""
-    rc=1
-  fi
-fi
-
 # variant NAME PYTHONPATH COMMIT [VAR=VALUE...]: one benchmark run.
 variant() {
   local name="$1" path="$2" commit="$3"
   shift 3
-  # The log names the package the variant imported (PYTHONPATH wins over
-  # site-packages; this shows that it did).
-  (cd "$scratch" && env PYTHONPATH="$path" python3 -c \
-    "import jax_marlin; print('jax_marlin from', jax_marlin.__file__)") > "$logs/$name.log" 2>&1
+  # The benchmark's first line names the jax_marlin it imported (PYTHONPATH
+  # wins over site-packages; the log shows that it did).
   (cd "$scratch" && env PYTHONPATH="$path" "$@" timeout 300 python3 -m jax_marlin.bench \
-    "${bench_args[@]}" --out "$logs/$name" --commit "$commit") >> "$logs/$name.log" 2>&1
+    "${bench_args[@]}" --out "$logs/$name" --commit "$commit") > "$logs/$name.log" 2>&1
   local status=$?
   echo "exit $status" >> "$logs/$name.log"
   [[ $status -eq 0 ]] || rc=1
