@@ -91,9 +91,11 @@ inline bool programmatic_launch() {
 // overlap_previous_grid in stripe.cuh) and the device has it, as a
 // programmatic dependent launch, which may start before the previous kernel
 // in the stream ends. In a CUDA graph capture that is a programmatic edge.
+// params.overlapped tells the kernel which of the two it got.
 template <typename Params>
 cudaError_t launch_overlapping(void (*kernel)(Params), int blocks, int threads, int smem,
-                               cudaStream_t stream, const Params& params, bool overlap) {
+                               cudaStream_t stream, Params params, bool overlap) {
+  params.overlapped = overlap && programmatic_launch();
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
@@ -103,7 +105,7 @@ cudaError_t launch_overlapping(void (*kernel)(Params), int blocks, int threads, 
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = attribute;
-  config.numAttrs = overlap && programmatic_launch() ? 1 : 0;
+  config.numAttrs = params.overlapped ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, params);
 }
 

@@ -88,6 +88,21 @@ ffi::ErrorOr<std::unique_ptr<LockBuffer>> InstantiateSparseLocks(int64_t rows, i
 // XLA command buffer): lets tests check that the kernel really ran inside one.
 std::atomic<int64_t> g_captured_calls{0};
 
+// Whether the call's launch may overlap the kernel before it in the stream
+// (MarlinProblem::may_overlap). Not while the stream is being captured: XLA
+// traces a custom call into a CUDA graph of its own, where the launch has no
+// predecessor to overlap, so the kernel would only pay for its prefetch.
+// Counts the captured executions.
+bool may_overlap(cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
+      capture == cudaStreamCaptureStatusActive) {
+    g_captured_calls.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  return true;
+}
+
 ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::AnyBuffer x,
                                 ffi::Buffer<ffi::S32> packed, ffi::AnyBuffer scales,
                                 ffi::Result<ffi::AnyBuffer> y,
@@ -138,13 +153,9 @@ ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::Any
     return ffi::Error::Internal("jax_marlin_matmul (CUDA): the call runs on device " +
                                 std::to_string(device) + ", which had no lock buffer made for it");
   }
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
-      capture == cudaStreamCaptureStatusActive) {
-    g_captured_calls.fetch_add(1, std::memory_order_relaxed);
-  }
   problem.locks = locks->per_device[device];
   problem.locks_zeroed = true;
+  problem.may_overlap = may_overlap(stream);
   problem.m = m;
   problem.k = k;
   problem.n = n;
@@ -217,6 +228,7 @@ ffi::Error SparseMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::Any
   problem.workspace = workspace->typed_data();
   problem.locks = locks->per_device[device];
   problem.locks_zeroed = true;
+  problem.may_overlap = may_overlap(stream);
   problem.m = m;
   problem.k = k;
   problem.n = n;

@@ -89,7 +89,7 @@ cudaError_t launch_chunk(const MarlinProblem& pr, int row0, int rows, int* locks
   p.stripes = stripe_count(total, n_tiles, multiprocessor_count() * resident_per_sm);
 
   return launch_overlapping(marlin_kernel<T, Tile>, p.stripes, Tile::kThreads, Tile::kSmemBytes,
-                            stream, p, kLaunchesOverlapping<Tile::kTileM>);
+                            stream, p, kLaunchesOverlapping<Tile::kTileM> && pr.may_overlap);
 }
 
 // Table index = ((dtype * 2 + grouped) * kNumRowVariants + variant) * kNumConfigs + config.

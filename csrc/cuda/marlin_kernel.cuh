@@ -37,6 +37,7 @@ struct MarlinParams {
   int rows, k, n;        // rows <= kTileM
   int group_shift;       // log2(group size); grouped kernels only
   int stripes;           // gridDim.x
+  bool overlapped;       // launched overlapping its predecessor (launch_overlapping)
 };
 
 template <typename T, typename Tile>
@@ -120,8 +121,11 @@ class MarlinBlock {
     const int end = static_cast<int>(static_cast<long long>(blockIdx.x + 1) * total / p_.stripes);
     const int count = end - begin;
 
-    if constexpr (kLaunchesOverlapping<Tile::kTileM>)
-      overlap_previous_grid([&] { prefetch_prologue(begin, end); });
+    // Only a launch that overlaps its predecessor prefetches: otherwise the
+    // prefetch would only put the same bytes' requests ahead of the prologue's.
+    if constexpr (kLaunchesOverlapping<Tile::kTileM>) {
+      if (p_.overlapped) overlap_previous_grid([&] { prefetch_prologue(begin, end); });
+    }
     // Two cursors walk the stripe: one kStages - 1 iterations ahead issuing
     // loads, one consuming. Stepped, not recomputed: no divisions per tile.
     LoadCursor load{begin / k_tiles_, begin % k_tiles_, count, nullptr};

@@ -85,7 +85,8 @@ cudaError_t launch_chunk(const SparseProblem& pr, int row0, int rows, int* locks
   p.stripes = stripe_count(total, n_tiles, multiprocessor_count() * resident_per_sm);
 
   return launch_overlapping(marlin_sparse_kernel<T, Tile>, p.stripes, Tile::kThreads,
-                            Tile::kSmemBytes, stream, p, kLaunchesOverlapping<Tile::kTileM>);
+                            Tile::kSmemBytes, stream, p,
+                            kLaunchesOverlapping<Tile::kTileM> && pr.may_overlap);
 }
 
 constexpr int table_index(ActDtype dtype, bool grouped, int variant, int config) {

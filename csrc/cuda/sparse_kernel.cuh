@@ -152,6 +152,7 @@ struct SparseParams {
   int rows, k, n;        // rows <= kTileM
   int group_shift;       // log2(group size); grouped kernels only
   int stripes;           // gridDim.x
+  bool overlapped;       // launched overlapping its predecessor (launch_overlapping)
 };
 
 template <typename T, typename Tile>
@@ -237,8 +238,11 @@ class SparseBlock {
     const int end = static_cast<int>(static_cast<long long>(blockIdx.x + 1) * total / p_.stripes);
     const int count = end - begin;
 
-    if constexpr (kLaunchesOverlapping<Tile::kTileM>)
-      overlap_previous_grid([&] { prefetch_prologue(begin, end); });
+    // Only a launch that overlaps its predecessor prefetches: otherwise the
+    // prefetch would only put the same bytes' requests ahead of the prologue's.
+    if constexpr (kLaunchesOverlapping<Tile::kTileM>) {
+      if (p_.overlapped) overlap_previous_grid([&] { prefetch_prologue(begin, end); });
+    }
     LoadCursor load{begin / k_tiles_, begin % k_tiles_, nullptr, nullptr};
     load.v = v_thread_ + load.k_tile * v_k_step_ + load.n_tile * Tile::kVRow;
     load.m = m_thread_ + load.k_tile * m_k_step_ + load.n_tile * Tile::kMRow;

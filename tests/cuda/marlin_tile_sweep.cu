@@ -117,6 +117,7 @@ static void time_fitting_tile(const char* name, Layer& layer, const Buffers& b, 
         p.n = layer.n;
         p.group_shift = 7;
         p.stripes = stripe_count(total, n_tiles, std::max(1, g_sms * Tile::kBlocksPerSM / g_grid_divisor));
+        p.overlapped = false;  // a plain launch
         marlin_kernel<half, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
         CHECK_CUDA(cudaGetLastError());
       },
@@ -320,6 +321,7 @@ static void phase_report(const Buffers& b, int k, int n) {
   p.n = n;
   p.group_shift = 7;
   p.stripes = stripes;
+  p.overlapped = false;  // a plain launch
   cudaEvent_t start, stop;
   CHECK_CUDA(cudaEventCreate(&start));
   CHECK_CUDA(cudaEventCreate(&stop));
