@@ -170,7 +170,7 @@ def test_inside_forced_command_buffer(weights, tmp_path):
     records calls into a CUDA graph (the handler counts executions whose
     stream was being captured: the compiled HLO text no longer shows command
     buffers), and the bits equal an eager call's, in a scan and in a program
-    of several calls."""
+    of several calls; the same program with a 2:4 weight counts as many."""
     qw = weights(4096, 4096, 128, jnp.float16)
     x = np.random.default_rng(7).standard_normal((16, 4096)).astype(np.float16)
     np.savez(tmp_path / "in.npz", x=x, packed=np.asarray(qw.packed), scales=np.asarray(qw.scales))
@@ -188,10 +188,20 @@ def test_inside_forced_command_buffer(weights, tmp_path):
         np.save({str(tmp_path / "out.npy")!r}, out)
         # Four calls in a row with their own x: a command buffer of calls.
         g = jax.jit(lambda x: [jm.marlin_matmul(x * (i + 1), qw) for i in range(4)])
+        counts = [_ffi._ext.cuda_captured_calls()]
         for _ in range(3):  # XLA may record a command buffer only after a first run
             out_g = g(x)
         np.save({str(tmp_path / "out_g.npy")!r}, np.asarray(out_g[1]))
-        open({str(tmp_path / "captured.txt")!r}, "w").write(str(_ffi._ext.cuda_captured_calls()))
+        counts.append(_ffi._ext.cuda_captured_calls())
+        # The same program with a 2:4 sparse weight: its handler counts alike.
+        quantize = jax.jit(jm.quantize_sparse, static_argnums=1, static_argnames="dtype")
+        sqw = quantize(jax.random.normal(jax.random.key(3), (4096, 4096)) * 0.02, 128,
+                       dtype=jax.numpy.float16)
+        h = jax.jit(lambda x: [jm.marlin_matmul(x * (i + 1), sqw) for i in range(4)])
+        for _ in range(3):
+            jax.block_until_ready(h(x))
+        counts.append(_ffi._ext.cuda_captured_calls())
+        open({str(tmp_path / "captured.txt")!r}, "w").write(" ".join(map(str, counts)))
         """
     )
     env = dict(os.environ)
@@ -209,6 +219,9 @@ def test_inside_forced_command_buffer(weights, tmp_path):
                                   expected_g.view(np.uint16))
     # On jax 0.11.2 (H200) XLA recorded the calls only in a later run of a
     # program, hence the three runs above; the handler declares itself compatible.
-    captured = int((tmp_path / "captured.txt").read_text())
-    assert captured > 0, (f"jax {jax.__version__}: XLA ran the Marlin call outside any CUDA "
-                          "graph capture under forced command-buffer flags")
+    before, after_dense, after_sparse = map(int, (tmp_path / "captured.txt").read_text().split())
+    assert after_dense > before, (f"jax {jax.__version__}: XLA ran the Marlin call outside any "
+                                  "CUDA graph capture under forced command-buffer flags")
+    # Each handler counts a captured execution once (the count also decides
+    # that the launch does not overlap: MarlinProblem::may_overlap).
+    assert after_sparse - after_dense == after_dense - before, (before, after_dense, after_sparse)

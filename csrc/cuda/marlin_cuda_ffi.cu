@@ -212,12 +212,6 @@ ffi::Error SparseMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::Any
     return ffi::Error::Internal(std::string(kWho) + "the call runs on device " +
                                 std::to_string(device) + ", which had no lock buffer made for it");
   }
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
-      capture == cudaStreamCaptureStatusActive) {
-    g_captured_calls.fetch_add(1, std::memory_order_relaxed);
-  }
-
   SparseProblem problem;
   problem.dtype = shape.dtype == ffi::DataType::BF16 ? ActDtype::kBFloat16 : ActDtype::kFloat16;
   problem.x = x.untyped_data();
