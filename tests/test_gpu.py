@@ -198,8 +198,9 @@ def test_inside_forced_command_buffer(weights, tmp_path):
         sqw = quantize(jax.random.normal(jax.random.key(3), (4096, 4096)) * 0.02, 128,
                        dtype=jax.numpy.float16)
         h = jax.jit(lambda x: [jm.marlin_matmul(x * (i + 1), sqw) for i in range(4)])
-        for _ in range(3):
-            jax.block_until_ready(h(x))
+        for _ in range(3):  # as for g: each output kept until the next run's is made
+            out_h = h(x)
+        jax.block_until_ready(out_h)
         counts.append(_ffi._ext.cuda_captured_calls())
         open({str(tmp_path / "captured.txt")!r}, "w").write(" ".join(map(str, counts)))
         """
