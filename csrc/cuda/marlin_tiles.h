@@ -39,13 +39,14 @@ constexpr int chunk_rows(int remaining, bool full_pass) {
                                      : (remaining < kMinChunkRows ? remaining : kMinChunkRows);
 }
 // Whether a kernel of kTileM rows is launched as a programmatic dependent
-// launch (overlap_previous_grid in stripe.cuh; sm_90+): up to 16 rows, where
-// it pays (H200 kbench, M = 1: 6-10% on the 7B layers) and where the
-// self-test's back-to-back chains were seen bit-exact on the device. The
-// 32- and 64-row tiles gained 1-3% but their chain result is not yet clean
-// (session 10: the harness raced its own buffer resets, fixed since; rerun
-// `marlin_selftest --chains` before widening this). At 128 rows it gains
-// nothing and was 3-6% slower in the 2:4 sparse kernel on the 7B layers.
+// launch (overlap_previous_grid in stripe.cuh; sm_90+): up to 16 rows. The
+// overlap hides part of the next kernel's start behind the previous one's
+// tail, which pays where that start is a large part of the call (H200
+// kbench, M = 1: 6-10% on the 7B layers). Wider gains nothing measurable:
+// H100 kbench (session 13) up to 32 rows -0.5% at M = 32 in the median
+// (-3.1..+1.5% by layer), up to 64 rows mixed at M = 64 (-4.8% on 4096^2,
+// +2.4% on the large 2:4 layers with group 128), though the self-tests'
+// back-to-back chains are bit-exact with either.
 template <int kTileM>
 inline constexpr bool kLaunchesOverlapping = kTileM <= 16;
 // Whether `config` is among the tile configurations a row variant tries,
