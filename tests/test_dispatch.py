@@ -138,6 +138,10 @@ def test_shipped_tables_are_well_formed():
         if "borrowed_from" in table:  # not measured here: borrows a measured table, says why
             assert not table["entries"] and table["why"]
             assert dispatch.load_table(table["borrowed_from"]), "the lender must have entries"
+        if "withdrawn" in table:  # entries found stale: kept for the record, with the reason
+            assert table["withdrawn"]["why"] and table["withdrawn"]["entries"]
+            live = {dispatch.entry_key(e) for e in table["entries"]}
+            assert not live & {dispatch.entry_key(e) for e in table["withdrawn"]["entries"]}
         for e in table["entries"]:
             assert e["K"] % 64 == 0 and e["N"] % 64 == 0 and e["dtype"] in ("float16", "bfloat16")
             assert e["min_m"] is None or str(e["min_m"]) in e["us"]
@@ -152,6 +156,18 @@ def test_h100_table_keeps_the_kernel_for_decoding():
         for dt in ("float16", "bfloat16"):
             assert not any(dispatch.use_dense(kind, M, K, N, dt) for M in (1, 16, 64))
             assert dispatch.use_dense(kind, 4096, K, N, dt)
+
+
+def test_h100_withdrawn_shapes_take_the_nearest_live_entry():
+    """The H100 entries of the two largest 70B layers were withdrawn (their
+    dense-path times predate the transpose layout): those shapes now follow
+    the nearest live entry, dense from M = 256, not the stale M = 2048."""
+    dispatch.load_table.cache_clear()
+    kind = "NVIDIA H100 80GB HBM3"
+    for K, N in [(8192, 57344), (28672, 8192)]:
+        for dt in ("float16", "bfloat16"):
+            assert [M for M in (128, 256, 512, 2048) if dispatch.use_dense(kind, M, K, N, dt)] == [
+                256, 512, 2048]
 
 
 def test_a_kind_not_yet_measured_borrows_a_table(table, tmp_path):
