@@ -121,11 +121,8 @@ class MarlinBlock {
     const int end = static_cast<int>(static_cast<long long>(blockIdx.x + 1) * total / p_.stripes);
     const int count = end - begin;
 
-    // Only a launch that overlaps its predecessor prefetches: otherwise the
-    // prefetch would only put the same bytes' requests ahead of the prologue's.
-    if constexpr (kLaunchesOverlapping<Tile::kTileM>) {
-      if (p_.overlapped) overlap_previous_grid([&] { prefetch_prologue(begin, end); });
-    }
+    if constexpr (kLaunchesOverlapping<Tile::kTileM>)
+      overlap_previous_grid(p_.overlapped, [&] { prefetch_prologue(begin, end); });
     // Two cursors walk the stripe: one kStages - 1 iterations ahead issuing
     // loads, one consuming. Stepped, not recomputed: no divisions per tile.
     LoadCursor load{begin / k_tiles_, begin % k_tiles_, count, nullptr};

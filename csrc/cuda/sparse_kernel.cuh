@@ -238,11 +238,8 @@ class SparseBlock {
     const int end = static_cast<int>(static_cast<long long>(blockIdx.x + 1) * total / p_.stripes);
     const int count = end - begin;
 
-    // Only a launch that overlaps its predecessor prefetches: otherwise the
-    // prefetch would only put the same bytes' requests ahead of the prologue's.
-    if constexpr (kLaunchesOverlapping<Tile::kTileM>) {
-      if (p_.overlapped) overlap_previous_grid([&] { prefetch_prologue(begin, end); });
-    }
+    if constexpr (kLaunchesOverlapping<Tile::kTileM>)
+      overlap_previous_grid(p_.overlapped, [&] { prefetch_prologue(begin, end); });
     LoadCursor load{begin / k_tiles_, begin % k_tiles_, nullptr, nullptr};
     load.v = v_thread_ + load.k_tile * v_k_step_ + load.n_tile * Tile::kVRow;
     load.m = m_thread_ + load.k_tile * m_k_step_ + load.n_tile * Tile::kMRow;

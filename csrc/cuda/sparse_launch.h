@@ -23,12 +23,7 @@ struct SparseProblem {
   bool locks_zeroed;   // locks are all 0 on entry (they are 0 again on exit)
   int m, k, n;
   int group_size;      // 32, 64, 128, or k (per-channel)
-  // Whether the launch may overlap the previous kernel in the stream
-  // (programmatic dependent launch, sm_90+, kLaunchesOverlapping tiles). Off where
-  // the overlap cannot happen, e.g. a call traced into a CUDA graph of its
-  // own (XLA's command buffers): the kernel then also skips the L2 prefetch
-  // it would otherwise issue before waiting for its predecessor.
-  bool may_overlap = true;
+  bool may_overlap = true;  // as MarlinProblem::may_overlap
 };
 
 // Scratch the caller must provide (locks: lock_count(m, n), as the dense path).

@@ -45,9 +45,15 @@ __device__ __forceinline__ void phase(Phase) {}
 // its last blocks reduce, into this kernel's ramp. The early trigger lets
 // the next kernel do the same on our tail; it only lets that kernel be
 // scheduled, its own wait still waits for all of this grid.
+// `overlapped` (the kernel's params.overlapped, set by launch_overlapping):
+// whether this launch really overlaps its predecessor. If not (a plain
+// launch, or a call traced into a CUDA graph of its own), nothing is done:
+// the prefetch would only put the same bytes' requests ahead of the
+// prologue's copies.
 template <typename Prefetch>
-__device__ __forceinline__ void overlap_previous_grid(Prefetch&& prefetch) {
+__device__ __forceinline__ void overlap_previous_grid(bool overlapped, Prefetch&& prefetch) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (!overlapped) return;
   prefetch();
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
