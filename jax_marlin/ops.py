@@ -101,9 +101,20 @@ def _gpu_kind() -> str:
 
 
 def _dense_call(x2, packed, scales):
-    """Dequantize once and let XLA run a dense GEMM (float32 accumulation)."""
+    """Dequantize once and let XLA run a dense GEMM.
+
+    The GEMM writes the 16-bit output itself (cuBLAS accumulates in float32
+    either way): asking for a float32 result and casting it back made XLA
+    write and re-read a float32 (M, N) as well, 8% more time at M = 2048 on
+    8192 x 57344 (H100, benchmarks/dense_path_probe.py).
+    """
     w = dequantize(QuantizedWeight(packed=packed, scales=scales))
-    return jnp.dot(x2, w, preferred_element_type=jnp.float32).astype(x2.dtype)
+    return _dot_16bit(x2, w)
+
+
+def _dot_16bit(x2, w):
+    """x2 @ w in x2's dtype, float32 accumulation (XLA's default for 16-bit dots)."""
+    return jnp.dot(x2, w, preferred_element_type=x2.dtype)
 
 
 def _cuda_call(x2, packed, scales):
@@ -257,9 +268,9 @@ def _sparse_cpu_call(x2, values, meta, scales):
 
 
 def _sparse_dense_call(x2, values, meta, scales):
-    """Dequantize the sparse weight once and let XLA run a dense GEMM (f32 accumulation)."""
+    """Dequantize the sparse weight once and let XLA run a dense GEMM (as _dense_call)."""
     w = dequantize_sparse(SparseQuantizedWeight(values=values, meta=meta, scales=scales))
-    return jnp.dot(x2, w, preferred_element_type=jnp.float32).astype(x2.dtype)
+    return _dot_16bit(x2, w)
 
 
 def _sparse_kernel_call(x2, values, meta, scales):
