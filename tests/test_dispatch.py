@@ -158,16 +158,25 @@ def test_h100_table_keeps_the_kernel_for_decoding():
             assert dispatch.use_dense(kind, 4096, K, N, dt)
 
 
-def test_h100_withdrawn_shapes_take_the_nearest_live_entry():
-    """The H100 entries of the two largest 70B layers were withdrawn (their
-    dense-path times predate the transpose layout): those shapes now follow
-    the nearest live entry, dense from M = 256, not the stale M = 2048."""
+def test_h100_table_was_remeasured_with_both_formats():
+    """The H100 table of session 14 (both Llama sets, both dtypes, dense and
+    2:4): the widest 70B layer goes dense from M = 512, the others from 256;
+    the 2:4 weight, half the bytes for the kernel, later (512-2048)."""
     dispatch.load_table.cache_clear()
     kind = "NVIDIA H100 80GB HBM3"
-    for K, N in [(8192, 57344), (28672, 8192)]:
-        for dt in ("float16", "bfloat16"):
-            assert [M for M in (128, 256, 512, 2048) if dispatch.use_dense(kind, M, K, N, dt)] == [
-                256, 512, 2048]
+    table = json.loads((dispatch.TABLE_DIR / dispatch.table_name(kind)).read_text())
+    assert "withdrawn" not in table and len(table["entries"]) == 32
+
+    def dense_from(K, N, dt, fmt="dense"):
+        return [M for M in (128, 256, 512, 1024, 2048)
+                if dispatch.use_dense(kind, M, K, N, dt, fmt=fmt)][0]
+
+    for dt in ("float16", "bfloat16"):
+        assert dense_from(8192, 57344, dt) == 512
+        assert dense_from(28672, 8192, dt) == 256
+        assert dense_from(4096, 4096, dt) == 256
+        assert dense_from(8192, 8192, dt, "sparse") == 1024
+        assert not any(dispatch.use_dense(kind, M, 8192, 57344, dt, fmt="sparse") for M in (1, 16, 64, 512))
 
 
 def test_a_kind_not_yet_measured_borrows_a_table(table, tmp_path):
