@@ -70,7 +70,8 @@ class MarlinBlock {
 #pragma unroll
     for (int j = 0; j < kACopies; ++j) {
       const int c = j * Tile::kThreads + tid;
-      const int row = c / Tile::kAChunksPerRow, chunk = c % Tile::kAChunksPerRow;
+      int row, chunk;
+      a_copy_coords(c, row, chunk);
       a_copy_[j] = (Tile::kAStage % Tile::kThreads == 0 || c < Tile::kAStage) ? 1 : 0;
       a_valid_[j] = a_copy_[j] && row < p.rows;
       // Rows past M read nothing (zero-fill) from row 0, a valid address.
@@ -203,6 +204,25 @@ class MarlinBlock {
       return (chunk * (Tile::kTileM / 8) + row / 8) * 8 + row % 8;
     } else {
       return row * Tile::kAChunksPerRow + (chunk ^ (row & 7));
+    }
+  }
+
+  // The (row, 16-byte chunk) of the x tile that copy c of a stage moves.
+  // Swizzled layout: a row's chunks from consecutive threads (the XOR spreads
+  // each 8-thread phase of the copy over the banks). wgmma's canonical layout
+  // puts a chunk's 8 rows next to each other and a row's chunks 16 * kTileM
+  // bytes apart, so in row order all 8 copies of a phase would land in one
+  // bank group (8-way conflict). There consecutive threads take consecutive
+  // rows of a chunk instead: a phase writes one contiguous 128-byte core
+  // matrix, and a warp still reads 64 contiguous bytes of each of 8 rows.
+  __device__ static void a_copy_coords(int c, int& row, int& chunk) {
+    if constexpr (Tile::kWgmma) {
+      const int q = c / 8;
+      row = q / Tile::kAChunksPerRow * 8 + c % 8;
+      chunk = q % Tile::kAChunksPerRow;
+    } else {
+      row = c / Tile::kAChunksPerRow;
+      chunk = c % Tile::kAChunksPerRow;
     }
   }
 

@@ -161,6 +161,11 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, b
 #define SWEEPM2(RB, NB, KB, W)                                                                   \
   time_tile<TileShape<RB, NB, KB, W, true, 1, 2>>("r" #RB " n" #NB " k" #KB " w" #W " msplit2", \
                                                   layer, b, m)
+// "wgmma": warpgroup MMA tiles (sm_90a; this tool is built for it).
+#define SWEEPW(RB, NB, KB, W)                                                                     \
+  time_tile<TileShape<RB, NB, KB, W, true, 1, 1, false, true>>("r" #RB " n" #NB " k" #KB " w" #W \
+                                                               " wgmma",                        \
+                                                               layer, b, m)
 
 // Enough copies of a K x N layer's weights and scales to rotate through
 // 200 MB (4x the L2), filled deterministically.
@@ -445,12 +450,21 @@ int main(int argc, char** argv) {
       SWEEP(4, 8, 16, 8);
       SWEEP(4, 16, 16, 8);
       SWEEP(4, 8, 32, 8);
+      // wgmma: still behind mma.sync (session 14, H100, 8192^2: M = 32
+      // 37.5 vs 27.7 us, M = 64 54.5 vs 44.1; NOTES.md has the ncu).
+      SWEEPW(4, 8, 8, 8);
+      SWEEPW(4, 4, 16, 8);
+      SWEEPW(4, 8, 16, 8);
     }
     for (int m : {64}) {
       SWEEPM2(8, 16, 8, 8);  // production; profile64 picks it by name
       // Fit only a larger shared-memory budget (-DJAX_MARLIN_SMEM_BUDGET_KB=224).
       SWEEPM2(8, 16, 16, 8);
       SWEEPM2(8, 8, 16, 8);
+      SWEEPW(8, 8, 8, 8);
+      SWEEPW(8, 4, 16, 8);
+      SWEEPW(8, 8, 16, 8);
+      SWEEPW(8, 8, 4, 8);
     }
     {
       // Where the M = 1 time goes: weights in L2 (no HBM), the pipeline
