@@ -455,6 +455,10 @@ int main(int argc, char** argv) {
       SWEEPW(4, 8, 8, 8);
       SWEEPW(4, 4, 16, 8);
       SWEEPW(4, 8, 16, 8);
+      // Is M = 32 bound by its memory pipeline (x re-read from L2 for every
+      // n-tile) or by the math? The production tile without the math:
+      time_tile<TileShape<4, 16, 8, 8, true, 1, 1, true>>("r4 n16 k8 w8 loads-only", layer, b, m,
+                                                          true, true);
     }
     for (int m : {64}) {
       SWEEPM2(8, 16, 8, 8);  // production; profile64 picks it by name
@@ -465,6 +469,15 @@ int main(int argc, char** argv) {
       SWEEPW(8, 4, 16, 8);
       SWEEPW(8, 8, 16, 8);
       SWEEPW(8, 8, 4, 8);
+      // The same question at M = 64, for the production tile and the wgmma
+      // one (whose stage carries twice the x bytes per weight byte); and the
+      // production tile with its weights L2-resident (no HBM).
+      time_tile<TileShape<8, 16, 8, 8, true, 1, 2, true>>("r8 n16 k8 w8 msplit2 loads-only", layer,
+                                                          b, m, true, true);
+      time_tile<TileShape<8, 8, 8, 8, true, 1, 1, true, true>>("r8 n8 k8 w8 wgmma loads-only",
+                                                               layer, b, m, true, true);
+      time_tile<TileShape<8, 16, 8, 8, true, 1, 2>>("r8 n16 k8 w8 msplit2 L2-resident", layer, b, m,
+                                                    false);
     }
     {
       // Where the M = 1 time goes: weights in L2 (no HBM), the pipeline
