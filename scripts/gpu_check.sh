@@ -9,7 +9,9 @@
 #                                       aids kbench, sweep, fixed (the fixed cost of a call at
 #                                       M = 1), phases (one M = 1 call's timeline, block by
 #                                       block), profile (ncu, M = 1), profile64 (ncu, M = 64,
-#                                       dense and 2:4), probe (Hopper wgmma layout facts)
+#                                       dense and 2:4), profile_wgmma (ncu of the wgmma
+#                                       tiles, M = 64, stalls by SASS line), probe (Hopper
+#                                       wgmma layout facts)
 #
 # The device copy of the tree has no .git: pass the commit being checked as
 # JAX_MARLIN_COMMIT=<hash> so that benchmark results name it.
@@ -111,6 +113,22 @@ profile_m64() {
       --launch-skip 5 --launch-count 1 "${NCU_SECTIONS[@]}" "$sparse_bin" --bench
   fi
 }
+# The wgmma tiles at M = 64 on 8192 x 8192 (in no dispatch table; NOTES.md,
+# sessions 14-15): 128 columns (r8 n8 k8) and 256 (r8 n16 k8, two slabs a
+# warpgroup). Stall reasons per issued instruction, then per SASS line
+# (source page as CSV, one file per tile).
+NCU_STALLS='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio'
+profile_wgmma() {
+  local name tile
+  for name in n8:TileShapeILi8ELi8ELi8ELi8ELb1ELi1ELi1ELb0ELb1 n16:TileShapeILi8ELi16ELi8ELi8ELb1ELi1ELi1ELb0ELb1; do
+    tile="${name#*:}"
+    ncu --kernel-name-base mangled -k regex:"$tile" --launch-skip 5 --launch-count 1 \
+      --metrics "$NCU_STALLS" "${NCU_SECTIONS[@]}" "$sweep_bin" 8192 8192
+    ncu --kernel-name-base mangled -k regex:"$tile" --launch-skip 5 --launch-count 1 \
+      --section SourceCounters --section WarpStateStats --page source --print-source sass --csv \
+      "$sweep_bin" 8192 8192 > "$OUT/ncu_source_wgmma_${name%%:*}.csv"
+  done
+}
 sanitize_selftest() {
   "$sanitizer" --tool "$1" --error-exitcode 1 "$selftest_bin" --quick
 }
@@ -198,6 +216,9 @@ for s in "${steps[@]}"; do
       [[ -x "$sweep_bin" ]] || step "build tile sweep" "$OUT/sweep_build.log" build_sweep
       [[ -x "$sparse_bin" ]] || step "build sparse self-test" "$OUT/sparse_build.log" build_sparse
       step "ncu: 28672x8192 and 2:4 sparse, M = 64" "$OUT/ncu_m64.log" profile_m64 ;;
+    profile_wgmma)
+      [[ -x "$sweep_bin" ]] || step "build tile sweep" "$OUT/sweep_build.log" build_sweep
+      step "ncu: wgmma tiles, 8192x8192, M = 64" "$OUT/ncu_wgmma.log" profile_wgmma ;;
     sanitize)
       step "compute-sanitizer memcheck" "$OUT/sanitize_memcheck.log" sanitize memcheck
       step "compute-sanitizer racecheck" "$OUT/sanitize_racecheck.log" sanitize racecheck ;;
@@ -208,7 +229,7 @@ for s in "${steps[@]}"; do
         summary+=("skipped benchmark (no jax_marlin/bench.py)")
       fi ;;
     *)
-      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, tests_sharded, sanitize, bench, sparse, kbench, sweep, fixed, phases, profile, profile64, probe)")
+      summary+=("FAILED  unknown step '$s' (use build, selftest, tests, tests_sharded, sanitize, bench, sparse, kbench, sweep, fixed, phases, profile, profile64, profile_wgmma, probe)")
       failed=1 ;;
   esac
 done
