@@ -112,22 +112,15 @@ struct TileShape {
   static constexpr bool kLoadsOnly = kLoadsOnly_;
   static constexpr bool kWgmma = kWgmma_;
   static constexpr int kRowBlocksPerWarp = kRowBlocks / kWarpsM;
+  // n16 sub-tiles of its slab a warp accumulates: all 4 with mma.sync, its
+  // own one (of the warpgroup's 4) with wgmma.
+  static constexpr int kSubTilesPerWarp = kWgmma ? 1 : 4;
 
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTileM = 8 * kRowBlocks, kTileN = 16 * kNBlocks, kTileK = 16 * kKBlocks;
-  // 64-column slabs of the tile (the packed layout's unit along N).
-  static constexpr int kSlabs = kTileN / kWarpCols;
-  // wgmma: a warpgroup takes more than one slab where the tile has more
-  // slabs than the block has warpgroups (each dequantized x tile then feeds
-  // more columns); a warp always takes one slab with mma.sync.
-  static constexpr int kSlabsPerWarpgroup = kWgmma && kSlabs > kWarps / 4 ? kSlabs / (kWarps / 4) : 1;
-  // n16 sub-tiles a warp accumulates: all 4 of its slab with mma.sync; with
-  // wgmma its own one (of the warpgroup's 4) in each of its slabs.
-  static constexpr int kSubTilesPerWarp = kWgmma ? kSlabsPerWarpgroup : 4;
-  // Warps (warpgroups with wgmma) tile the block's output columns (and, with
-  // kWarpsM > 1, its rows); the rest split K and are reduced through shared
-  // memory after each tile.
-  static constexpr int kWarpsN = kSlabs / kSlabsPerWarpgroup;
+  // Warps tile the block's output columns (and, with kWarpsM > 1, its rows);
+  // the rest split K and are reduced through shared memory after each tile.
+  static constexpr int kWarpsN = kTileN / kWarpCols;
   static constexpr int kWarpsMN = kWarpsM * kWarpsN * (kWgmma ? 4 : 1);
   static constexpr int kWarpsK = kWarps / kWarpsMN;
   static constexpr int kKBlocksPerWarp = kKBlocks / kWarpsK;
@@ -135,7 +128,7 @@ struct TileShape {
   // Shared memory per pipeline stage, in 16-byte units.
   static constexpr int kAChunksPerRow = kTileK / 8;
   static constexpr int kAStage = kTileM * kAChunksPerRow;
-  static constexpr int kBStage = kKBlocks * kSlabs * 32;
+  static constexpr int kBStage = kKBlocks * kWarpsN * 32;
   // Scale rows a stage may need: one per group of 32 (the smallest group).
   static constexpr int kScaleRowsMax = kGrouped ? kTileK / 32 : 0;
   // Reduction scratch: a warp's fp32 fragments (4 floats a lane per n16
@@ -164,7 +157,6 @@ struct TileShape {
   static constexpr bool kFits = kStages >= 3;
 
   static_assert(kNBlocks % 4 == 0, "a warp owns 64 output columns");
-  static_assert(kSlabs % kSlabsPerWarpgroup == 0, "warpgroups must share the slabs evenly");
   static_assert(kRowBlocks % kWarpsM == 0, "the M split must divide the row blocks");
   static_assert(kWarps % kWarpsMN == 0 && kWarpsK >= 1, "warps must tile M and N evenly");
   static_assert(kKBlocks % kWarpsK == 0, "K split must divide the k-tile");

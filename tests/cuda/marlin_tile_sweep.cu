@@ -455,9 +455,6 @@ int main(int argc, char** argv) {
       SWEEPW(4, 8, 8, 8);
       SWEEPW(4, 4, 16, 8);
       SWEEPW(4, 8, 16, 8);
-      // 256 columns a tile, two slabs a warpgroup: half the x bytes per weight byte.
-      SWEEPW(4, 16, 8, 8);
-      SWEEPW(4, 16, 4, 8);
       // Is M = 32 bound by its memory pipeline (x re-read from L2 for every
       // n-tile) or by the math? The production tile without the math:
       time_tile<TileShape<4, 16, 8, 8, true, 1, 1, true>>("r4 n16 k8 w8 loads-only", layer, b, m,
@@ -472,8 +469,6 @@ int main(int argc, char** argv) {
       SWEEPW(8, 4, 16, 8);
       SWEEPW(8, 8, 16, 8);
       SWEEPW(8, 8, 4, 8);
-      SWEEPW(8, 16, 8, 8);
-      SWEEPW(8, 16, 4, 8);
       // The same question at M = 64, for the production tile and the wgmma
       // one (whose stage carries twice the x bytes per weight byte); and the
       // production tile with its weights L2-resident (no HBM).
