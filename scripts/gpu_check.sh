@@ -115,7 +115,7 @@ profile_m64() {
 }
 # The wgmma tiles at M = 64 on 8192 x 8192 (in no dispatch table; NOTES.md,
 # sessions 14-15): 128 columns (r8 n8 k8) and 256 (r8 n16 k8, two slabs a
-# warpgroup: only in a sweep built with candidates/wgmma-two-slabs.patch;
+# warpgroup: only in a sweep built with candidates/m64-tiles.patch;
 # without it ncu profiles nothing for that name). Stall reasons per issued
 # instruction, then per SASS line (source page as CSV, one file per tile).
 NCU_STALLS='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio'
