@@ -4,17 +4,18 @@
 
 marlin_matmul sends large M to "dequantize + dot" (ops._dense_call): the
 codes are unpacked from the Marlin layout, dequantized to a 16-bit (K, N)
-weight, and XLA runs the GEMM with float32 output, cast back. On the H100
-that path took 3710 us at M = 2048 on 8192x57344 against 2801 us for
-``jnp.dot`` on a 16-bit weight: ~900 us more, where writing the 16-bit
-weight once costs ~400 us at copy bandwidth. This times the pieces side by
-side (profiler kernel time, the weights rotated through more than the L2),
-and lists each variant's kernels by name, so the extra can be placed:
+weight, and XLA runs the GEMM. On the H100 that path took 3710 us at
+M = 2048 on 8192x57344 against 2801 us for ``jnp.dot`` on a 16-bit weight,
+where writing the 16-bit weight once costs ~400 us at copy bandwidth. This
+times the pieces side by side (profiler kernel time, the weights rotated
+through more than the L2) and lists each variant's kernels by name, so the
+extra can be placed (it found the GEMM's float32 output, since removed, and
+XLA's dequantize fusion at ~65% of copy bandwidth):
   dot16         jnp.dot(x, w16), the baseline
   dot16_f32out  the same GEMM with preferred_element_type=float32, cast back
   dequant       dequantize(qw) alone: the 16-bit weight materialized
   path          ops._dense_call, what marlin_matmul runs
-  path_f16out   dequantize(qw), then jnp.dot with the 16-bit output
+  path_f32out   the path as it was before 2619b91 (float32 GEMM output, cast back)
 """
 
 import argparse
@@ -34,7 +35,8 @@ def variants():
         "dot16_f32out": lambda x, w: jnp.dot(x, w[1], preferred_element_type=jnp.float32).astype(x.dtype),
         "dequant": lambda x, w: dequantize(w[0]),
         "path": lambda x, w: ops._dense_call(x, w[0].packed, w[0].scales),
-        "path_f16out": lambda x, w: jnp.dot(x, dequantize(w[0])),
+        "path_f32out": lambda x, w: jnp.dot(x, dequantize(w[0]),
+                                            preferred_element_type=jnp.float32).astype(x.dtype),
     }
 
 
@@ -78,7 +80,7 @@ def main():
             print(f"{K}x{N} M={M} {args.dtype}, {calls} calls a program, us a call (kernel time):", flush=True)
             for name in fns:
                 print(f"  {name:14s} {t[name] * 1e6:10.1f}", flush=True)
-            for name in ("path", "path_f16out", "dequant"):
+            for name in ("path", "path_f32out", "dequant"):
                 print(f"  kernels of {name}:")
                 for kname, us in kernels_by_name(fns[name], (xs, bench.rotate(ws, calls)), calls).most_common(6):
                     print(f"    {us:10.1f}  {kname}")
