@@ -88,19 +88,19 @@ ffi::ErrorOr<std::unique_ptr<LockBuffer>> InstantiateSparseLocks(int64_t rows, i
 // XLA command buffer): lets tests check that the kernel really ran inside one.
 std::atomic<int64_t> g_captured_calls{0};
 
-// Whether the call's launch may overlap the kernel before it in the stream
-// (MarlinProblem::may_overlap). Not while the stream is being captured: XLA
-// traces a custom call into a CUDA graph of its own, where the launch has no
-// predecessor to overlap, so the kernel would only pay for its prefetch.
-// Counts the captured executions.
-bool may_overlap(cudaStream_t stream) {
+// Whether `stream` is being captured into a CUDA graph; counts the captured
+// executions. A captured call's launch may not overlap its predecessor
+// (MarlinProblem::may_overlap): XLA traces a custom call into a CUDA graph of
+// its own, where the launch has no predecessor to overlap, so the kernel
+// would only pay for its prefetch.
+bool count_if_captured(cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
       capture == cudaStreamCaptureStatusActive) {
     g_captured_calls.fetch_add(1, std::memory_order_relaxed);
-    return false;
+    return true;
   }
-  return true;
+  return false;
 }
 
 ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::AnyBuffer x,
@@ -155,7 +155,7 @@ ffi::Error MarlinMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::Any
   }
   problem.locks = locks->per_device[device];
   problem.locks_zeroed = true;
-  problem.may_overlap = may_overlap(stream);
+  problem.may_overlap = !count_if_captured(stream);
   problem.m = m;
   problem.k = k;
   problem.n = n;
@@ -222,7 +222,7 @@ ffi::Error SparseMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::Any
   problem.workspace = workspace->typed_data();
   problem.locks = locks->per_device[device];
   problem.locks_zeroed = true;
-  problem.may_overlap = may_overlap(stream);
+  problem.may_overlap = !count_if_captured(stream);
   problem.m = m;
   problem.k = k;
   problem.n = n;
