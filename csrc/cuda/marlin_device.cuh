@@ -127,6 +127,13 @@ __device__ __forceinline__ uint32_t ld_shared4(uint32_t smem) {
   return v;
 }
 
+// 8 bytes from shared memory.
+__device__ __forceinline__ uint2 ld_shared8(uint32_t smem) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(smem));
+  return v;
+}
+
 // 16 bytes from shared memory.
 __device__ __forceinline__ uint4 ld_shared16(uint32_t smem) {
   uint4 v;

@@ -114,8 +114,8 @@ constexpr auto table_entry() {
   if constexpr (!tries(preference(variant), config)) {
     return Entry{nullptr};
   } else {
-    using Tile =
-        TileShape<row_blocks, c.n_blocks, c.k_blocks, c.warps, grouped, 1, warps_m(row_blocks)>;
+    using Tile = TileShape<row_blocks, c.n_blocks, c.k_blocks, c.warps, grouped, 1, 1, false, false,
+                           slab_sharing_warps(row_blocks)>;
     if constexpr (!Tile::kFits) {
       return Entry{nullptr};
     } else if constexpr (Prepare) {

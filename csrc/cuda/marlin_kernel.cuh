@@ -91,9 +91,10 @@ class MarlinBlock {
       s_src_ = keep(tid / kRowChunks * p.n + tid % kRowChunks * 8);
     }
     // With wgmma a warp reads only its own word (j0) of each 16-byte unit.
-    b_read_ = keep(
-        16 * (Tile::kAStage + (warp_k_ * Tile::kKBlocksPerWarp * Tile::kWarpsN + warp_n_) * 32 + lane_) + 4 * j0());
-    s_read_ = keep(16 * (Tile::kAStage + Tile::kBStage + warp_n_ * kWarpCols / 8 + lane_ / 4) + 4 * j0());
+    b_read_ = keep(16 * (Tile::kAStage + (warp_k_ * Tile::kKBlocksPerWarp * Tile::kSlabs + first_slab()) * 32 +
+                         lane_) +
+                   4 * j0());
+    s_read_ = keep(16 * (Tile::kAStage + Tile::kBStage + first_slab() * kWarpCols / 8 + lane_ / 4) + 4 * j0());
     if constexpr (kScaleOncePossible) {
       // The one group row of the warp's share of a k-tile (scale-once path).
       const int s_row = (warp_k_ * Tile::kKBlocksPerWarp * 16) >> p.group_shift;
@@ -145,7 +146,7 @@ class MarlinBlock {
 
  private:
   static constexpr int kStageBytes = 16 * Tile::kStage;
-  static constexpr int kBRow = Tile::kWarpsN * 32;  // 16-byte units of a tile's packed row
+  static constexpr int kBRow = Tile::kSlabs * 32;  // 16-byte units of a tile's packed row
   static constexpr int kACopies = (Tile::kAStage + Tile::kThreads - 1) / Tile::kThreads;
   static constexpr int kBCopies = (Tile::kBStage + Tile::kThreads - 1) / Tile::kThreads;
   static_assert(Tile::kBStage % Tile::kThreads == 0, "every thread copies the same weight units");
@@ -226,12 +227,43 @@ class MarlinBlock {
     }
   }
 
+  // The first of the kSlabsPerWarpgroup 64-column slabs this warp's
+  // (warpgroup's, with wgmma) accumulators cover.
+  __device__ int first_slab() const { return warp_n_ * Tile::kSlabsPerWarpgroup; }
+
+  // The first column of this warp's n16 sub-tile j: with mma.sync sub-tile
+  // j of its slab (from the slab's start), with wgmma its own sub-tile (j0)
+  // of its slab j (from the n-tile's start).
+  __device__ int sub_tile_col(int j) const {
+    if constexpr (Tile::kWgmma) {
+      return (first_slab() + j) * kWarpCols + 16 * j0();
+    } else {
+      return 16 * (j0() + j);
+    }
+  }
+
   // The first n16 sub-tile of the slab this warp accumulates.
   __device__ int j0() const {
     if constexpr (Tile::kWgmma) {
       return warp_ % 4;
+    } else if constexpr (Tile::kWarpsJ > 1) {
+      return warp_ / Tile::kWarpsN % Tile::kWarpsJ * kJ;
     } else {
       return 0;
+    }
+  }
+
+  // This warp's kJ 4-byte words of a 16-byte unit (packed words or their
+  // scales), from word j0 on: the whole unit unless the slab is split by
+  // columns.
+  __device__ static uint4 ld_words(uint32_t smem) {
+    if constexpr (kJ == 4) {
+      return ld_shared16(smem);
+    } else if constexpr (kJ == 2) {
+      const uint2 v = ld_shared8(smem);
+      return make_uint4(v.x, v.y, 0, 0);
+    } else {
+      return make_uint4(ld_shared4(smem), 0, 0, 0);
     }
   }
 
@@ -297,7 +329,7 @@ class MarlinBlock {
   // take the unscaled codes (exact in 16 bits) into fresh accumulators, which
   // saves the four half2 multiplies each packed word costs otherwise. The
   // fresh accumulators double the warp's; with up to 2 row blocks they fit.
-  static constexpr bool kScaleOncePossible = Tile::kGrouped && !Tile::kWgmma && kRB <= 2;
+  static constexpr bool kScaleOncePossible = Tile::kGrouped && !Tile::kWgmma && Tile::kWarpsJ == 1 && kRB <= 2;
   static constexpr int kLog2WarpK = Tile::kKBlocksPerWarp == 1   ? 4
                                     : Tile::kKBlocksPerWarp == 2 ? 5
                                     : Tile::kKBlocksPerWarp == 4 ? 6
@@ -326,7 +358,7 @@ class MarlinBlock {
 
   // One k16 step's operands, as this lane reads them from shared memory.
   struct StepOperands {
-    uint4 words;         // packed words of the warp's 4 n16 tiles
+    uint4 words;         // packed words of the warp's kJ n16 tiles (ld_words)
     uint4 scales;        // their group scales (scaled steps only)
     uint32_t x[kRB][2];  // x^T B fragments (k16 x n8), one per row block
   };
@@ -335,13 +367,13 @@ class MarlinBlock {
   template <bool kScaled>
   __device__ void load_step(uint32_t stage, int i, StepOperands& op) const {
     const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
-    op.words = ld_shared16(stage + b_read_ + 16 * 32 * Tile::kWarpsN * i);
+    op.words = ld_words(stage + b_read_ + 16 * 32 * Tile::kSlabs * i);
     // Group scales: the scale permutation puts the 8 columns a lane's
     // words touch (c, c + 8, ..., c + 56 with c = lane / 4) in 16 bytes.
     op.scales = make_uint4(0, 0, 0, 0);
     if constexpr (kScaled) {
       const int s_row = (kb * 16) >> p_.group_shift;
-      op.scales = ld_shared16(stage + s_read_ + s_row * (2 * Tile::kTileN));
+      op.scales = ld_words(stage + s_read_ + s_row * (2 * Tile::kTileN));
     }
     // x fragments (the constructor has this lane's swizzled addresses).
     uint32_t x_step;
@@ -398,31 +430,47 @@ class MarlinBlock {
   }
 
   // wgmma: this warp dequantizes its word of every k16 block's packed unit
-  // (16 of the slab's 64 columns) into a register A fragment; then the
-  // warpgroup multiplies each with the k16 x kTileM slice of x^T. The stage
+  // (16 of a slab's 64 columns), in each of its warpgroup's slabs, into a
+  // register A fragment; then the warpgroup multiplies each with the k16 x
+  // kTileM slice of x^T (one x operand for all its slabs). The stage
   // is not refilled before the next iteration's barrier, so waiting for the
   // group here keeps its x tile alive long enough.
   __device__ void compute_stage_wgmma(uint32_t stage) {
-    uint32_t afrag[Tile::kKBlocksPerWarp][4];
+    constexpr int kS = Tile::kSlabsPerWarpgroup;
+    uint32_t afrag[kS][Tile::kKBlocksPerWarp][4];
 #pragma unroll
     for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
       const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
-      const uint32_t word = ld_shared4(stage + b_read_ + 16 * 32 * Tile::kWarpsN * i);
-      uint32_t b0[2], b1[2];
-      Dtype<T>::dequant(word, b0, b1);
-      if constexpr (Tile::kGrouped) {
-        const int s_row = (kb * 16) >> p_.group_shift;
-        const T2 s = as_t2<T2>(ld_shared4(stage + s_read_ + s_row * (2 * Tile::kTileN)));
-        scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
-        scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
+#pragma unroll
+      for (int slab = 0; slab < kS; ++slab) {
+        const uint32_t word = ld_shared4(stage + b_read_ + 16 * 32 * (Tile::kSlabs * i + slab));
+        uint32_t b0[2], b1[2];
+        Dtype<T>::dequant(word, b0, b1);
+        if constexpr (Tile::kGrouped) {
+          const int s_row = (kb * 16) >> p_.group_shift;
+          const T2 s = as_t2<T2>(
+              ld_shared4(stage + s_read_ + s_row * (2 * Tile::kTileN) + slab * (2 * kWarpCols)));
+          scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
+          scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
+        }
+        uint32_t(&a)[4] = afrag[slab][i];
+        a[0] = b0[0], a[1] = b1[0], a[2] = b0[1], a[3] = b1[1];
       }
-      afrag[i][0] = b0[0], afrag[i][1] = b1[0], afrag[i][2] = b0[1], afrag[i][3] = b1[1];
     }
     // B = x^T, K-major: the two 16-byte columns of k of block kb are
     // kTileM / 8 core matrices apart (leading offset); 8-row groups are
     // adjacent (stride offset).
     constexpr uint32_t kKStep = 16 * 8 * (Tile::kTileM / 8), kNStep = 128;
-    float(&acc)[Tile::kTileM / 2] = *reinterpret_cast<float(*)[Tile::kTileM / 2]>(&acc_[0][0][0]);
+    // Slab s's D fragment: element 4 rb + e is acc_[rb][s][e] (per 8 rows of
+    // x, the m16n8 layout). Named as one array for the asm; the copies in
+    // and out are register renames.
+    float d[kS][Tile::kTileM / 2];
+#pragma unroll
+    for (int slab = 0; slab < kS; ++slab)
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) d[slab][4 * rb + e] = acc_[rb][slab][e];
     wgmma_fence();
 #pragma unroll
     for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
@@ -430,10 +478,17 @@ class MarlinBlock {
       const uint32_t start = stage + 2 * kb * kKStep;
       const uint64_t desc = kWgmmaLeadingIsK ? wgmma_descriptor(start, kKStep, kNStep)
                                              : wgmma_descriptor(start, kNStep, kKStep);
-      WgmmaRS<T, Tile::kTileM>::run(acc, afrag[i], desc);
+#pragma unroll
+      for (int slab = 0; slab < kS; ++slab) WgmmaRS<T, Tile::kTileM>::run(d[slab], afrag[slab][i], desc);
     }
     wgmma_commit();
     wgmma_wait<0>();
+#pragma unroll
+    for (int slab = 0; slab < kS; ++slab)
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_[rb][slab][e] = d[slab][4 * rb + e];
   }
 
   // End of this block's share of n-tile `n_tile` (stripe.cuh);
@@ -447,20 +502,24 @@ class MarlinBlock {
   }
 
   __device__ int workspace_index(int rb, int j) const {
-    return (((row_block0_ + rb) * 4 + j0() + j) * Tile::kWarpsN + warp_n_) * 32 + lane_;
+    if constexpr (Tile::kWgmma) {
+      return (((row_block0_ + rb) * 4 + j0()) * Tile::kSlabs + first_slab() + j) * 32 + lane_;
+    } else {
+      return (((row_block0_ + rb) * 4 + j0() + j) * Tile::kWarpsN + warp_n_) * 32 + lane_;
+    }
   }
 
   // Accumulator layout (m16n8, here n16 x m8): lane (g, t) holds columns
   // 16 j + g (elements 0, 1) and 16 j + g + 8 (elements 2, 3), each for rows
   // 2 t and 2 t + 1 of the row block. `stage`: the stage that ended the tile.
   __device__ void write_output(int n_tile, uint32_t stage) {
-    const int col0 = n_tile * Tile::kTileN + warp_n_ * kWarpCols;
+    const int col0 = n_tile * Tile::kTileN + (Tile::kWgmma ? 0 : warp_n_ * kWarpCols);
     const int g = lane_ / 4, t = lane_ % 4;
 #pragma unroll
     for (int j = 0; j < kJ; ++j) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int col = col0 + 16 * (j0() + j) + 8 * half + g;
+        const int col = col0 + sub_tile_col(j) + 8 * half + g;
         float s = 1.f;
         if constexpr (Tile::kChannelScalesInStage) {
           s = channel_scale(stage, n_tile, col);

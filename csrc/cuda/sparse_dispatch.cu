@@ -109,7 +109,7 @@ constexpr auto table_entry() {
     return Entry{nullptr};
   } else {
     using Tile =
-        SparseTileShape<row_blocks, c.n_blocks, c.bands, c.warps, grouped, warps_m(row_blocks)>;
+        SparseTileShape<row_blocks, c.n_blocks, c.bands, c.warps, grouped, slab_sharing_warps(row_blocks)>;
     if constexpr (!Tile::kFits) {
       return Entry{nullptr};
     } else if constexpr (Prepare) {

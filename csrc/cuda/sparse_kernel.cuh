@@ -85,13 +85,6 @@ struct SparseTileShape {
 // Device pieces only the sparse kernel uses
 // ---------------------------------------------------------------------------
 
-// 8 bytes from shared memory.
-__device__ __forceinline__ uint2 ld_shared8(uint32_t smem) {
-  uint2 v;
-  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(smem));
-  return v;
-}
-
 // Four 8x8 b16 matrices: lanes 8q .. 8q + 7 point at the rows of matrix q.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&frag)[4], uint32_t smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"

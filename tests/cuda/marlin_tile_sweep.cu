@@ -161,6 +161,12 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, b
 #define SWEEPM2(RB, NB, KB, W)                                                                   \
   time_tile<TileShape<RB, NB, KB, W, true, 1, 2>>("r" #RB " n" #NB " k" #KB " w" #W " msplit2", \
                                                   layer, b, m)
+// "jsplit2": two warps share each slab by columns (two n16 sub-tiles and
+// every row block each), so no weight is dequantized twice.
+#define SWEEPJ2(RB, NB, KB, W)                                                                     \
+  time_tile<TileShape<RB, NB, KB, W, true, 1, 1, false, false, 2>>("r" #RB " n" #NB " k" #KB " w" #W \
+                                                                   " jsplit2",                      \
+                                                                   layer, b, m)
 // "wgmma": warpgroup MMA tiles (sm_90a; this tool is built for it).
 #define SWEEPW(RB, NB, KB, W)                                                                     \
   time_tile<TileShape<RB, NB, KB, W, true, 1, 1, false, true>>("r" #RB " n" #NB " k" #KB " w" #W \
@@ -455,6 +461,10 @@ int main(int argc, char** argv) {
       SWEEPW(4, 8, 8, 8);
       SWEEPW(4, 4, 16, 8);
       SWEEPW(4, 8, 16, 8);
+      // 256 columns a tile, two slabs a warpgroup: half the x bytes per weight byte.
+      SWEEPW(4, 16, 8, 8);
+      SWEEPW(4, 16, 4, 8);
+      SWEEPJ2(4, 16, 8, 8);
       // Is M = 32 bound by its memory pipeline (x re-read from L2 for every
       // n-tile) or by the math? The production tile without the math:
       time_tile<TileShape<4, 16, 8, 8, true, 1, 1, true>>("r4 n16 k8 w8 loads-only", layer, b, m,
@@ -469,6 +479,13 @@ int main(int argc, char** argv) {
       SWEEPW(8, 4, 16, 8);
       SWEEPW(8, 8, 16, 8);
       SWEEPW(8, 8, 4, 8);
+      SWEEPW(8, 16, 8, 8);
+      SWEEPW(8, 16, 4, 8);
+      // The M split dequantizes each weight in both warps of a slab; the
+      // column split does it once (same 64 accumulators a warp).
+      SWEEPJ2(8, 16, 8, 8);
+      SWEEPJ2(8, 8, 16, 8);
+      SWEEPJ2(8, 16, 4, 8);
       // The same question at M = 64, for the production tile and the wgmma
       // one (whose stage carries twice the x bytes per weight byte); and the
       // production tile with its weights L2-resident (no HBM).
@@ -478,6 +495,11 @@ int main(int argc, char** argv) {
                                                                layer, b, m, true, true);
       time_tile<TileShape<8, 16, 8, 8, true, 1, 2>>("r8 n16 k8 w8 msplit2 L2-resident", layer, b, m,
                                                     false);
+    }
+    for (int m : {128}) {
+      SWEEPM2(16, 16, 8, 8);  // production (128 x 256, one pass of 128 rows)
+      SWEEPJ2(16, 16, 8, 8);
+      SWEEPJ2(16, 16, 4, 8);
     }
     {
       // Where the M = 1 time goes: weights in L2 (no HBM), the pipeline
