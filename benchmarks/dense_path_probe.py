@@ -13,8 +13,10 @@ extra can be placed (it found the GEMM's float32 output, since removed, and
 XLA's dequantize fusion at ~65% of copy bandwidth):
   dot16         jnp.dot(x, w16), the baseline
   dot16_f32out  the same GEMM with preferred_element_type=float32, cast back
-  dequant       dequantize(qw) alone: the 16-bit weight materialized
-  path          ops._dense_call, what marlin_matmul runs
+  dequant       dequantize(qw) alone (XLA's fusion): the 16-bit weight materialized
+  cuda_dequant  the same weight from the CUDA dequantize target
+  path          ops._dense_call(on_cuda=True), what marlin_matmul runs
+  path_xla_dequant  the same with XLA's dequantize
   path_f32out   the path as it was before 2619b91 (float32 GEMM output, cast back)
 """
 
@@ -34,7 +36,9 @@ def variants():
         "dot16": lambda x, w: jnp.dot(x, w[1]),
         "dot16_f32out": lambda x, w: jnp.dot(x, w[1], preferred_element_type=jnp.float32).astype(x.dtype),
         "dequant": lambda x, w: dequantize(w[0]),
-        "path": lambda x, w: ops._dense_call(x, w[0].packed, w[0].scales),
+        "path": lambda x, w: ops._dense_call(x, w[0].packed, w[0].scales, on_cuda=True),
+        "path_xla_dequant": lambda x, w: ops._dense_call(x, w[0].packed, w[0].scales),
+        "cuda_dequant": lambda x, w: ops._cuda_dequantize(w[0].packed, w[0].scales),
         "path_f32out": lambda x, w: jnp.dot(x, dequantize(w[0]),
                                             preferred_element_type=jnp.float32).astype(x.dtype),
     }
@@ -80,7 +84,7 @@ def main():
             print(f"{K}x{N} M={M} {args.dtype}, {calls} calls a program, us a call (kernel time):", flush=True)
             for name in fns:
                 print(f"  {name:14s} {t[name] * 1e6:10.1f}", flush=True)
-            for name in ("path", "path_f32out", "dequant"):
+            for name in ("path", "path_xla_dequant", "dequant", "cuda_dequant"):
                 print(f"  kernels of {name}:")
                 for kname, us in kernels_by_name(fns[name], (xs, bench.rotate(ws, calls)), calls).most_common(6):
                     print(f"    {us:10.1f}  {kname}")

@@ -4,6 +4,7 @@
 // neither a GPU nor a CUDA driver.
 #include <nanobind/nanobind.h>
 
+#include "common/marlin_layout.h"
 #include "cpu/marlin_cpu.h"
 #ifdef JAX_MARLIN_WITH_CUDA
 #include "cuda/marlin_cuda_ffi.h"
@@ -18,6 +19,8 @@ namespace {
 constexpr const char* kTarget = "jax_marlin_matmul";
 // 2:4 sparse weights (issue 8).
 constexpr const char* kSparseTarget = "jax_marlin_sparse_matmul";
+// The dense weight (CUDA only: the large-M dense path; the CPU needs none).
+constexpr const char* kDequantizeTarget = "jax_marlin_dequantize";
 
 // XLA expects a PyCapsule holding the handler's address (no name).
 template <typename Fn>
@@ -43,6 +46,7 @@ nb::dict Registrations() {
   nb::dict cuda;
   cuda[kTarget] = stages;
   cuda[kSparseTarget] = sparse_stages;
+  cuda[kDequantizeTarget] = Capsule(MarlinDequantizeCuda);
   out["CUDA"] = cuda;
 #endif
   return out;
@@ -64,6 +68,25 @@ nb::dict Types() {
   return out;
 }
 
+// Whether the layout's closed forms (device code) equal the FORMAT.md
+// recipe's tables at every entry.
+bool LayoutClosedFormsMatch() {
+  using namespace jax_marlin;
+  const auto dest = MarlinWeightUnpermute();
+  for (int i = 0; i < kRunValues; ++i) {
+    if (dest[i] != MarlinCodePosition(i / 8, i % 8)) return false;
+  }
+  const auto grouped = MarlinGroupedScaleInverse();
+  for (int b = 0; b < 64; ++b) {
+    if (grouped[b] != MarlinGroupedScaleSource(b)) return false;
+  }
+  const auto channel = MarlinPerChannelScaleInverse();
+  for (int b = 0; b < 32; ++b) {
+    if (channel[b] != MarlinPerChannelScaleSource(b)) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 NB_MODULE(_ext, m) {
@@ -73,6 +96,9 @@ NB_MODULE(_ext, m) {
         "of them by execution stage}.");
   m.def("types", &Types,
         "Map platform -> {type name: {'type_id', 'type_info'}}: FFI types to register first.");
+  m.def("layout_closed_forms_match", &LayoutClosedFormsMatch,
+        "Whether the closed-form Marlin layout maps the CUDA dequantize uses equal the "
+        "FORMAT.md recipe tables (marlin_layout.h).");
   m.def("has_cuda", []() {
 #ifdef JAX_MARLIN_WITH_CUDA
     return true;

@@ -51,6 +51,7 @@ _ext = _import_ext()
 
 TARGET = "jax_marlin_matmul"
 SPARSE_TARGET = "jax_marlin_sparse_matmul"  # 2:4 sparse weights
+DEQUANTIZE_TARGET = "jax_marlin_dequantize"  # CUDA only: the dense weight, for large M
 
 # _ext names platforms as jax.ffi.register_ffi_target wants them ("cpu",
 # "CUDA"); BACKENDS uses jax.default_backend()-style names ("cpu", "cuda").

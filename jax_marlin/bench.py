@@ -344,7 +344,7 @@ TUNE_BATCHES = (64, 128, 256, 512, 1024, 2048)
 _TUNE_FORMATS = {
     "dense": (marlin_weights, marlin_bytes,
               lambda x, w: ops._kernel_call(x, w.packed, w.scales),
-              lambda x, w: ops._dense_call(x, w.packed, w.scales)),
+              lambda x, w: ops._dense_call(x, w.packed, w.scales, on_cuda=True)),
     "sparse": (sparse_weights, sparse_bytes,
                lambda x, w: ops._sparse_kernel_call(x, w.values, w.meta, w.scales),
                lambda x, w: ops._sparse_dense_call(x, w.values, w.meta, w.scales)),

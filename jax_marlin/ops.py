@@ -100,16 +100,29 @@ def _gpu_kind() -> str:
         return ""
 
 
-def _dense_call(x2, packed, scales):
+def _dense_call(x2, packed, scales, *, on_cuda: bool = False):
     """Dequantize once and let XLA run a dense GEMM.
 
-    The GEMM writes the 16-bit output itself (cuBLAS accumulates in float32
-    either way): asking for a float32 result and casting it back made XLA
-    write and re-read a float32 (M, N) as well, 8% more time at M = 2048 on
-    8192 x 57344 (H100, benchmarks/dense_path_probe.py).
+    on_cuda: dequantize with the CUDA target (the caller runs on a CUDA
+    device), not with XLA's fusion of jax_marlin.dequantize: the same bits,
+    written at close to copy bandwidth. The GEMM writes the 16-bit output
+    itself (cuBLAS accumulates in float32 either way): asking for a float32
+    result and casting it back made XLA write and re-read a float32 (M, N)
+    as well, 8% more time at M = 2048 on 8192 x 57344 (H100,
+    benchmarks/dense_path_probe.py).
     """
-    w = dequantize(QuantizedWeight(packed=packed, scales=scales))
+    if on_cuda:
+        w = _cuda_dequantize(packed, scales)
+    else:
+        w = dequantize(QuantizedWeight(packed=packed, scales=scales))
     return _dot_16bit(x2, w)
+
+
+def _cuda_dequantize(packed, scales):
+    """jax_marlin.dequantize as one CUDA kernel (the FFI target; CUDA devices only)."""
+    K, N = QuantizedWeight(packed=packed, scales=scales).shape
+    return jax.ffi.ffi_call(_ffi().DEQUANTIZE_TARGET, jax.ShapeDtypeStruct((K, N), scales.dtype))(
+        packed, scales)
 
 
 def _dot_16bit(x2, w):
@@ -121,7 +134,7 @@ def _cuda_call(x2, packed, scales):
     (M, K), N = x2.shape, scales.shape[1]
     # Large M: the measured table (dispatch.py) may send it to a dense GEMM.
     if dispatch.use_dense(_gpu_kind(), M, K, N, np.dtype(x2.dtype).name):
-        return _dense_call(x2, packed, scales)
+        return _dense_call(x2, packed, scales, on_cuda=True)
     return _kernel_call(x2, packed, scales)
 
 

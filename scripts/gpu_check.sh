@@ -102,11 +102,11 @@ profile_m1() {
   ncu -k regex:marlin_kernel --launch-skip 20 --launch-count 1 "${NCU_SECTIONS[@]}" "$sweep_bin" 8192 8192
 }
 # M = 64 (the large-M question): the production tile of that M, picked by its
-# mangled name (8 row blocks, 16 n-blocks, 8 k-blocks, 8 warps, grouped, 2
-# warps a slab), on 28672 x 8192; then the sparse kernel's M = 64 tile in
+# mangled name (8 row blocks, 16 n-blocks, 8 k-blocks, 8 warps, grouped, two
+# warps a slab, split by columns), on 28672 x 8192; then the sparse kernel's M = 64 tile in
 # its benchmark (8 row blocks, 16 n-blocks, 4 bands, 8 warps, grouped, 2).
 profile_m64() {
-  ncu --kernel-name-base mangled -k regex:'TileShapeILi8ELi16ELi8ELi8ELb1ELi1ELi2ELb0' \
+  ncu --kernel-name-base mangled -k regex:'TileShapeILi8ELi16ELi8ELi8ELb1ELi1ELi1ELb0ELb0ELi2E' \
     --launch-skip 5 --launch-count 1 "${NCU_SECTIONS[@]}" "$sweep_bin" 28672 8192
   if [[ -x "$sparse_bin" ]]; then
     ncu --kernel-name-base mangled -k regex:'SparseTileShapeILi8ELi16ELi4ELi8ELb1ELi2E' \

@@ -1,4 +1,5 @@
-"""A few small marlin_matmul calls on the GPU, checked against numpy.
+"""A few small marlin_matmul calls on the GPU, checked against numpy, and
+the dense path's CUDA dequantize, checked bit for bit.
 
 Meant to run under compute-sanitizer (scripts/gpu_check.sh), so it is small:
 each shape is one kernel launch sequence. M in {1, 33, 70} covers a single
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_marlin as jm
+from jax_marlin import ops
 
 # (K, N, group size or None = per-channel, dtype)
 CASES = [
@@ -75,6 +77,12 @@ def main() -> int:
             y = jm.marlin_matmul(jax.device_put(x, gpus[0]), qw)
             name = f"M={M} K={K} N={N} g={group_size or 'K'} {jnp.dtype(dtype).name}"
             failures += not check(name, y, reference(x, codes, scales, group_size), dtype)
+        # The large-M dense path's CUDA dequantize: the exact weight.
+        w = np.asarray(ops._cuda_dequantize(qw.packed, qw.scales).astype(jnp.float32))
+        exact = np.array_equal(w, np.asarray(jm.dequantize(qw).astype(jnp.float32)))
+        print(f"{'ok  ' if exact else 'FAIL'} dequantize K={K} N={N} g={group_size or 'K'} "
+              f"{jnp.dtype(dtype).name}: {'bit-exact' if exact else 'differs'}")
+        failures += not exact
     for K, N, group_size, dtype in SPARSE_CASES:
         w = rng.standard_normal((K, N)).astype(np.float32)
         sqw = jm.quantize_sparse(w, group_size, dtype=dtype)

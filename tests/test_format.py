@@ -204,3 +204,12 @@ def test_astype_converts_scales_only():
 @pytest.mark.parametrize("g", [32, 64, 128, None])
 def test_check_shape_accepts_supported(g):
     layout.check_shape(256, 128, 256 if g is None else g)
+
+
+def test_layout_closed_forms_match_the_recipe():
+    """The CUDA dequantize computes where each code and scale goes in closed
+    form (marlin_layout.h); the CPU handler uses tables built from FORMAT.md's
+    recipe. The two agree at every entry of a run."""
+    from jax_marlin import _ffi
+
+    assert _ffi._ext.layout_closed_forms_match()

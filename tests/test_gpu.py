@@ -57,6 +57,21 @@ def test_llama_shapes(case, weights, util):
     util.assert_close(y, x, qw)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("K,N,g", [(64, 64, 32), (256, 576, 64), (512, 1088, 128),
+                                   (4096, 4096, 128), (1024, 1536, None)])
+def test_cuda_dequantize_is_bit_exact(K, N, g, dtype, util):
+    """The dense path's CUDA dequantize gives jax_marlin.dequantize's bits:
+    every group layout, N with a partial last block of 512 columns."""
+    from jax_marlin import ops
+
+    qw = util.random_weight(K + N, K, N, g, dtype)
+    w = jax.jit(ops._cuda_dequantize)(qw.packed, qw.scales)
+    assert w.dtype == np.dtype(dtype) and w.shape == (K, N)
+    np.testing.assert_array_equal(np.asarray(w.astype(jnp.float32)),
+                                  np.asarray(jm.dequantize(qw).astype(jnp.float32)))
+
+
 @pytest.mark.parametrize("K,N", LLAMA_SHAPES)
 def test_kernel_itself_at_large_m(K, N, weights, util):
     """marlin_matmul may hand large M to dequantize + dot (the measured table,

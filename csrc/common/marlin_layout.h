@@ -51,6 +51,36 @@ inline std::array<int16_t, kRunValues> MarlinWeightUnpermute() {
   return dest;
 }
 
+// The same three maps in closed form, for device code (a table lookup per
+// code would serialize on constant memory, and a table in global memory
+// would need an upload per device). _ext.layout_closed_forms_match()
+// compares each with the recipe above, entry by entry (tests/test_layout.py).
+#if defined(__CUDACC__)
+#define JAX_MARLIN_HOST_DEVICE __host__ __device__
+#else
+#define JAX_MARLIN_HOST_DEVICE
+#endif
+
+// MarlinWeightUnpermute()[8 * word + nibble]: word w of a run is lane w / 4's
+// register w % 4 (16x16 tile w % 4 of the band); its nibbles interleave the
+// lane's two 8-column blocks (even nibbles the first, odd the second) over
+// the rows 2 (lane % 4) + {0, 1, 8, 9} of the mma fragment.
+JAX_MARLIN_HOST_DEVICE inline int MarlinCodePosition(int word, int nibble) {
+  const int lane = word / 4, tile = word % 4;
+  const int n = 2 * (nibble % 4) + nibble / 4;  // kInterleave[nibble]
+  const int block = n / 4, r = n % 4;
+  const int row = 2 * (lane % 4) + (r & 1) + 8 * (r >> 1);
+  const int col = 16 * tile + 8 * block + lane / 4;
+  return row * kRunCols + col;
+}
+
+// MarlinGroupedScaleInverse()[b] and MarlinPerChannelScaleInverse()[b]:
+// where natural column b of a run of scales is stored.
+JAX_MARLIN_HOST_DEVICE inline int MarlinGroupedScaleSource(int b) { return 8 * (b % 8) + b / 8; }
+JAX_MARLIN_HOST_DEVICE inline int MarlinPerChannelScaleSource(int b) {
+  return 8 * ((b % 8) / 2) + 2 * (b / 8) + b % 2;
+}
+
 // Scale permutations (out[a] = in[perm[a]]) and their inverses
 // (in[b] = out[inverse[b]]): grouped scales in runs of 64, per-channel in
 // runs of 32.

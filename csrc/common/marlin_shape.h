@@ -125,6 +125,39 @@ inline xla::ffi::Error CheckMarlinOperands(
   return xla::ffi::Error::Success();
 }
 
+// The "jax_marlin_dequantize" target (CUDA): packed (K/16, 2N) int32,
+// scales (G, N) float16 / bfloat16, the result w (K, N) in the scales' dtype.
+// Fills *shape with M = K (w has K rows).
+inline xla::ffi::Error CheckDequantizeOperands(
+    xla::ffi::DataType packed_type, xla::ffi::Span<const int64_t> packed_dims,
+    xla::ffi::DataType scales_type, xla::ffi::Span<const int64_t> scales_dims,
+    xla::ffi::DataType w_type, xla::ffi::Span<const int64_t> w_dims, MarlinShape* shape) {
+  using shape_internal::Dims;
+  constexpr const char* kTarget = "jax_marlin_dequantize";
+  auto invalid = [](const std::string& what) {
+    return xla::ffi::Error::InvalidArgument(std::string(kTarget) + ": " + what);
+  };
+  if (packed_type != xla::ffi::DataType::S32) return invalid("packed weights must be int32");
+  if (packed_dims.size() != 2) {
+    return invalid("packed weights must have rank 2 (K/16, 2N), got " + Dims(packed_dims));
+  }
+  if (scales_type != xla::ffi::DataType::F16 && scales_type != xla::ffi::DataType::BF16) {
+    return invalid("scales must be float16 or bfloat16");
+  }
+  // w is checked as the (M, N) result of an (M, K) operand with M = K.
+  const int64_t k = packed_dims[0] * kBandRows;
+  const int64_t kk[2] = {k, k};
+  xla::ffi::Error status = CheckActivationsAndScales(
+      kTarget, scales_type, xla::ffi::Span<const int64_t>(kk, 2), scales_type, scales_dims, w_type,
+      w_dims, shape);
+  if (status.failure()) return status;
+  if (packed_dims[1] != 2 * shape->n) {
+    return invalid("packed weights have shape " + Dims(packed_dims) + ", expected (K/16, 2N) = (" +
+                   std::to_string(packed_dims[0]) + ", " + std::to_string(2 * shape->n) + ")");
+  }
+  return xla::ffi::Error::Success();
+}
+
 // The 2:4 sparse target: x (M, K), values (K/32, 2N) int32, meta (K/32, N)
 // int32, scales (G, N), y (M, N).
 inline xla::ffi::Error CheckSparseOperands(

@@ -1,5 +1,6 @@
 // The "jax_marlin_matmul" and "jax_marlin_sparse_matmul" FFI targets on CUDA: validate the operands with the
-// checks every backend shares, then hand raw pointers to the launchers.
+// checks every backend shares, then hand raw pointers to the launchers. Also
+// "jax_marlin_dequantize" (CUDA only), the large-M dense path's first half.
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -234,6 +235,32 @@ ffi::Error SparseMatmulCudaImpl(cudaStream_t stream, LockBuffer* locks, ffi::Any
   return ffi::Error::Success();
 }
 
+// The "jax_marlin_dequantize" target: the Marlin weight as a dense (K, N)
+// matrix, for the large-M path (dequantize, then XLA's GEMM). Stateless.
+ffi::Error MarlinDequantizeCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> packed,
+                                    ffi::AnyBuffer scales, ffi::Result<ffi::AnyBuffer> w) {
+  MarlinShape shape;
+  if (ffi::Error err = CheckDequantizeOperands(packed.element_type(), packed.dimensions(),
+                                               scales.element_type(), scales.dimensions(),
+                                               w->element_type(), w->dimensions(), &shape);
+      err.failure()) {
+    return err;
+  }
+  DequantizeProblem problem;
+  problem.dtype = shape.dtype == ffi::DataType::BF16 ? ActDtype::kBFloat16 : ActDtype::kFloat16;
+  problem.packed = packed.typed_data();
+  problem.scales = scales.untyped_data();
+  problem.w = w->untyped_data();
+  problem.k = static_cast<int>(shape.k);
+  problem.n = static_cast<int>(shape.n);
+  problem.group_size = static_cast<int>(shape.group_size);
+  if (cudaError_t err = marlin_dequantize(problem, stream); err != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jax_marlin_dequantize (CUDA): kernel launch failed: ") +
+                                cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_TypeId* lock_buffer_type_id() { return &LockBuffer::id; }
@@ -282,4 +309,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseMatmulCuda, jax_marlin::cuda::SparseMatmulCu
                                   .Ret<xla::ffi::Buffer<xla::ffi::F32>>()
                                   .Attr<int64_t>("rows")
                                   .Attr<int64_t>("cols"),
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+
+// packed, scales -> w (K, N). Command-buffer compatible: one launch, nothing else.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinDequantizeCuda, jax_marlin::cuda::MarlinDequantizeCudaImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::S32>>()
+                                  .Arg<xla::ffi::AnyBuffer>()
+                                  .Ret<xla::ffi::AnyBuffer>(),
                               {xla::ffi::Traits::kCmdBufferCompatible});

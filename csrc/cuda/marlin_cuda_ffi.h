@@ -20,6 +20,12 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(MarlinMatmulCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(SparseMatmulCudaInstantiate);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(SparseMatmulCuda);
 
+// The dense weight, CUDA only (the dense path of large M): packed (K/16, 2N)
+// s32, scales (G, N) f16/bf16 -> w (K, N) in the scales' dtype, row-major,
+// equal to jax_marlin.dequantize bit for bit. Stateless; command-buffer
+// compatible.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(MarlinDequantizeCuda);
+
 namespace jax_marlin::cuda {
 
 // The per-call state's type, for jax.ffi.register_ffi_type (it must be

@@ -19,6 +19,7 @@
 
 #include <cuda_runtime.h>
 
+#include "common/marlin_layout.h"
 #include "marlin_device.cuh"
 #include "marlin_tiles.h"
 #include "marlin_wgmma.cuh"
@@ -538,10 +539,10 @@ class MarlinBlock {
   }
 
   // Where natural column `col` sits in the per-channel scale permutation
-  // (FORMAT.md: runs of 32, position 8 i + 2 e + b holds column 2 i + 8 e + b).
+  // (runs of 32; marlin_layout.h).
   __device__ static int per_channel_position(int col) {
     const int c = col % 32;
-    return col - c + 8 * ((c % 8) / 2) + 2 * (c / 8) + c % 2;
+    return col - c + MarlinPerChannelScaleSource(c);
   }
   // The per-channel scale of column `col` of n-tile `n_tile`, from the scale
   // row `stage` carries (load_stage).

@@ -46,4 +46,16 @@ cudaError_t prepare_kernels();
 // graph: no host synchronisation, no allocation.
 cudaError_t marlin_matmul(const MarlinProblem& problem, cudaStream_t stream);
 
+// The weight itself: w = (code - 8) * scale, row-major (k, n), in the
+// scales' dtype (marlin_dequantize.cu), for the large-M dense path.
+struct DequantizeProblem {
+  ActDtype dtype;
+  const void* packed;  // (k / 16, 2 n) int32, Marlin layout
+  const void* scales;  // (k / group_size, n) permuted scales
+  void* w;             // (k, n) output
+  int k, n;
+  int group_size;      // 32, 64, 128, or k (per-channel)
+};
+cudaError_t marlin_dequantize(const DequantizeProblem& problem, cudaStream_t stream);
+
 }  // namespace jax_marlin::cuda

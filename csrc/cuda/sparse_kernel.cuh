@@ -490,8 +490,7 @@ class SparseBlock {
 
   // The scales of this lane's output columns 16 j + g + 8 half of its run
   // in n-tile `n_tile`; ones for grouped tiles and warps that never write.
-  // Per-channel scales are in the grouped order too: column c of a run sits
-  // at position 8 (c % 8) + c / 8.
+  // Per-channel scales are in the grouped order too (marlin_layout.h).
   __device__ void load_column_scales(int n_tile, float (&s)[4][2]) const {
     const int col0 = n_tile * Tile::kTileN + warp_n_ * kWarpCols;
 #pragma unroll
@@ -500,7 +499,7 @@ class SparseBlock {
       for (int half = 0; half < 2; ++half) {
         const int c = 16 * j + 8 * half + lane_ / 4;
         s[j][half] = 1.f;
-        if (!Tile::kGrouped && warp_k_ == 0) s[j][half] = to_float(p_.scales[col0 + 8 * (c % 8) + c / 8]);
+        if (!Tile::kGrouped && warp_k_ == 0) s[j][half] = to_float(p_.scales[col0 + MarlinGroupedScaleSource(c)]);
       }
   }
 
