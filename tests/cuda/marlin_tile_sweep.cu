@@ -471,7 +471,7 @@ int main(int argc, char** argv) {
                                                           true, true);
     }
     for (int m : {64}) {
-      SWEEPM2(8, 16, 8, 8);  // production; profile64 picks it by name
+      SWEEPM2(8, 16, 8, 8);  // production until session 15 (row split)
       // Fit only a larger shared-memory budget (-DJAX_MARLIN_SMEM_BUDGET_KB=224).
       SWEEPM2(8, 16, 16, 8);
       SWEEPM2(8, 8, 16, 8);
@@ -483,7 +483,7 @@ int main(int argc, char** argv) {
       SWEEPW(8, 16, 4, 8);
       // The M split dequantizes each weight in both warps of a slab; the
       // column split does it once (same 64 accumulators a warp).
-      SWEEPJ2(8, 16, 8, 8);
+      SWEEPJ2(8, 16, 8, 8);  // production; profile64 picks it by name
       SWEEPJ2(8, 8, 16, 8);
       SWEEPJ2(8, 16, 4, 8);
       // The same question at M = 64, for the production tile and the wgmma
@@ -497,8 +497,8 @@ int main(int argc, char** argv) {
                                                     false);
     }
     for (int m : {128}) {
-      SWEEPM2(16, 16, 8, 8);  // production (128 x 256, one pass of 128 rows)
-      SWEEPJ2(16, 16, 8, 8);
+      SWEEPM2(16, 16, 8, 8);  // production until session 15 (row split)
+      SWEEPJ2(16, 16, 8, 8);  // production (128 x 256, one pass of 128 rows)
       SWEEPJ2(16, 16, 4, 8);
     }
     {
