@@ -44,9 +44,14 @@ inline std::string Dims(xla::ffi::Span<const int64_t> dims) {
   return s + (dims.size() == 1 ? ",)" : ")");
 }
 
-inline xla::ffi::Error Invalid(const std::string& what) {
-  return xla::ffi::Error::InvalidArgument("jax_marlin_matmul: " + what);
+// invalid(what): an InvalidArgument error that names the FFI target.
+inline auto InvalidFor(const char* target) {
+  return [target](const std::string& what) {
+    return xla::ffi::Error::InvalidArgument(std::string(target) + ": " + what);
+  };
 }
+
+inline xla::ffi::Error Invalid(const std::string& what) { return InvalidFor("jax_marlin_matmul")(what); }
 
 }  // namespace shape_internal
 
@@ -59,9 +64,7 @@ inline xla::ffi::Error CheckActivationsAndScales(
     xla::ffi::DataType y_type, xla::ffi::Span<const int64_t> y_dims, MarlinShape* shape) {
   using shape_internal::Dims;
   using xla::ffi::DataType;
-  auto invalid = [target](const std::string& what) {
-    return xla::ffi::Error::InvalidArgument(std::string(target) + ": " + what);
-  };
+  const auto invalid = shape_internal::InvalidFor(target);
 
   if (x_type != DataType::F16 && x_type != DataType::BF16) {
     return invalid("x must be float16 or bfloat16");
@@ -134,9 +137,7 @@ inline xla::ffi::Error CheckDequantizeOperands(
     xla::ffi::DataType w_type, xla::ffi::Span<const int64_t> w_dims, MarlinShape* shape) {
   using shape_internal::Dims;
   constexpr const char* kTarget = "jax_marlin_dequantize";
-  auto invalid = [](const std::string& what) {
-    return xla::ffi::Error::InvalidArgument(std::string(kTarget) + ": " + what);
-  };
+  const auto invalid = shape_internal::InvalidFor(kTarget);
   if (packed_type != xla::ffi::DataType::S32) return invalid("packed weights must be int32");
   if (packed_dims.size() != 2) {
     return invalid("packed weights must have rank 2 (K/16, 2N), got " + Dims(packed_dims));
@@ -168,9 +169,7 @@ inline xla::ffi::Error CheckSparseOperands(
     xla::ffi::DataType y_type, xla::ffi::Span<const int64_t> y_dims, MarlinShape* shape) {
   using shape_internal::Dims;
   constexpr const char* kTarget = "jax_marlin_sparse_matmul";
-  auto invalid = [](const std::string& what) {
-    return xla::ffi::Error::InvalidArgument(std::string(kTarget) + ": " + what);
-  };
+  const auto invalid = shape_internal::InvalidFor(kTarget);
   xla::ffi::Error status = CheckActivationsAndScales(
       kTarget, x_type, x_dims, scales_type, scales_dims, y_type, y_dims, shape);
   if (status.failure()) return status;
