@@ -255,16 +255,15 @@ class MarlinBlock {
   }
 
   // This warp's kJ 4-byte words of a 16-byte unit (packed words or their
-  // scales), from word j0 on: the whole unit unless the slab is split by
-  // columns.
+  // scales), from word j0 on: the whole unit, or half of it where the slab
+  // is split by columns.
   __device__ static uint4 ld_words(uint32_t smem) {
     if constexpr (kJ == 4) {
       return ld_shared16(smem);
-    } else if constexpr (kJ == 2) {
+    } else {
+      static_assert(kJ == 2, "mma.sync tiles take a slab's 4 sub-tiles or 2 of them");
       const uint2 v = ld_shared8(smem);
       return make_uint4(v.x, v.y, 0, 0);
-    } else {
-      return make_uint4(ld_shared4(smem), 0, 0, 0);
     }
   }
 

@@ -98,8 +98,8 @@ inline constexpr int kMaxStages = 16;
 // kLoadsOnly is a measuring probe for the tuning tools, never dispatched: the
 // kernel streams its tiles through the pipeline but skips the math, which
 // shows what the memory pipeline alone reaches.
-// kWarpsJ: warps that share a slab by columns instead (each takes 4 /
-// kWarpsJ of its n16 sub-tiles and all the row blocks): unlike the M split,
+// kWarpsJ: two warps that share a slab by columns instead (each takes two
+// of its n16 sub-tiles and all the row blocks): unlike the M split,
 // every dequantized weight is dequantized once and feeds all kRowBlocks MMAs.
 // kWgmma (sm_90a only): a warpgroup (4 warps) multiplies a 64-column slab by
 // all kTileM rows with one wgmma.m64n{kTileM}k16 per k16 block, warp w
@@ -174,7 +174,7 @@ struct TileShape {
   static_assert(kNBlocks % 4 == 0, "a warp owns 64 output columns");
   static_assert(kSlabs % kSlabsPerWarpgroup == 0, "warpgroups must share the slabs evenly");
   static_assert(kRowBlocks % kWarpsM == 0, "the M split must divide the row blocks");
-  static_assert(kWarpsJ == 1 || (!kWgmma && kWarpsM == 1 && (kWarpsJ == 2 || kWarpsJ == 4)),
+  static_assert(kWarpsJ == 1 || (!kWgmma && kWarpsM == 1 && kWarpsJ == 2),
                 "a slab splits by rows or by columns, not both; wgmma tiles split it their own way");
   static_assert(kWarps % kWarpsMN == 0 && kWarpsK >= 1, "warps must tile M and N evenly");
   static_assert(kKBlocks % kWarpsK == 0, "K split must divide the k-tile");
