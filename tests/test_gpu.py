@@ -241,3 +241,56 @@ def test_inside_forced_command_buffer(weights, tmp_path):
     # Each handler counts a captured execution once (the count also decides
     # that the launch does not overlap: MarlinProblem::may_overlap).
     assert after_sparse - after_dense == after_dense - before, (before, after_dense, after_sparse)
+
+
+def test_cp_async_path_gives_the_same_bits(weights, util, tmp_path):
+    """On Hopper the kernels take x by TMA; JAX_MARLIN_TMA=0 (read once per
+    process) makes them load it by cp.async, the path Ampere runs. The two
+    stage the same values in the same order, so every row count, dense and
+    2:4, both dtypes, must give the same bits (and both the right product)."""
+    cases = [(jnp.float16, 128), (jnp.bfloat16, None)]
+    rows = [1, 16, 33, 64, 128, 200]
+    weights_of = {}
+    arrays = {}
+    for i, (dtype, g) in enumerate(cases):
+        qw = weights(4096, 12288, g, dtype)
+        sqw = jm.quantize_sparse(jax.random.normal(jax.random.key(i), (4096, 4096)) * 0.02, g,
+                                 dtype=dtype)
+        weights_of[i] = (qw, sqw)
+        arrays.update({f"packed{i}": qw.packed, f"scales{i}": qw.scales})
+        arrays.update({f"values{i}": sqw.values, f"meta{i}": sqw.meta, f"sscales{i}": sqw.scales})
+        for M in rows:
+            arrays[f"x{i}_{M}"] = util.random_x(M, (M, 4096), dtype)
+    # 16-bit floats travel as float32 (exact; numpy has no bfloat16).
+    np.savez(tmp_path / "in.npz", **{
+        k: np.asarray(v if v.dtype == jnp.int32 else v.astype(jnp.float32)) for k, v in arrays.items()})
+    script = textwrap.dedent(
+        f"""
+        import jax, numpy as np, jax_marlin as jm
+        d = np.load({str(tmp_path / "in.npz")!r})
+        out = {{}}
+        for i, dtype in enumerate({[np.dtype(dtype).name for dtype, _ in cases]}):
+            a = lambda k: jax.numpy.asarray(d[k], None if d[k].dtype == np.int32 else dtype)
+            qw = jm.QuantizedWeight(packed=a(f"packed{{i}}"), scales=a(f"scales{{i}}"))
+            sqw = jm.SparseQuantizedWeight(values=a(f"values{{i}}"), meta=a(f"meta{{i}}"),
+                                           scales=a(f"sscales{{i}}"))
+            for M in {rows}:
+                x = a(f"x{{i}}_{{M}}")
+                out[f"dense{{i}}_{{M}}"] = np.asarray(jm.marlin_matmul(x, qw)).view(np.uint16)
+                out[f"sparse{{i}}_{{M}}"] = np.asarray(jm.marlin_matmul(x, sqw)).view(np.uint16)
+        np.savez({str(tmp_path / "out.npz")!r}, **out)
+        """
+    )
+    env = dict(os.environ, JAX_MARLIN_TMA="0", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    out = np.load(tmp_path / "out.npz")
+    for i, (dtype, g) in enumerate(cases):
+        qw, sqw = weights_of[i]
+        for M in rows:
+            x = jnp.asarray(arrays[f"x{i}_{M}"])
+            for name, w in (("dense", qw), ("sparse", sqw)):
+                y = jm.marlin_matmul(x, w)
+                util.assert_close(y, x, w)
+                np.testing.assert_array_equal(
+                    out[f"{name}{i}_{M}"], np.asarray(y).view(np.uint16),
+                    err_msg=f"{name} {np.dtype(dtype).name} group {g} M={M}: cp.async and TMA differ")

@@ -2,6 +2,8 @@
 // cached per device, and the resident-block count of a kernel instance.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -86,15 +88,29 @@ inline bool programmatic_launch() {
   return enabled && current_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) >= 9;
 }
 
+// Whether launches on the current device bring x into the pipeline by TMA
+// (kTmaX tiles; compute capability 9.0+) rather than by cp.async.
+// JAX_MARLIN_TMA=0 turns it off (the cp.async path that Ampere runs, for
+// tests and A/B benchmarks on Hopper), read once.
+inline bool x_by_tma() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("JAX_MARLIN_TMA");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return enabled && current_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) >= 9;
+}
+
 // Launches kernel<<<blocks, threads, smem, stream>>>(params); where
 // `overlap` (the kernel waits for its predecessor itself:
 // overlap_previous_grid in stripe.cuh) and the device has it, as a
 // programmatic dependent launch, which may start before the previous kernel
 // in the stream ends. In a CUDA graph capture that is a programmatic edge.
 // params.overlapped tells the kernel which of the two it got.
-template <typename Params>
-cudaError_t launch_overlapping(void (*kernel)(Params), int blocks, int threads, int smem,
-                               cudaStream_t stream, Params params, bool overlap) {
+// `extra`: the kernel's parameters after the first (a kTmaX kernel's
+// tensor map).
+template <typename Params, typename... Extra>
+cudaError_t launch_overlapping(void (*kernel)(Params, Extra...), int blocks, int threads, int smem,
+                               cudaStream_t stream, Params params, bool overlap, Extra... extra) {
   params.overlapped = overlap && programmatic_launch();
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -106,7 +122,59 @@ cudaError_t launch_overlapping(void (*kernel)(Params), int blocks, int threads, 
   config.stream = stream;
   config.attrs = attribute;
   config.numAttrs = params.overlapped ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, params);
+  return cudaLaunchKernelEx(&config, kernel, params, extra...);
+}
+
+// The tensor map a kTmaX kernel (marlin_kernel_tma_x) reads x through: x
+// (rows, k) 16-bit row-major, boxes of `box_k` elements of K by `tile_m`
+// rows, with the 128-byte swizzle where `swizzle128` (the mma.sync tiles'
+// layout; box_k 64) or none (wgmma's; box_k 8). Rows past `rows` read as
+// zeros. The driver's encoder is looked up through the runtime once (the
+// extension does not link libcuda). A host call, no device work.
+inline cudaError_t encode_x_tensor_map(CUtensorMap* map, const void* x, int rows, int k,
+                                       int box_k, int tile_m, bool swizzle128) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(k) * 2};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_k), static_cast<cuuint32_t>(tile_m)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, const_cast<void*>(x), dims,
+                            strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            swizzle128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// Launches a tile's kernel for one chunk (launch_overlapping, Tile's threads
+// and shared memory); a kTmaX kernel also gets the tensor map of the
+// chunk's x (params.x, params.rows x params.k), made here for every launch:
+// x moves from call to call (64-column boxes are the 128-byte swizzled
+// halves of the mma tiles; 8-column ones wgmma's core-matrix columns).
+// kTmaX needs compute capability 9.0.
+template <typename Tile, typename Kernel, typename Params>
+cudaError_t launch_tile(Kernel kernel, cudaStream_t stream, const Params& params, bool overlap) {
+  if constexpr (Tile::kTmaX) {
+    if (current_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) < 9) return cudaErrorNotSupported;
+    alignas(64) CUtensorMap x_map;
+    const cudaError_t err = encode_x_tensor_map(&x_map, params.x, params.rows, params.k, Tile::kXBoxK,
+                                                Tile::kTileM, Tile::kXBoxK == 64);
+    if (err != cudaSuccess) return err;
+    return launch_overlapping(kernel, params.stripes, Tile::kThreads, Tile::kSmemBytes, stream, params,
+                              overlap, x_map);
+  } else {
+    return launch_overlapping(kernel, params.stripes, Tile::kThreads, Tile::kSmemBytes, stream, params,
+                              overlap);
+  }
 }
 
 // How many blocks of `Kernel` (launched with Tile's threads and shared

@@ -342,4 +342,70 @@ __device__ __forceinline__ bool last_to_arrive(int* counter, int parts) {
   return is_last;
 }
 
+// ---------------------------------------------------------------------------
+// Tensor-memory-access (TMA) copies with mbarrier completion (sm_90+): what
+// x may come into the stages through instead of per-thread cp.async
+// (TileShape::kTmaX). One thread issues a stage's copies; the consumers wait
+// on the stage's mbarrier. The copy engine writes through the async proxy,
+// so wgmma may read the data without a proxy fence. Elsewhere these trap
+// (the launchers never pick a kTmaX tile below compute capability 9.0).
+// ---------------------------------------------------------------------------
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define JAX_MARLIN_HAS_TMA 1
+#else
+#define JAX_MARLIN_HAS_TMA 0
+#endif
+
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t arrivals) {
+#if JAX_MARLIN_HAS_TMA
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+#endif
+}
+// Makes the initialised barriers visible to the copy engine (async proxy).
+__device__ __forceinline__ void fence_mbarrier_init() {
+#if JAX_MARLIN_HAS_TMA
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+// This thread's arrival, announcing `bytes` that copies will complete on
+// the barrier (the phase ends when both are in).
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#if JAX_MARLIN_HAS_TMA
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+#else
+  __trap();
+#endif
+}
+// Waits until the barrier's phase of parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+#if JAX_MARLIN_HAS_TMA
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "x_wait_loop:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra x_wait_loop;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+#else
+  __trap();
+#endif
+}
+// The box of a 2-D tensor map at element coordinates (c0 fastest, c1) into
+// shared memory at `dst`, completing its bytes on barrier `bar`. Elements
+// outside the tensor (rows past M) arrive as zeros.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, int c0, int c1,
+                                            uint32_t bar) {
+#if JAX_MARLIN_HAS_TMA
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(map), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
 }  // namespace jax_marlin::cuda

@@ -52,10 +52,20 @@ constexpr std::array<int, kNumConfigs> preference(int variant) {
   return {1, -1, -1, -1, -1};
 }
 
+// The kernel of a tile: x by TMA (marlin_kernel_tma_x) or by cp.async.
+template <typename T, typename Tile>
+constexpr auto kernel_of() {
+  if constexpr (Tile::kTmaX) {
+    return &marlin_kernel_tma_x<T, Tile>;
+  } else {
+    return &marlin_kernel<T, Tile>;
+  }
+}
+
 template <typename T, typename Tile>
 cudaError_t prepare_chunk() {
   int resident = 0;
-  return resident_blocks_per_sm<marlin_kernel<T, Tile>, Tile>(&resident);
+  return resident_blocks_per_sm<kernel_of<T, Tile>(), Tile>(&resident);
 }
 
 // One chunk (up to 128 rows) of the product, with a fixed kernel instance.
@@ -67,7 +77,7 @@ template <typename T, typename Tile>
 cudaError_t launch_chunk(const MarlinProblem& pr, int row0, int rows, int* locks,
                          cudaStream_t stream) {
   int resident_per_sm = 0;
-  cudaError_t err = resident_blocks_per_sm<marlin_kernel<T, Tile>, Tile>(&resident_per_sm);
+  cudaError_t err = resident_blocks_per_sm<kernel_of<T, Tile>(), Tile>(&resident_per_sm);
   if (err != cudaSuccess) return err;
 
   MarlinParams<T> p;
@@ -88,15 +98,16 @@ cudaError_t launch_chunk(const MarlinProblem& pr, int row0, int rows, int* locks
   static_assert(Tile::kBlocksPerSM == 1, "workspace_floats sizes the grid at one block per SM");
   p.stripes = stripe_count(total, n_tiles, multiprocessor_count() * resident_per_sm);
 
-  return launch_overlapping(marlin_kernel<T, Tile>, p.stripes, Tile::kThreads, Tile::kSmemBytes,
-                            stream, p, kLaunchesOverlapping<Tile::kTileM> && pr.may_overlap);
+  return launch_tile<Tile>(kernel_of<T, Tile>(), stream, p,
+                          kLaunchesOverlapping<Tile::kTileM> && pr.may_overlap);
 }
 
-// Table index = ((dtype * 2 + grouped) * kNumRowVariants + variant) * kNumConfigs + config.
-constexpr int table_index(ActDtype dtype, bool grouped, int variant, int config) {
-  return ((static_cast<int>(dtype) * 2 + (grouped ? 1 : 0)) * kNumRowVariants + variant) *
+// Table index = (((tma_x * 2 + dtype) * 2 + grouped) * kNumRowVariants + variant) *
+// kNumConfigs + config; tma_x: x comes in by TMA (x_by_tma).
+constexpr int table_index(ActDtype dtype, bool grouped, int variant, int config, bool tma_x) {
+  return (((tma_x ? 2 : 0) + static_cast<int>(dtype)) * 2 + (grouped ? 1 : 0)) * kNumRowVariants *
              kNumConfigs +
-         config;
+         variant * kNumConfigs + config;
 }
 
 // The kernel instance at table index I, as a launcher (Prepare = false) or
@@ -106,7 +117,8 @@ constexpr auto table_entry() {
   constexpr int config = I % kNumConfigs;
   constexpr int row_blocks = kRowBlockCounts[(I / kNumConfigs) % kNumRowVariants];
   constexpr bool grouped = (I / (kNumConfigs * kNumRowVariants)) % 2 == 1;
-  constexpr bool is_bf16 = I / (kNumConfigs * kNumRowVariants * 2) == 1;
+  constexpr bool is_bf16 = (I / (kNumConfigs * kNumRowVariants * 2)) % 2 == 1;
+  constexpr bool tma_x = I / (kNumConfigs * kNumRowVariants * 4) == 1;
   constexpr TileConfig c = kTileConfigs[config];
   using T = std::conditional_t<is_bf16, __nv_bfloat16, half>;
   constexpr int variant = (I / kNumConfigs) % kNumRowVariants;
@@ -115,7 +127,7 @@ constexpr auto table_entry() {
     return Entry{nullptr};
   } else {
     using Tile = TileShape<row_blocks, c.n_blocks, c.k_blocks, c.warps, grouped, 1, 1, false, false,
-                           slab_sharing_warps(row_blocks)>;
+                           slab_sharing_warps(row_blocks), tma_x>;
     if constexpr (!Tile::kFits) {
       return Entry{nullptr};
     } else if constexpr (Prepare) {
@@ -131,17 +143,21 @@ constexpr auto make_table(std::integer_sequence<int, I...>) {
   return std::array{table_entry<I, Prepare>()...};
 }
 
-constexpr auto kTableSize = std::make_integer_sequence<int, 2 * 2 * kNumRowVariants * kNumConfigs>{};
+constexpr auto kTableSize = std::make_integer_sequence<int, 2 * 2 * 2 * kNumRowVariants * kNumConfigs>{};
 constexpr auto kLaunchers = make_table<false>(kTableSize);
 constexpr auto kPreparers = make_table<true>(kTableSize);
 
 int pick_config(int variant, int k, int n) {
   for (int c : preference(variant)) {
     if (c < 0) break;
-    // Shared-memory fit depends only on the shapes (the same for fp16 and bf16).
-    if (kLaunchers[table_index(ActDtype::kFloat16, true, variant, c)] == nullptr ||
-        kLaunchers[table_index(ActDtype::kFloat16, false, variant, c)] == nullptr)
-      continue;
+    // Shared-memory fit depends only on the shapes (the same for fp16 and
+    // bf16); a configuration must fit both ways of loading x, so that the
+    // choice (and the workspace) does not depend on the device.
+    bool fits = true;
+    for (bool grouped : {false, true})
+      for (bool tma_x : {false, true})
+        fits = fits && kLaunchers[table_index(ActDtype::kFloat16, grouped, variant, c, tma_x)] != nullptr;
+    if (!fits) continue;
     if (kTileConfigs[c].serves(k, n)) return c;
   }
   return -1;
@@ -189,9 +205,11 @@ const char* unsupported_reason(int m, int k, int n, int group_size) {
 }
 
 cudaError_t prepare_kernels() {
-  for (ChunkPreparer prepare : kPreparers) {
-    if (prepare == nullptr) continue;
-    if (cudaError_t err = prepare(); err != cudaSuccess) return err;
+  // Only the instances this device launches (x by TMA or not: x_by_tma).
+  const size_t half = kPreparers.size() / 2;
+  for (size_t i = x_by_tma() ? half : 0, end = i + half; i < end; ++i) {
+    if (kPreparers[i] == nullptr) continue;
+    if (cudaError_t err = kPreparers[i](); err != cudaSuccess) return err;
   }
   return cudaSuccess;
 }
@@ -212,7 +230,7 @@ cudaError_t marlin_matmul(const MarlinProblem& pr, cudaStream_t stream) {
     const int variant = row_variant(rows);
     const int config = pick_config(variant, pr.k, pr.n);
     if (config < 0) return cudaErrorInvalidValue;
-    err = kLaunchers[table_index(pr.dtype, grouped, variant, config)](
+    err = kLaunchers[table_index(pr.dtype, grouped, variant, config, x_by_tma())](
         pr, row0, rows, pr.locks + chunk * locks_per_chunk, stream);
     if (err != cudaSuccess) return err;
   }

@@ -17,6 +17,7 @@
 // across n-tile boundaries, so a block never drains its loads mid-stripe.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap (marlin_kernel_tma_x)
 #include <cuda_runtime.h>
 
 #include "common/marlin_layout.h"
@@ -50,8 +51,10 @@ class MarlinBlock {
   static constexpr int kJ = Tile::kSubTilesPerWarp;
 
  public:
-  __device__ MarlinBlock(const MarlinParams<T>& p, int4* smem)
+  // x_map: the tensor map of x, for kTmaX tiles (marlin_kernel_tma_x).
+  __device__ MarlinBlock(const MarlinParams<T>& p, int4* smem, const void* x_map = nullptr)
       : p_(p),
+        x_map_(x_map),
         red_(smem + Tile::kStages * Tile::kStage),
         smem_base_(keep(smem_addr(smem))),
         warp_(threadIdx.x / 32),
@@ -109,12 +112,12 @@ class MarlinBlock {
     // step i of the warp (its first block is a multiple of 4 when it has 4 or
     // more): steps i and i + 4 differ by 8 chunks, so kXReads offsets cover
     // all. Where the steps stay a loop, only the row's address is kept.
-    const int x_row = (row_block0_ * 8 + lane_ % 8) * Tile::kAChunksPerRow;
+    const int x_row = (row_block0_ * 8 + lane_ % 8) * XS::kRowUnits;
 #pragma unroll
     for (int i = 0; i < kXReads; ++i) {
       const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
       const int chunk = kStepsUnrolled ? (kb * 2 + (lane_ / 8) % 2) ^ (lane_ % 8) : 0;
-      x_read_[i] = keep(16 * (x_row + chunk));
+      x_read_[i] = keep(16 * (x_row + XS::chunk_units(chunk)));
     }
   }
 
@@ -130,9 +133,12 @@ class MarlinBlock {
     // loads, one consuming. Stepped, not recomputed: no divisions per tile.
     LoadCursor load{begin / k_tiles_, begin % k_tiles_, count, nullptr};
     load.b = b_thread_ + b_tile_offset(load.n_tile, load.k_tile);
+    if constexpr (Tile::kTmaX) x_bars_.init(Tile::kStages);
 
     zero(acc_);
-    stream_stripe<Tile::kStages, Tile::kWgmma>(
+    // x by TMA is written through the async proxy already: only cp.async'd x
+    // needs the proxy fence before wgmma reads it.
+    stream_stripe<Tile::kStages, Tile::kWgmma && !Tile::kTmaX>(
         smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
         [&](uint32_t stage, bool hint) {
           load_stage(stage, load, hint);
@@ -201,11 +207,13 @@ class MarlinBlock {
   // wgmma tiles instead store x in wgmma's canonical no-swizzle layout:
   // 8-row x 16-byte core matrices, contiguous, the kTileM / 8 core matrices
   // of one 16-byte column of k next to each other.
+  // (kTmaX mma.sync tiles: in 128-byte column-half planes, SwizzledX.)
+  using XS = SwizzledX<Tile::kTileM, Tile::kAChunksPerRow, Tile::kTmaX && !Tile::kWgmma>;
   __device__ static int a_offset(int row, int chunk) {
     if constexpr (Tile::kWgmma) {
       return (chunk * (Tile::kTileM / 8) + row / 8) * 8 + row % 8;
     } else {
-      return row * Tile::kAChunksPerRow + (chunk ^ (row & 7));
+      return XS::offset(row, chunk);
     }
   }
 
@@ -271,14 +279,25 @@ class MarlinBlock {
   // scale rows (kSStage). `stage` is the stage's shared address.
   __device__ void load_stage(uint32_t stage, const LoadCursor& at, bool hint) {
     // Activations: kTileM rows x kTileK columns; rows past M are zero-filled.
-    // Offsets in unsigned 32-bit arithmetic (x has < 2^32 16-byte units):
-    // one wide multiply-add per address instead of a sign extension, a
-    // shift and a 64-bit add.
-    const auto* x_units = reinterpret_cast<const int4*>(p_.x);
-    const unsigned x_tile = static_cast<unsigned>(at.k_tile) * Tile::kAChunksPerRow;
+    if constexpr (Tile::kTmaX) {
+      // One copy a 16-byte column of the tile: its kTileM rows of 16 bytes
+      // land contiguous, i.e. as that column's core matrices (a_offset).
+      // Rows past M are outside the tensor map: zeros.
+      // wgmma: a box a 16-byte column, at its core matrices; mma.sync: a
+      // box a 128-byte half (the map swizzles it), at its plane.
+      x_bars_.load<Tile::kTileK / Tile::kXBoxK, Tile::kXBoxK>(
+          stage, 16 * Tile::kAStage, x_map_, at.k_tile * Tile::kTileK,
+          [](int b) { return Tile::kWgmma ? a_offset(0, b) : b * XS::kHalfUnits; });
+    } else {
+      // Offsets in unsigned 32-bit arithmetic (x has < 2^32 16-byte units):
+      // one wide multiply-add per address instead of a sign extension, a
+      // shift and a 64-bit add.
+      const auto* x_units = reinterpret_cast<const int4*>(p_.x);
+      const unsigned x_tile = static_cast<unsigned>(at.k_tile) * Tile::kAChunksPerRow;
 #pragma unroll
-    for (int j = 0; j < kACopies; ++j) {
-      if (a_copy_[j]) cp_async16_zfill(stage + a_dst_[j], x_units + (x_tile + a_src_[j]), a_valid_[j]);
+      for (int j = 0; j < kACopies; ++j) {
+        if (a_copy_[j]) cp_async16_zfill(stage + a_dst_[j], x_units + (x_tile + a_src_[j]), a_valid_[j]);
+      }
     }
 
     // Weights: kKBlocks rows of the packed array, kBRow 16-byte units each,
@@ -310,17 +329,24 @@ class MarlinBlock {
   }
 
   __device__ void compute_stage(uint32_t stage) {
-    if constexpr (Tile::kLoadsOnly) return;
+    if constexpr (Tile::kLoadsOnly) {
+      // A barrier's next use must find its phase complete.
+      if constexpr (Tile::kTmaX) x_bars_.wait(stage);
+      return;
+    }
     if constexpr (Tile::kWgmma) {
       compute_stage_wgmma(stage);
-    } else if constexpr (kScaleOncePossible) {
-      if (p_.group_shift >= kLog2WarpK) {
-        compute_stage_scaled_once(stage);
-      } else {
-        multiply_stage<true>(stage, acc_);
-      }
     } else {
-      multiply_stage<Tile::kGrouped>(stage, acc_);
+      if constexpr (Tile::kTmaX) x_bars_.wait(stage);
+      if constexpr (kScaleOncePossible) {
+        if (p_.group_shift >= kLog2WarpK) {
+          compute_stage_scaled_once(stage);
+        } else {
+          multiply_stage<true>(stage, acc_);
+        }
+      } else {
+        multiply_stage<Tile::kGrouped>(stage, acc_);
+      }
     }
   }
 
@@ -378,13 +404,13 @@ class MarlinBlock {
     // x fragments (the constructor has this lane's swizzled addresses).
     uint32_t x_step;
     if constexpr (kStepsUnrolled) {
-      x_step = stage + x_read_[i % kXReads] + 16 * 8 * (i / kXReads);
+      x_step = stage + x_read_[i % kXReads] + 16 * XS::kHalfUnits * (i / kXReads);
     } else {
-      x_step = stage + x_read_[0] + 16 * ((kb * 2 + (lane_ / 8) % 2) ^ (lane_ % 8));
+      x_step = stage + x_read_[0] + 16 * XS::chunk_units((kb * 2 + (lane_ / 8) % 2) ^ (lane_ % 8));
     }
 #pragma unroll
     for (int rb = 0; rb < kRB; ++rb) {
-      ldmatrix_x2(op.x[rb], x_step + 16 * rb * 8 * Tile::kAChunksPerRow);
+      ldmatrix_x2(op.x[rb], x_step + 16 * rb * 8 * XS::kRowUnits);
     }
   }
 
@@ -461,6 +487,8 @@ class MarlinBlock {
     // kTileM / 8 core matrices apart (leading offset); 8-row groups are
     // adjacent (stride offset).
     constexpr uint32_t kKStep = 16 * 8 * (Tile::kTileM / 8), kNStep = 128;
+    // x by TMA: wait only now, after the dequantize, which needs no x.
+    if constexpr (Tile::kTmaX) x_bars_.wait(stage);
     // Slab s's D fragment: element 4 rb + e is acc_[rb][s][e] (per 8 rows of
     // x, the m16n8 layout). Named as one array for the asm; the copies in
     // and out are register renames.
@@ -555,8 +583,11 @@ class MarlinBlock {
   __device__ static T from_float(float v) { return Dtype<T>::from_floats(v, v).x; }
 
   const MarlinParams<T> p_;
+  const void* x_map_;
   int4* red_;
   const uint32_t smem_base_;  // shared address of stage 0
+  // kTmaX: the stages' x barriers, after the reduction scratch.
+  TmaXBarriers<kStageBytes> x_bars_{smem_base_ + 16 * (Tile::kStages * Tile::kStage + Tile::kRed), smem_base_};
   const int warp_, lane_, warp_n_, warp_mn_, warp_k_, row_block0_;
   const int k_tiles_, n_tiles_;
   const uint64_t evict_first_;
@@ -593,6 +624,26 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
   extern __shared__ int4 smem[];
   MarlinBlock<T, Tile> block(p, smem);
   block.run();
+}
+
+// The kTmaX tiles' kernel (compute capability 9.0+; x_by_tma picks it): as
+// marlin_kernel, with a tensor map of this chunk's x, (rows, K) row-major
+// (encode_x_tensor_map). __grid_constant__: TMA reads the map where the
+// parameter lives. Below sm_90 the body is left out (it is never launched
+// there), which also spares that compilation.
+template <typename T, typename Tile>
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
+    marlin_kernel_tma_x(const MarlinParams<T> p, const __grid_constant__ CUtensorMap x_map) {
+  static_assert(Tile::kFits && Tile::kTmaX, "a kTmaX tile whose stages fit");
+#if JAX_MARLIN_HAS_TMA
+  phase(kEntry);
+  extern __shared__ int4 smem[];
+  // TMA writes 128-byte aligned shared memory, 1024 with the 128-byte swizzle.
+  MarlinBlock<T, Tile> block(p, align_shared<Tile::kWgmma ? 128 : 1024>(smem), &x_map);
+  block.run();
+#else
+  __trap();
+#endif
 }
 
 }  // namespace jax_marlin::cuda

@@ -83,6 +83,14 @@ inline constexpr int kMaxStages = JAX_MARLIN_MAX_STAGES;
 inline constexpr int kMaxStages = 16;
 #endif
 
+// x by TMA (kTmaX tiles, both kernels): the 16-byte units a block needs
+// besides its stages, for one 8-byte mbarrier a stage and the slack to align
+// the stages to `align` bytes (the dynamic buffer starts after the static
+// variables); and a stage's size, padded to 1024 bytes where the copy
+// engine's 128-byte swizzle (which repeats every 1024) lays out x.
+constexpr int tma_x_units(bool tma_x, int align) { return tma_x ? (kMaxStages + 1) / 2 + align / 16 : 0; }
+constexpr int tma_x_stage(bool swizzled, int units) { return swizzled ? (units + 63) / 64 * 64 : units; }
+
 // The kernel computes y^T = W^T x^T: the dequantized weight is the 16 x 16
 // A operand of mma.m16n8k16 (16 output columns) and the activations the
 // k16 x n8 B operand (8 rows of x). At M <= 8 that is one MMA per packed word
@@ -107,9 +115,20 @@ inline constexpr int kMaxStages = 16;
 // packed 16-byte unit) as register A fragments; x^T comes from shared memory
 // in the canonical no-swizzle layout. mma.sync's issue rate is what limits
 // the other tiles at M >= 32.
+// kTmaX (what the dispatch launches on compute capability 9.0+, x_by_tma):
+// x comes into the stages by TMA, issued by one thread and completed on an
+// mbarrier a stage, instead of kAStage cp.async spread over the threads
+// (ncu: the wgmma tiles stall on the LSU taking those copies' addresses;
+// the mma.sync tiles at M >= 32 are issue-bound). H100 kernel benchmark,
+// every production tile: 7-16% faster on the 70B layers at every M, dense
+// and 2:4 (benchmarks/NOTES.md, session 16).
+// wgmma tiles: one copy a 16-byte column of the tile (kTileM rows), in
+// wgmma's no-swizzle layout; mma.sync tiles: one a 64-column half, with the
+// copy engine's 128-byte swizzle (marlin_kernel.cuh, a_offset). The kernel
+// then takes a tensor map of x (marlin_kernel_tma_x).
 template <int kRowBlocks_, int kNBlocks_, int kKBlocks_, int kWarps_, bool kGrouped_,
           int kBlocksPerSM_ = 1, int kWarpsM_ = 1, bool kLoadsOnly_ = false, bool kWgmma_ = false,
-          int kWarpsJ_ = 1>
+          int kWarpsJ_ = 1, bool kTmaX_ = false>
 struct TileShape {
   static constexpr int kRowBlocks = kRowBlocks_, kNBlocks = kNBlocks_, kKBlocks = kKBlocks_;
   static constexpr int kWarps = kWarps_;
@@ -119,6 +138,10 @@ struct TileShape {
   static constexpr bool kLoadsOnly = kLoadsOnly_;
   static constexpr bool kWgmma = kWgmma_;
   static constexpr int kWarpsJ = kWarpsJ_;
+  static constexpr bool kTmaX = kTmaX_;
+  // kTmaX: elements of K a TMA box of x spans (one 16-byte column for
+  // wgmma's layout, a 128-byte swizzled half for mma.sync's).
+  static constexpr int kXBoxK = kWgmma_ ? 8 : 64;
   static constexpr int kRowBlocksPerWarp = kRowBlocks / kWarpsM;
 
   static constexpr int kThreads = kWarps * 32;
@@ -149,9 +172,14 @@ struct TileShape {
   // Reduction scratch: a warp's fp32 fragments (4 floats a lane per n16
   // sub-tile and row block), for each warp in the upper half of the K split.
   static constexpr int kRed = (kWarpsK / 2) * kWarpsMN * kRowBlocksPerWarp * kSubTilesPerWarp * 32;
+  // kTmaX: the stages' x barriers, after the reduction scratch, and slack
+  // (128-byte aligned stages for wgmma's layout, 1024 for the swizzled one).
+  static constexpr int kBarrierUnits = tma_x_units(kTmaX, kWgmma ? 128 : 1024);
   static constexpr int kBlockBudget = kSmemBudget / 16 / kBlocksPerSM;  // 16-byte units
   static constexpr int stages_of(int stage) {
-    return (kBlockBudget - kRed) / stage < kMaxStages ? (kBlockBudget - kRed) / stage : kMaxStages;
+    return (kBlockBudget - kRed - kBarrierUnits) / stage < kMaxStages
+               ? (kBlockBudget - kRed - kBarrierUnits) / stage
+               : kMaxStages;
   }
   // Per-channel scales: a stage that ends an n-tile for its block also
   // carries that n-tile's scale row (kTileN values), so the epilogue reads
@@ -164,9 +192,9 @@ struct TileShape {
       !kGrouped && !kWgmma && !kLoadsOnly &&
       stages_of(kStageNoScales + kChannelRow) == stages_of(kStageNoScales);
   static constexpr int kSStage = kScaleRowsMax * kTileN / 8 + (kChannelScalesInStage ? kChannelRow : 0);
-  static constexpr int kStage = kAStage + kBStage + kSStage;
+  static constexpr int kStage = tma_x_stage(kTmaX && !kWgmma, kAStage + kBStage + kSStage);
   static constexpr int kStages = stages_of(kStage);
-  static constexpr int kSmemBytes = 16 * (kStages * kStage + kRed);
+  static constexpr int kSmemBytes = 16 * (kStages * kStage + kRed + kBarrierUnits);
   // The pipeline needs at least 3 stages; a tile whose stages do not fit is
   // left out of the dispatch table (and cannot be launched).
   static constexpr bool kFits = kStages >= 3;
@@ -183,6 +211,8 @@ struct TileShape {
   static_assert(!kWgmma || (kWarpsM == 1 && kWarps % 4 == 0 && (kTileM == 8 || kTileM == 16 ||
                                                                  kTileM == 32 || kTileM == 64)),
                 "wgmma tiles: whole warpgroups, no M split, 8 to 64 rows");
+  static_assert(!kTmaX || kWgmma || kTileK % 64 == 0,
+                "x by TMA with the 128-byte swizzle: whole 64-column halves");
 };
 
 }  // namespace jax_marlin::cuda

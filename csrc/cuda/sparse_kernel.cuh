@@ -36,13 +36,18 @@ namespace jax_marlin::cuda {
 // the output per tile (a multiple of 4: a warp owns a 64-column run);
 // kBands: 32-row bands of K per tile; kWarps: warps per block; kWarpsM:
 // warps sharing a run, each with kRowBlocks / kWarpsM row blocks. Warps not
-// needed to tile M and N split the k-tile's bands.
-template <int kRowBlocks_, int kNBlocks_, int kBands_, int kWarps_, bool kGrouped_, int kWarpsM_ = 1>
+// needed to tile M and N split the k-tile's bands. kTmaX (compute
+// capability 9.0+, x_by_tma): x comes by TMA, in 128-byte swizzled halves, as the dense kernel's
+// kTmaX mma.sync tiles (marlin_tiles.h; sparse_kernel_tma_x).
+template <int kRowBlocks_, int kNBlocks_, int kBands_, int kWarps_, bool kGrouped_, int kWarpsM_ = 1,
+          bool kTmaX_ = false>
 struct SparseTileShape {
   static constexpr int kRowBlocks = kRowBlocks_, kNBlocks = kNBlocks_, kBands = kBands_;
   static constexpr int kWarps = kWarps_;
   static constexpr bool kGrouped = kGrouped_;
   static constexpr int kWarpsM = kWarpsM_;
+  static constexpr bool kTmaX = kTmaX_;
+  static constexpr int kXBoxK = 64;  // kTmaX: columns of x a TMA box spans
   static constexpr int kBlocksPerSM = 1;
   static constexpr int kRowBlocksPerWarp = kRowBlocks / kWarpsM;
 
@@ -63,13 +68,14 @@ struct SparseTileShape {
   static constexpr int kVStage = kBands * kVRow;
   static constexpr int kMStage = kBands * kMRow;
   static constexpr int kSStage = kGrouped ? kBands * kTileN / 8 : 0;
-  static constexpr int kStage = kAStage + kVStage + kMStage + kSStage;
+  static constexpr int kStage = tma_x_stage(kTmaX, kAStage + kVStage + kMStage + kSStage);
   static constexpr int kRed = (kWarpsK / 2) * kWarpsMN * kRowBlocksPerWarp * 4 * 32;
-  static constexpr int kBlockBudget = kSmemBudget / 16;
+  static constexpr int kBarrierUnits = tma_x_units(kTmaX, 1024);
+  static constexpr int kBlockBudget = kSmemBudget / 16 - kBarrierUnits;
   static constexpr int kStages = (kBlockBudget - kRed) / kStage < kMaxStages
                                      ? (kBlockBudget - kRed) / kStage
                                      : kMaxStages;
-  static constexpr int kSmemBytes = 16 * (kStages * kStage + kRed);
+  static constexpr int kSmemBytes = 16 * (kStages * kStage + kRed + kBarrierUnits);
   static constexpr bool kFits = kStages >= 3;
 
   static_assert(kNBlocks % 4 == 0, "a warp owns 64 output columns");
@@ -77,6 +83,7 @@ struct SparseTileShape {
   static_assert(kWarps % kWarpsMN == 0 && kWarpsK >= 1, "warps must tile M and N evenly");
   static_assert(kBands % kWarpsK == 0, "the K split must divide the k-tile's bands");
   static_assert((kWarpsK & (kWarpsK - 1)) == 0, "tree reduction needs a power-of-two K split");
+  static_assert(!kTmaX || kTileK % kXBoxK == 0, "x by TMA: whole 64-column halves");
   static_assert(kAChunksPerRow >= 8, "the x swizzle permutes groups of 8 chunks");
   static_assert(kVStage % kThreads == 0, "every thread copies the same number of value units");
 };
@@ -162,8 +169,10 @@ class SparseBlock {
   }
 
  public:
-  __device__ SparseBlock(const SparseParams<T>& p, int4* smem)
+  // x_map: the tensor map of x, for kTmaX tiles (sparse_kernel_tma_x).
+  __device__ SparseBlock(const SparseParams<T>& p, int4* smem, const void* x_map = nullptr)
       : p_(p),
+        x_map_(x_map),
         red_(smem + Tile::kStages * Tile::kStage),
         smem_base_(keep(smem_addr(smem))),
         warp_(threadIdx.x / 32),
@@ -216,12 +225,12 @@ class SparseBlock {
     // l / 8, so bands i and i + 2 of the warp differ by 8 chunks (its first
     // band is even when it has 2 or more) and kXReads addresses cover all.
     // Where the band pairs stay a loop, only the row's address is kept.
-    const int x_row = (row_block0_ * 8 + lane_ % 8) * Tile::kAChunksPerRow;
+    const int x_row = (row_block0_ * 8 + lane_ % 8) * XS::kRowUnits;
 #pragma unroll
     for (int i = 0; i < kXReads; ++i) {
       const int band = warp_k_ * Tile::kBandsPerWarp + i;
       const int chunk = kBandsUnrolled ? (band * 4 + lane_ / 8) ^ (lane_ % 8) : 0;
-      x_read_[i] = keep(16 * (x_row + chunk));
+      x_read_[i] = keep(16 * (x_row + XS::chunk_units(chunk)));
     }
   }
 
@@ -237,6 +246,7 @@ class SparseBlock {
     load.v = v_thread_ + load.k_tile * v_k_step_ + load.n_tile * Tile::kVRow;
     load.m = m_thread_ + load.k_tile * m_k_step_ + load.n_tile * Tile::kMRow;
 
+    if constexpr (Tile::kTmaX) x_bars_.init(Tile::kStages);
     zero(acc_);
     stream_stripe<Tile::kStages, false>(
         smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
@@ -295,20 +305,25 @@ class SparseBlock {
     prefetch_scales_l2<Tile>(p_.scales, p_.n, p_.group_shift, k_tiles_, begin, end, tiles);
   }
 
-  // x tiles keep their 16-byte chunks XOR-swizzled by row (chunk ^ row % 8),
-  // so the 8 rows one ldmatrix phase reads fall into 8 different bank groups.
-  __device__ static int a_offset(int row, int chunk) {
-    return row * Tile::kAChunksPerRow + (chunk ^ (row & 7));
-  }
+  // x tiles keep their 16-byte chunks XOR-swizzled by row (SwizzledX).
+  using XS = SwizzledX<Tile::kTileM, Tile::kAChunksPerRow, Tile::kTmaX>;
+  __device__ static int a_offset(int row, int chunk) { return XS::offset(row, chunk); }
 
   // Stage layout (16-byte units): x tile, values, metadata, scale rows.
   __device__ void load_stage(uint32_t stage, const LoadCursor& at, bool hint) {
-    // Unsigned offsets (x has < 2^32 16-byte units): one wide multiply-add.
-    const auto* x_units = reinterpret_cast<const int4*>(p_.x);
-    const unsigned x_tile = static_cast<unsigned>(at.k_tile) * Tile::kAChunksPerRow;
+    if constexpr (Tile::kTmaX) {
+      // A box a 128-byte half of the tile (the map swizzles it), at its plane.
+      x_bars_.load<Tile::kTileK / Tile::kXBoxK, Tile::kXBoxK>(
+          stage, 16 * Tile::kAStage, x_map_, at.k_tile * Tile::kTileK,
+          [](int b) { return b * XS::kHalfUnits; });
+    } else {
+      // Unsigned offsets (x has < 2^32 16-byte units): one wide multiply-add.
+      const auto* x_units = reinterpret_cast<const int4*>(p_.x);
+      const unsigned x_tile = static_cast<unsigned>(at.k_tile) * Tile::kAChunksPerRow;
 #pragma unroll
-    for (int j = 0; j < kACopies; ++j) {
-      if (a_copy_[j]) cp_async16_zfill(stage + a_dst_[j], x_units + (x_tile + a_src_[j]), a_valid_[j]);
+      for (int j = 0; j < kACopies; ++j) {
+        if (a_copy_[j]) cp_async16_zfill(stage + a_dst_[j], x_units + (x_tile + a_src_[j]), a_valid_[j]);
+      }
     }
 
     // Values and metadata: kBands rows of each array, copied as they are
@@ -349,6 +364,7 @@ class SparseBlock {
                                                                : 30;
 
   __device__ void compute_stage(uint32_t stage) {
+    if constexpr (Tile::kTmaX) x_bars_.wait(stage);
     if constexpr (kScaleOncePossible) {
       if (p_.group_shift >= kLog2WarpK) {
         compute_stage_scaled_once(stage);
@@ -412,13 +428,13 @@ class SparseBlock {
     // the chunk with the row's low bits, l % 8 for every row block.
     uint32_t x_band;
     if constexpr (kBandsUnrolled) {
-      x_band = stage + x_read_[i % kXReads] + 16 * 8 * (i / kXReads);
+      x_band = stage + x_read_[i % kXReads] + 16 * XS::kHalfUnits * (i / kXReads);
     } else {
-      x_band = stage + x_read_[0] + 16 * ((band * 4 + lane_ / 8) ^ (lane_ % 8));
+      x_band = stage + x_read_[0] + 16 * XS::chunk_units((band * 4 + lane_ / 8) ^ (lane_ % 8));
     }
 #pragma unroll
     for (int rb = 0; rb < kRB; ++rb) {
-      ldmatrix_x4(op.x[rb], x_band + 16 * rb * 8 * Tile::kAChunksPerRow);
+      ldmatrix_x4(op.x[rb], x_band + 16 * rb * 8 * XS::kRowUnits);
     }
   }
 
@@ -535,8 +551,11 @@ class SparseBlock {
   __device__ static T from_float(float v) { return Dtype<T>::from_floats(v, v).x; }
 
   const SparseParams<T> p_;
+  const void* x_map_;
   int4* red_;
   const uint32_t smem_base_;
+  // kTmaX: the stages' x barriers, after the reduction scratch.
+  TmaXBarriers<kStageBytes> x_bars_{smem_base_ + 16 * (Tile::kStages * Tile::kStage + Tile::kRed), smem_base_};
   const int warp_, lane_, warp_n_, warp_mn_, warp_k_, row_block0_;
   const int k_tiles_, n_tiles_;
   const uint64_t evict_first_;
@@ -568,6 +587,25 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
   extern __shared__ int4 smem[];
   SparseBlock<T, Tile> block(p, smem);
   block.run();
+}
+
+// The kTmaX tiles' kernel (compute capability 9.0+; x_by_tma picks it): as
+// marlin_sparse_kernel, with a tensor map of this chunk's x
+// (encode_x_tensor_map: boxes of 64 columns x kTileM rows, 128-byte
+// swizzle), read where the parameter lives. No body below sm_90, as
+// marlin_kernel_tma_x.
+template <typename T, typename Tile>
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
+    sparse_kernel_tma_x(const SparseParams<T> p, const __grid_constant__ CUtensorMap x_map) {
+  static_assert(Tile::kFits && Tile::kTmaX, "a kTmaX tile whose stages fit");
+#if JAX_MARLIN_HAS_TMA
+  phase(kEntry);
+  extern __shared__ int4 smem[];
+  SparseBlock<T, Tile> block(p, align_shared<1024>(smem), &x_map);
+  block.run();
+#else
+  __trap();
+#endif
 }
 
 }  // namespace jax_marlin::cuda

@@ -136,6 +136,75 @@ __device__ __forceinline__ void stream_stripe(uint32_t smem_base, uint32_t stage
   phase(kExit);
 }
 
+// Where x's 16-byte chunks sit in a stage (16-byte units): XOR-swizzled by
+// row (chunk ^ row % 8), so the 8 rows one ldmatrix phase reads fall into 8
+// different bank groups. Row-major [row][chunk]; or, where x comes by TMA
+// (kByTma), in planes of 128-byte column halves [half][row][chunk ^ row %
+// 8], which a TMA box of 64 columns x kTileM rows with the copy engine's
+// 128-byte swizzle writes exactly (into 1024-byte aligned stages).
+template <int kTileM, int kChunksPerRow, bool kByTma>
+struct SwizzledX {
+  static constexpr int kRowUnits = kByTma ? 8 : kChunksPerRow;  // between rows
+  static constexpr int kHalfUnits = kByTma ? 8 * kTileM : 8;     // between 128-byte halves
+  // From a row's start to its chunk c (already swizzled).
+  __device__ static int chunk_units(int c) {
+    if constexpr (kByTma) {
+      return c / 8 * kHalfUnits + c % 8;
+    } else {
+      return c;
+    }
+  }
+  __device__ static int offset(int row, int chunk) { return row * kRowUnits + chunk_units(chunk ^ (row & 7)); }
+};
+
+// x by TMA (kTmaX tiles): one mbarrier a stage (8 bytes each, from
+// `barriers`), completed by the stage's copies, and the parity of each one's
+// next phase (a bit a stage; a phase completes per use). Stages are
+// kStageBytes apart from `stage0`.
+template <int kStageBytes>
+class TmaXBarriers {
+ public:
+  __device__ TmaXBarriers(uint32_t barriers, uint32_t stage0) : barriers_(barriers), stage0_(stage0) {}
+  // Thread 0 initialises `stages` barriers; the block then synchronises.
+  __device__ void init(int stages) const {
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < stages; ++s) mbarrier_init(barriers_ + 8 * s, 1);
+      fence_mbarrier_init();
+    }
+    __syncthreads();
+  }
+  // Thread 0: arms `stage`'s barrier with the tile's `bytes` of x and issues
+  // its kBoxes copies, box b (kBoxK columns from column k0 + b kBoxK) to
+  // stage + 16 dst_units(b).
+  template <int kBoxes, int kBoxK, typename DstUnits>
+  __device__ void load(uint32_t stage, uint32_t bytes, const void* map, int k0, DstUnits&& dst_units) const {
+    if (threadIdx.x != 0) return;
+    const uint32_t bar = of(stage);
+    mbarrier_arrive_expect_tx(bar, bytes);
+#pragma unroll
+    for (int b = 0; b < kBoxes; ++b) tma_load_2d(stage + 16 * dst_units(b), map, k0 + b * kBoxK, 0, bar);
+  }
+  // Waits until `stage`'s x has landed.
+  __device__ void wait(uint32_t stage) {
+    const int s = index(stage);
+    mbarrier_wait(of(stage), (parity_ >> s) & 1u);
+    parity_ ^= 1u << s;
+  }
+
+ private:
+  __device__ int index(uint32_t stage) const { return (stage - stage0_) / kStageBytes; }
+  __device__ uint32_t of(uint32_t stage) const { return barriers_ + 8 * index(stage); }
+  uint32_t barriers_, stage0_;
+  uint32_t parity_ = 0;
+};
+
+// The first `kAlign`-byte boundary at or after `smem` (a kTmaX kernel's
+// stages; its tile reserves the slack).
+template <uint32_t kAlign>
+__device__ __forceinline__ int4* align_shared(int4* smem) {
+  return smem + ((kAlign - smem_addr(smem) % kAlign) % kAlign) / 16;
+}
+
 // acc[rb][j]: a warp's m16n8 fp32 accumulators, for its kRB 8-row blocks of
 // x and its kJ n16 sub-tiles.
 template <int kRB, int kJ>

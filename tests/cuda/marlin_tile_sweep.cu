@@ -78,6 +78,24 @@ static double max_rel_diff(const Buffers& b, int m, int n) {
   return diff / scale;
 }
 
+// The tensor map a kTmaX tile's kernel takes (as launch_tile makes it).
+template <typename Tile>
+static CUtensorMap x_tensor_map(const void* x, int m, int k) {
+  alignas(64) CUtensorMap map;
+  CHECK_CUDA(encode_x_tensor_map(&map, x, m, k, Tile::kXBoxK, Tile::kTileM, Tile::kXBoxK == 64));
+  return map;
+}
+
+// The kernel a tile runs: marlin_kernel, or with x by TMA marlin_kernel_tma_x.
+template <typename Tile>
+static const void* kernel_of() {
+  if constexpr (Tile::kTmaX) {
+    return reinterpret_cast<const void*>(&marlin_kernel_tma_x<half, Tile>);
+  } else {
+    return reinterpret_cast<const void*>(&marlin_kernel<half, Tile>);
+  }
+}
+
 static int g_sms = 0;
 static double g_bw = 3.0e12;  // copy bandwidth, measured in main()
 // Blocks launched = resident blocks / g_grid_divisor (--fixed: fewer, longer stripes).
@@ -88,12 +106,12 @@ static int g_grid_divisor = 1;
 template <typename Tile>
 static void time_fitting_tile(const char* name, Layer& layer, const Buffers& b, int m, bool rotate,
                               bool probe) {
-  CHECK_CUDA(cudaFuncSetAttribute(marlin_kernel<half, Tile>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  CHECK_CUDA(cudaFuncSetAttribute(kernel_of<Tile>(), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  Tile::kSmemBytes));
   // Every block must be resident (the ordered reduction waits across
   // blocks): skip a tile that does not get the blocks per SM it was built for.
   int resident = 0;
-  CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, marlin_kernel<half, Tile>,
+  CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel_of<Tile>(),
                                                            Tile::kThreads, Tile::kSmemBytes));
   if (resident < Tile::kBlocksPerSM) {
     std::printf("%6d %6d %4d  %-28s only %d resident block(s) per SM: skipped\n", layer.k, layer.n,
@@ -103,6 +121,8 @@ static void time_fitting_tile(const char* name, Layer& layer, const Buffers& b, 
   const int n_tiles = layer.n / Tile::kTileN;
   const int total = (layer.k / Tile::kTileK) * n_tiles;
   const int copies = rotate ? static_cast<int>(layer.packed.size()) : 1;
+  CUtensorMap x_map{};
+  if constexpr (Tile::kTmaX) x_map = x_tensor_map<Tile>(b.x, m, layer.k);
   const float us = median_us_per_call(
       [&](int i, cudaStream_t stream) {
         MarlinParams<half> p;
@@ -118,7 +138,11 @@ static void time_fitting_tile(const char* name, Layer& layer, const Buffers& b, 
         p.group_shift = 7;
         p.stripes = stripe_count(total, n_tiles, std::max(1, g_sms * Tile::kBlocksPerSM / g_grid_divisor));
         p.overlapped = false;  // a plain launch
-        marlin_kernel<half, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+        if constexpr (Tile::kTmaX) {
+          marlin_kernel_tma_x<half, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p, x_map);
+        } else {
+          marlin_kernel<half, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+        }
         CHECK_CUDA(cudaGetLastError());
       },
       4 * copies);
@@ -142,10 +166,13 @@ static void time_fitting_tile(const char* name, Layer& layer, const Buffers& b, 
 // rotate = false keeps one copy of the weights (L2-resident when it fits):
 // the gap to the rotated time is what HBM costs. Probes (loads-only,
 // per-channel on group-128 data) compute something else: not checked.
+// JAX_MARLIN_SWEEP_ONLY=<text>: only the rows whose name contains it (e.g.
+// "tma-x" under compute-sanitizer).
 template <typename Tile>
 static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, bool rotate = true,
                       bool probe = false) {
   if (layer.k % Tile::kTileK || layer.n % Tile::kTileN) return;
+  if (const char* only = std::getenv("JAX_MARLIN_SWEEP_ONLY"); only && !std::strstr(name, only)) return;
   if constexpr (!Tile::kFits) {
     std::printf("%6d %6d %4d  %-28s does not fit shared memory\n", layer.k, layer.n, m, name);
   } else {
@@ -172,6 +199,19 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, b
   time_tile<TileShape<RB, NB, KB, W, true, 1, 1, false, true>>("r" #RB " n" #NB " k" #KB " w" #W \
                                                                " wgmma",                        \
                                                                layer, b, m)
+
+// "wgmma tma-x": the same with x copied in by TMA (kTmaX).
+#define SWEEPWT(RB, NB, KB, W)                                                                  \
+  time_tile<TileShape<RB, NB, KB, W, true, 1, 1, false, true, 1, true>>(                         \
+      "r" #RB " n" #NB " k" #KB " w" #W " wgmma tma-x", layer, b, m)
+
+// "tma-x" (mma.sync): the production tiles with x by TMA (128-byte swizzle).
+#define SWEEPT(RB, NB, KB, W)                                                                     \
+  time_tile<TileShape<RB, NB, KB, W, true, 1, 1, false, false, 1, true>>(                          \
+      "r" #RB " n" #NB " k" #KB " w" #W " tma-x", layer, b, m)
+#define SWEEPJ2T(RB, NB, KB, W)                                                                   \
+  time_tile<TileShape<RB, NB, KB, W, true, 1, 1, false, false, 2, true>>(                          \
+      "r" #RB " n" #NB " k" #KB " w" #W " jsplit2 tma-x", layer, b, m)
 
 // Enough copies of a K x N layer's weights and scales to rotate through
 // 200 MB (4x the L2), filled deterministically.
@@ -316,8 +356,8 @@ static double median_of(std::vector<double> v) {
 static void phase_report(const Buffers& b, int k, int n) {
   using Tile = TileShape<1, 8, 16, 8, true>;
   Layer layer = make_layer(k, n);
-  CHECK_CUDA(cudaFuncSetAttribute(marlin_kernel<half, Tile>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  CHECK_CUDA(cudaFuncSetAttribute(kernel_of<Tile>(), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  Tile::kSmemBytes));
   const int n_tiles = n / Tile::kTileN;
   const int total = (k / Tile::kTileK) * n_tiles;
   const int stripes = stripe_count(total, n_tiles, std::min(g_sms * Tile::kBlocksPerSM, kPhaseBlocks));
@@ -442,6 +482,7 @@ int main(int argc, char** argv) {
       SWEEP(1, 4, 64, 8);
       SWEEP(1, 8, 32, 16);
       SWEEP(1, 16, 16, 16);
+      SWEEPT(1, 16, 16, 8);
     }
     for (int m : {16}) {
       SWEEP(2, 16, 8, 8);
@@ -450,6 +491,7 @@ int main(int argc, char** argv) {
       SWEEP(2, 16, 16, 8);
       SWEEP(2, 8, 32, 16);
       SWEEP(2, 16, 16, 16);
+      SWEEPT(2, 16, 16, 8);
     }
     for (int m : {32}) {
       SWEEP(4, 16, 8, 8);
@@ -465,6 +507,9 @@ int main(int argc, char** argv) {
       SWEEPW(4, 16, 8, 8);
       SWEEPW(4, 16, 4, 8);
       SWEEPJ2(4, 16, 8, 8);
+      SWEEPWT(4, 16, 8, 8);
+      SWEEPWT(4, 8, 8, 8);
+      SWEEPT(4, 16, 8, 8);
       // Is M = 32 bound by its memory pipeline (x re-read from L2 for every
       // n-tile) or by the math? The production tile without the math:
       time_tile<TileShape<4, 16, 8, 8, true, 1, 1, true>>("r4 n16 k8 w8 loads-only", layer, b, m,
@@ -486,6 +531,21 @@ int main(int argc, char** argv) {
       SWEEPJ2(8, 16, 8, 8);  // production; profile64 picks it by name
       SWEEPJ2(8, 8, 16, 8);
       SWEEPJ2(8, 16, 4, 8);
+      // x by TMA (one thread, 16 copies a stage) instead of 4 cp.async a
+      // thread: ncu has the wgmma tiles waiting on the LSU for those.
+      SWEEPWT(8, 16, 8, 8);
+      SWEEPWT(8, 8, 8, 8);
+      SWEEPWT(8, 16, 4, 8);
+      time_tile<TileShape<8, 16, 8, 8, true, 1, 1, true, true>>("r8 n16 k8 w8 wgmma loads-only",
+                                                                layer, b, m, true, true);
+      time_tile<TileShape<8, 16, 8, 8, true, 1, 1, true, true, 1, true>>(
+          "r8 n16 k8 w8 wgmma tma-x loads-only", layer, b, m, true, true);
+      // The production M = 64 tile with x by TMA, and both without the math.
+      SWEEPJ2T(8, 16, 8, 8);
+      time_tile<TileShape<8, 16, 8, 8, true, 1, 1, true, false, 2>>("r8 n16 k8 w8 jsplit2 loads-only",
+                                                                    layer, b, m, true, true);
+      time_tile<TileShape<8, 16, 8, 8, true, 1, 1, true, false, 2, true>>(
+          "r8 n16 k8 w8 jsplit2 tma-x loads-only", layer, b, m, true, true);
       // The same question at M = 64, for the production tile and the wgmma
       // one (whose stage carries twice the x bytes per weight byte); and the
       // production tile with its weights L2-resident (no HBM).
@@ -499,6 +559,7 @@ int main(int argc, char** argv) {
     for (int m : {128}) {
       SWEEPM2(16, 16, 8, 8);  // production until session 15 (row split)
       SWEEPJ2(16, 16, 8, 8);  // production (128 x 256, one pass of 128 rows)
+      SWEEPJ2T(16, 16, 8, 8);
       SWEEPJ2(16, 16, 4, 8);
     }
     {
