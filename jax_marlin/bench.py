@@ -386,8 +386,9 @@ def tune_dispatch(layers, dtype_names, reps, timer_cls, batches=TUNE_BATCHES, fo
 
 
 # Environment variables that change what a benchmark measures: XLA's flags
-# (command buffers, for one) and the kernels' overlapped launch switch.
-RECORDED_ENV = ("XLA_FLAGS", "JAX_MARLIN_PDL")
+# (command buffers, for one) and the kernels' switches (overlapped launch, x
+# by TMA).
+RECORDED_ENV = ("XLA_FLAGS", "JAX_MARLIN_PDL", "JAX_MARLIN_TMA")
 
 
 def run_environment() -> dict:

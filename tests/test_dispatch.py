@@ -159,10 +159,10 @@ def test_h100_table_keeps_the_kernel_for_decoding():
 
 
 def test_h100_table_was_remeasured_with_both_formats():
-    """The H100 table (both Llama sets, both dtypes, dense and 2:4): with the
-    CUDA dequantize (session 15) the dense weights go dense from M = 256, the
-    smallest layer from 128; the 2:4 weight (session 14), half the bytes for
-    the kernel, later (512-2048)."""
+    """The H100 table (both Llama sets, both dtypes, dense and 2:4): with x by
+    TMA (session 16) the kernel keeps the 70B set's widest layers to M = 256
+    (dense from 512), the others go dense from 256, the smallest layer from
+    128; the 2:4 weight, half the bytes for the kernel, later (512-2048)."""
     dispatch.load_table.cache_clear()
     kind = "NVIDIA H100 80GB HBM3"
     table = json.loads((dispatch.TABLE_DIR / dispatch.table_name(kind)).read_text())
@@ -173,8 +173,9 @@ def test_h100_table_was_remeasured_with_both_formats():
                 if dispatch.use_dense(kind, M, K, N, dt, fmt=fmt)][0]
 
     for dt in ("float16", "bfloat16"):
-        assert dense_from(8192, 57344, dt) == 256
-        assert dense_from(28672, 8192, dt) == 256
+        assert dense_from(8192, 57344, dt) == 512
+        assert dense_from(28672, 8192, dt) == 512
+        assert dense_from(8192, 8192, dt) == 256
         assert dense_from(4096, 4096, dt) == 128
         assert dense_from(8192, 8192, dt, "sparse") == 1024
         assert not any(dispatch.use_dense(kind, M, 8192, 57344, dt, fmt="sparse") for M in (1, 16, 64, 512))
