@@ -575,9 +575,16 @@ def main(argv=None):
     ap.add_argument("--tune-dispatch", action="store_true",
                     help="measure the kernel vs dequantize + dot at large M and write the "
                          "dispatch table for this GPU kind (copy it into jax_marlin/dispatch_tables/)")
+    ap.add_argument("--formats", default=None,
+                    help="with --tune-dispatch: the weight formats to measure, comma-separated "
+                         "(dense, sparse; default dense, and sparse too with --sparse)")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="merge earlier result files into one (no measuring)")
     args = ap.parse_args(argv)
+    formats = (tuple(args.formats.split(",")) if args.formats
+               else ("dense", "sparse") if args.sparse else ("dense",))
+    if not set(formats) <= set(_TUNE_FORMATS):
+        ap.error(f"--formats: each of {sorted(_TUNE_FORMATS)}, got {args.formats!r}")
     if args.combine:
         combine(args.combine, args.out)
         return
@@ -593,7 +600,7 @@ def main(argv=None):
         batches = (tuple(int(m) for m in args.batches.split(",")) if args.batches
                    else TUNE_BATCHES)
         entries = tune_dispatch(layers, args.dtypes.split(","), args.reps, TIMERS[args.timer],
-                                batches, ("dense", "sparse") if args.sparse else ("dense",))
+                                batches, formats)
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         # Entries this run did not measure (other layers, dtypes, formats)
         # carry over from the table shipped for this GPU kind.

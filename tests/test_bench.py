@@ -78,3 +78,10 @@ def test_a_run_cut_short_keeps_its_rows(tmp_path, monkeypatch):
     assert [(r["K"], r["N"], r["M"]) for r in saved["rows"]] == [(128, 128, 1)] * 2
     # The variables that change what is measured are in the file.
     assert saved["environment"] == {"JAX_MARLIN_PDL": "0"}
+
+
+def test_tune_formats_are_checked_before_measuring(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--tune-dispatch", "--formats", "sparse,int8"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--formats: each of ['dense', 'sparse'], got 'sparse,int8'" in err
