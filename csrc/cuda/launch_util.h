@@ -160,11 +160,10 @@ inline cudaError_t encode_x_tensor_map(CUtensorMap* map, const void* x, int rows
 // chunk's x (params.x, params.rows x params.k), made here for every launch:
 // x moves from call to call (64-column boxes are the 128-byte swizzled
 // halves of the mma tiles; 8-column ones wgmma's core-matrix columns).
-// kTmaX needs compute capability 9.0.
+// The dispatch picks kTmaX tiles only where x_by_tma() holds.
 template <typename Tile, typename Kernel, typename Params>
 cudaError_t launch_tile(Kernel kernel, cudaStream_t stream, const Params& params, bool overlap) {
   if constexpr (Tile::kTmaX) {
-    if (current_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) < 9) return cudaErrorNotSupported;
     alignas(64) CUtensorMap x_map;
     const cudaError_t err = encode_x_tensor_map(&x_map, params.x, params.rows, params.k, Tile::kXBoxK,
                                                 Tile::kTileM, Tile::kXBoxK == 64);

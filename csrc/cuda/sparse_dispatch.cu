@@ -204,12 +204,13 @@ cudaError_t sparse_matmul(const SparseProblem& pr, cudaStream_t stream) {
   }
   const bool grouped = pr.group_size != pr.k;
   const int locks_per_chunk = pr.n / kWarpCols;
+  const bool tma_x = x_by_tma();
   for (int row0 = 0, chunk = 0, rows = 0; row0 < pr.m; row0 += rows, ++chunk) {
     rows = next_chunk(pr.m - row0, pr.k, pr.n);
     const int variant = row_variant(rows);
     const int config = pick_config(variant, pr.k, pr.n);
     if (config < 0) return cudaErrorInvalidValue;
-    err = kLaunchers[table_index(pr.dtype, grouped, variant, config, x_by_tma())](
+    err = kLaunchers[table_index(pr.dtype, grouped, variant, config, tma_x)](
         pr, row0, rows, pr.locks + chunk * locks_per_chunk, stream);
     if (err != cudaSuccess) return err;
   }
