@@ -103,10 +103,11 @@ profile_m1() {
 }
 # M = 64 (the large-M question): the production tile of that M, picked by its
 # mangled name (8 row blocks, 16 n-blocks, 8 k-blocks, 8 warps, grouped, two
-# warps a slab, split by columns), on 28672 x 8192; then the sparse kernel's M = 64 tile in
+# warps a slab, split by columns, x by TMA as on Hopper), on 28672 x 8192;
+# then the sparse kernel's M = 64 tile in
 # its benchmark (8 row blocks, 16 n-blocks, 4 bands, 8 warps, grouped, 2).
 profile_m64() {
-  ncu --kernel-name-base mangled -k regex:'TileShapeILi8ELi16ELi8ELi8ELb1ELi1ELi1ELb0ELb0ELi2E' \
+  ncu --kernel-name-base mangled -k regex:'TileShapeILi8ELi16ELi8ELi8ELb1ELi1ELi1ELb0ELb0ELi2ELb1E' \
     --launch-skip 5 --launch-count 1 "${NCU_SECTIONS[@]}" "$sweep_bin" 28672 8192
   if [[ -x "$sparse_bin" ]]; then
     ncu --kernel-name-base mangled -k regex:'SparseTileShapeILi8ELi16ELi4ELi8ELb1ELi2E' \
@@ -114,14 +115,16 @@ profile_m64() {
   fi
 }
 # The wgmma tiles at M = 64 on 8192 x 8192 (in no dispatch table; NOTES.md,
-# sessions 14-15): 128 columns (r8 n8 k8) and 256 (r8 n16 k8, two slabs a
-# warpgroup: only in a sweep built with candidates/m64-tiles.patch;
-# without it ncu profiles nothing for that name). Stall reasons per issued
+# sessions 14-16): 128 columns (r8 n8 k8) and 256 (r8 n16 k8, two slabs a
+# warpgroup), x by cp.async, and the 256-column one with x by TMA (the
+# mangled names end in kWgmma, kWarpsJ = 1, kTmaX). Stall reasons per issued
 # instruction, then per SASS line (source page as CSV, one file per tile).
 NCU_STALLS='regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio'
 profile_wgmma() {
   local name tile
-  for name in n8:TileShapeILi8ELi8ELi8ELi8ELb1ELi1ELi1ELb0ELb1 n16:TileShapeILi8ELi16ELi8ELi8ELb1ELi1ELi1ELb0ELb1; do
+  for name in n8:TileShapeILi8ELi8ELi8ELi8ELb1ELi1ELi1ELb0ELb1ELi1ELb0E \
+              n16:TileShapeILi8ELi16ELi8ELi8ELb1ELi1ELi1ELb0ELb1ELi1ELb0E \
+              n16tma:TileShapeILi8ELi16ELi8ELi8ELb1ELi1ELi1ELb0ELb1ELi1ELb1E; do
     tile="${name#*:}"
     ncu --kernel-name-base mangled -k regex:"$tile" --launch-skip 5 --launch-count 1 \
       --metrics "$NCU_STALLS" "${NCU_SECTIONS[@]}" "$sweep_bin" 8192 8192
