@@ -24,18 +24,19 @@ tools=("$@")
 mkdir -p "$out"
 # shellcheck disable=SC2206
 nvcc=(nvcc -std=c++17 -I"$src/csrc" -I"$src/tests/cuda" $flags)
-sm90=(-gencode=arch=compute_90,code=sm_90)
+# The self-tests as the package builds for Hopper: sm_90a code, the wgmma tiles in.
+sm90a_build=(-gencode=arch=compute_90a,code=sm_90a -DJAX_MARLIN_SM90A_BUILD)
 sm90a=(-gencode=arch=compute_90a,code=sm_90a)
 built=()
 pids=()
 for t in "${tools[@]}"; do
   case "$t" in
     marlin_selftest)
-      "${nvcc[@]}" -O2 "${sm90[@]}" "$src/tests/cuda/marlin_selftest.cu" \
+      "${nvcc[@]}" -O2 "${sm90a_build[@]}" "$src/tests/cuda/marlin_selftest.cu" \
         "$src/csrc/cuda/marlin_dispatch.cu" -o "$out/marlin_selftest" &
       built+=("$out/marlin_selftest") ;;
     sparse_selftest)
-      "${nvcc[@]}" -O2 "${sm90[@]}" "$src/tests/cuda/sparse_selftest.cu" \
+      "${nvcc[@]}" -O2 "${sm90a_build[@]}" "$src/tests/cuda/sparse_selftest.cu" \
         "$src/csrc/cuda/sparse_dispatch.cu" "$src/csrc/cuda/marlin_dispatch.cu" -o "$out/sparse_selftest" &
       built+=("$out/sparse_selftest") ;;
     tile_sweep)

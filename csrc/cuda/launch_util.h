@@ -21,15 +21,15 @@ inline constexpr int kCachedDevices = 64;
 // device cannot be queried.
 template <cudaDeviceAttr kAttr>
 inline int current_device_attribute(int fallback) {
-  static std::atomic<int> cache[kCachedDevices];  // 0: not yet known
+  static std::atomic<int> cache[kCachedDevices];  // the value + 1; 0: not yet known
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return fallback;
   if (device < kCachedDevices) {
-    if (int v = cache[device].load(std::memory_order_relaxed)) return v;
+    if (int known = cache[device].load(std::memory_order_relaxed)) return known - 1;
   }
   int v = fallback;
   if (cudaDeviceGetAttribute(&v, kAttr, device) != cudaSuccess) return fallback;
-  if (device < kCachedDevices) cache[device].store(v, std::memory_order_relaxed);
+  if (device < kCachedDevices) cache[device].store(v + 1, std::memory_order_relaxed);
   return v;
 }
 
@@ -100,6 +100,28 @@ inline bool x_by_tma() {
   return enabled && current_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) >= 9;
 }
 
+// Whether this build has sm_90a code (JAX_MARLIN_SM90A_BUILD: CMake
+// defines it when its CUDA architectures name 90a), which the wgmma tiles
+// need: wgmma exists only there.
+#ifdef JAX_MARLIN_SM90A_BUILD
+inline constexpr bool kSm90aBuild = true;
+#else
+inline constexpr bool kSm90aBuild = false;
+#endif
+
+// Whether launches on the current device use the wgmma tiles where the
+// dispatch has them: a build with sm_90a code, a device of compute
+// capability exactly 9.0 (the only one sm_90a code runs on), and
+// JAX_MARLIN_WGMMA=0 not set (an A/B switch, read once).
+inline bool wgmma_launches() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("JAX_MARLIN_WGMMA");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return kSm90aBuild && enabled && current_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) == 9 &&
+         current_device_attribute<cudaDevAttrComputeCapabilityMinor>(-1) == 0;
+}
+
 // Launches kernel<<<blocks, threads, smem, stream>>>(params); where
 // `overlap` (the kernel waits for its predecessor itself:
 // overlap_previous_grid in stripe.cuh) and the device has it, as a
@@ -127,8 +149,9 @@ cudaError_t launch_overlapping(void (*kernel)(Params, Extra...), int blocks, int
 
 // The tensor map a kTmaX kernel (marlin_kernel_tma_x) reads x through: x
 // (rows, k) 16-bit row-major, boxes of `box_k` elements of K by `tile_m`
-// rows, with the 128-byte swizzle where `swizzle128` (the mma.sync tiles'
-// layout; box_k 64) or none (wgmma's; box_k 8). Rows past `rows` read as
+// rows, with the 128-byte swizzle where `swizzle128` (the tiles' layout:
+// box_k 64, a 128-byte half) or none (box_k 8, a 16-byte column, for
+// tools). Rows past `rows` read as
 // zeros. The driver's encoder is looked up through the runtime once (the
 // extension does not link libcuda). A host call, no device work.
 inline cudaError_t encode_x_tensor_map(CUtensorMap* map, const void* x, int rows, int k,
@@ -158,8 +181,8 @@ inline cudaError_t encode_x_tensor_map(CUtensorMap* map, const void* x, int rows
 // Launches a tile's kernel for one chunk (launch_overlapping, Tile's threads
 // and shared memory); a kTmaX kernel also gets the tensor map of the
 // chunk's x (params.x, params.rows x params.k), made here for every launch:
-// x moves from call to call (64-column boxes are the 128-byte swizzled
-// halves of the mma tiles; 8-column ones wgmma's core-matrix columns).
+// x moves from call to call (64-column boxes, the 128-byte swizzled halves
+// that ldmatrix and wgmma's descriptors read).
 // The dispatch picks kTmaX tiles only where x_by_tma() holds.
 template <typename Tile, typename Kernel, typename Params>
 cudaError_t launch_tile(Kernel kernel, cudaStream_t stream, const Params& params, bool overlap) {

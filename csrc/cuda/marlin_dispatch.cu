@@ -19,6 +19,10 @@ struct TileConfig {
   // The fewest tiles of the layer for which the configuration is used: a
   // long tile on a small layer leaves too few tiles to balance the stripes.
   int min_tiles = 0;
+  // Hopper's wgmma (TileShape::kWgmma), with x by TMA only, in builds with
+  // sm_90a code: launched where wgmma_launches() says so, else the next
+  // configuration in preference() serves.
+  bool wgmma = false;
   constexpr int tile_n() const { return 16 * n_blocks; }
   constexpr int tile_k() const { return 16 * k_blocks; }
   constexpr bool serves(int k, int n) const { return tile_serves(k, n, tile_k(), tile_n(), min_tiles); }
@@ -36,20 +40,28 @@ struct TileConfig {
 // dequantized weight feeds 8 MMAs instead of 4: 4-7% faster on the two
 // widest 70B layers at M = 64, but up to 2x slower on the 7B layers, whose
 // stripes it leaves a few tiles long.)
-constexpr std::array<TileConfig, 5> kTileConfigs = {
-    {{8, 16, 8}, {16, 8, 8}, {8, 8, 8}, {4, 4, 4}, {16, 16, 8, 512}}};
+// At 64 rows on Hopper, 128x256 with wgmma (x by TMA): a warpgroup a
+// 256-column pair of slabs, so each dequantized weight feeds one wgmma
+// m64n64 instead of 8 mma.sync (H100 tile sweep, us, M = 64: 8192x28672
+// 109.3 -> 95.2, 28672x8192 108.2 -> 95.1, 8192^2 38.7 -> 35.2 against the
+// mma.sync tile with x by TMA; at 32 rows mma.sync stays ahead, 71.3 vs
+// 78.9; session 16).
+constexpr std::array<TileConfig, 6> kTileConfigs = {
+    {{8, 16, 8}, {16, 8, 8}, {8, 8, 8}, {4, 4, 4}, {16, 16, 8, 512}, {16, 8, 8, 0, true}}};
 constexpr int kNumConfigs = static_cast<int>(kTileConfigs.size());
 
 // Configurations tried for a row variant, in order (-1: none); the first
-// that serves (K, N) wins (TileConfig::serves). Only these are instantiated.
+// that serves (K, N) and can launch here (pick_config) wins. Only these are
+// instantiated.
 constexpr std::array<int, kNumConfigs> preference(int variant) {
-  if (variant == 0) return {4, 0, 1, 2, 3};
-  if (variant == 1) return {4, 1, 0, 2, 3};
-  if (variant <= 3) return {1, 0, 2, 3, -1};
+  if (variant == 0) return {4, 0, 1, 2, 3, -1};
+  if (variant == 1) return {4, 1, 0, 2, 3, -1};
+  if (variant == 2) return {1, 0, 2, 3, -1, -1};
+  if (variant == 3) return {5, 1, 0, 2, 3, -1};
   // 128 rows: 128 x 256 only. (The 64 x 64 tile at 16 row blocks is one
   // ptxas 13.0 miscompiles: see stream_stripe. Shapes it would serve run as
   // 64-row chunks instead.)
-  return {1, -1, -1, -1, -1};
+  return {1, -1, -1, -1, -1, -1};
 }
 
 // The kernel of a tile: x by TMA (marlin_kernel_tma_x) or by cp.async.
@@ -123,11 +135,11 @@ constexpr auto table_entry() {
   using T = std::conditional_t<is_bf16, __nv_bfloat16, half>;
   constexpr int variant = (I / kNumConfigs) % kNumRowVariants;
   using Entry = std::conditional_t<Prepare, ChunkPreparer, ChunkLauncher>;
-  if constexpr (!tries(preference(variant), config)) {
+  if constexpr (!tries(preference(variant), config) || (c.wgmma && !(tma_x && kSm90aBuild))) {
     return Entry{nullptr};
   } else {
-    using Tile = TileShape<row_blocks, c.n_blocks, c.k_blocks, c.warps, grouped, 1, 1, false, false,
-                           slab_sharing_warps(row_blocks), tma_x>;
+    using Tile = TileShape<row_blocks, c.n_blocks, c.k_blocks, c.warps, grouped, 1, 1, false, c.wgmma,
+                           c.wgmma ? 1 : slab_sharing_warps(row_blocks), tma_x>;
     if constexpr (!Tile::kFits) {
       return Entry{nullptr};
     } else if constexpr (Prepare) {
@@ -147,25 +159,28 @@ constexpr auto kTableSize = std::make_integer_sequence<int, 2 * 2 * 2 * kNumRowV
 constexpr auto kLaunchers = make_table<false>(kTableSize);
 constexpr auto kPreparers = make_table<true>(kTableSize);
 
-int pick_config(int variant, int k, int n) {
+// The configuration for a row variant on (K, N), for a launch that brings x
+// in by TMA or not (x_by_tma) and may use wgmma or not (wgmma_launches). A
+// wgmma configuration needs both; the others must fit both ways of loading
+// x (shared-memory fit depends only on the shapes, the same for fp16 and
+// bf16), so that the choice does not depend on the device but for wgmma.
+int pick_config(int variant, int k, int n, bool tma_x, bool wgmma) {
   for (int c : preference(variant)) {
     if (c < 0) break;
-    // Shared-memory fit depends only on the shapes (the same for fp16 and
-    // bf16); a configuration must fit both ways of loading x, so that the
-    // choice (and the workspace) does not depend on the device.
-    bool fits = true;
+    const bool is_wgmma = kTileConfigs[c].wgmma;
+    bool usable = !is_wgmma || (tma_x && wgmma);
     for (bool grouped : {false, true})
-      for (bool tma_x : {false, true})
-        fits = fits && kLaunchers[table_index(ActDtype::kFloat16, grouped, variant, c, tma_x)] != nullptr;
-    if (!fits) continue;
-    if (kTileConfigs[c].serves(k, n)) return c;
+      for (bool tma : {false, true})
+        if (tma || !is_wgmma)
+          usable = usable && kLaunchers[table_index(ActDtype::kFloat16, grouped, variant, c, tma)] != nullptr;
+    if (usable && kTileConfigs[c].serves(k, n)) return c;
   }
   return -1;
 }
 
 // Rows of the next chunk (see chunk_rows in marlin_tiles.h).
 int next_chunk(int remaining, int k, int n) {
-  return chunk_rows(remaining, pick_config(row_variant(kMaxRows), k, n) >= 0);
+  return chunk_rows(remaining, pick_config(row_variant(kMaxRows), k, n, false, false) >= 0);
 }
 
 }  // namespace
@@ -179,12 +194,15 @@ size_t workspace_floats(int m, int k, int n) {
   for (int row0 = 0, rows = 0; row0 < m; row0 += rows) {
     rows = next_chunk(m - row0, k, n);
     const int variant = row_variant(rows);
-    const int config = pick_config(variant, k, n);
-    if (config < 0) continue;
-    const TileConfig& c = kTileConfigs[config];
-    const size_t total = static_cast<size_t>(k / c.tile_k()) * (n / c.tile_n());
-    const size_t grid = std::min(total, static_cast<size_t>(max_multiprocessor_count()));
-    most = std::max(most, 2 * grid * (8 * kRowBlockCounts[variant]) * c.tile_n());
+    // Whichever way the device will launch: cp.async, TMA, TMA with wgmma.
+    for (int way = 0; way < 3; ++way) {
+      const int config = pick_config(variant, k, n, way >= 1, way == 2);
+      if (config < 0) continue;
+      const TileConfig& c = kTileConfigs[config];
+      const size_t total = static_cast<size_t>(k / c.tile_k()) * (n / c.tile_n());
+      const size_t grid = std::min(total, static_cast<size_t>(max_multiprocessor_count()));
+      most = std::max(most, 2 * grid * (8 * kRowBlockCounts[variant]) * c.tile_n());
+    }
   }
   return most;
 }
@@ -225,11 +243,11 @@ cudaError_t marlin_matmul(const MarlinProblem& pr, cudaStream_t stream) {
   }
   const bool grouped = pr.group_size != pr.k;
   const int locks_per_chunk = pr.n / kWarpCols;
-  const bool tma_x = x_by_tma();
+  const bool tma_x = x_by_tma(), wgmma = tma_x && wgmma_launches();
   for (int row0 = 0, chunk = 0, rows = 0; row0 < pr.m; row0 += rows, ++chunk) {
     rows = next_chunk(pr.m - row0, pr.k, pr.n);
     const int variant = row_variant(rows);
-    const int config = pick_config(variant, pr.k, pr.n);
+    const int config = pick_config(variant, pr.k, pr.n, tma_x, wgmma);
     if (config < 0) return cudaErrorInvalidValue;
     err = kLaunchers[table_index(pr.dtype, grouped, variant, config, tma_x)](
         pr, row0, rows, pr.locks + chunk * locks_per_chunk, stream);

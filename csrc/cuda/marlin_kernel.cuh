@@ -204,13 +204,14 @@ class MarlinBlock {
   // Activation tiles are stored with their 16-byte chunks XOR-swizzled by row
   // (chunk ^ row % 8): the 8 rows one ldmatrix phase reads then fall into 8
   // different bank groups instead of one.
-  // wgmma tiles instead store x in wgmma's canonical no-swizzle layout:
-  // 8-row x 16-byte core matrices, contiguous, the kTileM / 8 core matrices
-  // of one 16-byte column of k next to each other.
-  // (kTmaX mma.sync tiles: in 128-byte column-half planes, SwizzledX.)
-  using XS = SwizzledX<Tile::kTileM, Tile::kAChunksPerRow, Tile::kTmaX && !Tile::kWgmma>;
+  // wgmma tiles that take x by cp.async instead store it in wgmma's
+  // canonical no-swizzle layout: 8-row x 16-byte core matrices, contiguous,
+  // the kTileM / 8 core matrices of one 16-byte column of k next to each
+  // other. (kTmaX tiles, mma.sync and wgmma: in 128-byte column-half
+  // planes, SwizzledX, as the copy engine's 128-byte swizzle writes them.)
+  using XS = SwizzledX<Tile::kTileM, Tile::kAChunksPerRow, Tile::kTmaX>;
   __device__ static int a_offset(int row, int chunk) {
-    if constexpr (Tile::kWgmma) {
+    if constexpr (Tile::kWgmma && !Tile::kTmaX) {
       return (chunk * (Tile::kTileM / 8) + row / 8) * 8 + row % 8;
     } else {
       return XS::offset(row, chunk);
@@ -280,14 +281,11 @@ class MarlinBlock {
   __device__ void load_stage(uint32_t stage, const LoadCursor& at, bool hint) {
     // Activations: kTileM rows x kTileK columns; rows past M are zero-filled.
     if constexpr (Tile::kTmaX) {
-      // One copy a 16-byte column of the tile: its kTileM rows of 16 bytes
-      // land contiguous, i.e. as that column's core matrices (a_offset).
-      // Rows past M are outside the tensor map: zeros.
-      // wgmma: a box a 16-byte column, at its core matrices; mma.sync: a
-      // box a 128-byte half (the map swizzles it), at its plane.
+      // One copy a 128-byte half of the tile's columns (the map swizzles
+      // it), at its plane. Rows past M are outside the tensor map: zeros.
       x_bars_.load<Tile::kTileK / Tile::kXBoxK, Tile::kXBoxK>(
           stage, 16 * Tile::kAStage, x_map_, at.k_tile * Tile::kTileK,
-          [](int b) { return Tile::kWgmma ? a_offset(0, b) : b * XS::kHalfUnits; });
+          [](int b) { return b * XS::kHalfUnits; });
     } else {
       // Offsets in unsigned 32-bit arithmetic (x has < 2^32 16-byte units):
       // one wide multiply-add per address instead of a sign extension, a
@@ -483,9 +481,9 @@ class MarlinBlock {
         a[0] = b0[0], a[1] = b1[0], a[2] = b0[1], a[3] = b1[1];
       }
     }
-    // B = x^T, K-major: the two 16-byte columns of k of block kb are
-    // kTileM / 8 core matrices apart (leading offset); 8-row groups are
-    // adjacent (stride offset).
+    // B = x^T, K-major. By cp.async (no swizzle): the two 16-byte columns of
+    // k of block kb are kTileM / 8 core matrices apart (leading offset);
+    // 8-row groups are adjacent (stride offset). By TMA: 128-byte swizzle.
     constexpr uint32_t kKStep = 16 * 8 * (Tile::kTileM / 8), kNStep = 128;
     // x by TMA: wait only now, after the dequantize, which needs no x.
     if constexpr (Tile::kTmaX) x_bars_.wait(stage);
@@ -503,9 +501,15 @@ class MarlinBlock {
 #pragma unroll
     for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
       const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
-      const uint32_t start = stage + 2 * kb * kKStep;
-      const uint64_t desc = kWgmmaLeadingIsK ? wgmma_descriptor(start, kKStep, kNStep)
-                                             : wgmma_descriptor(start, kNStep, kKStep);
+      uint64_t desc;
+      if constexpr (Tile::kTmaX) {
+        // The k16 block's 32 bytes in its 128-byte half's plane.
+        desc = wgmma_descriptor_sw128(stage + 16 * (kb / 4 * XS::kHalfUnits) + 32 * (kb % 4));
+      } else {
+        const uint32_t start = stage + 2 * kb * kKStep;
+        desc = kWgmmaLeadingIsK ? wgmma_descriptor(start, kKStep, kNStep)
+                                : wgmma_descriptor(start, kNStep, kKStep);
+      }
 #pragma unroll
       for (int slab = 0; slab < kS; ++slab) WgmmaRS<T, Tile::kTileM>::run(d[slab], afrag[slab][i], desc);
     }
@@ -636,11 +640,15 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
     marlin_kernel_tma_x(const MarlinParams<T> p, const __grid_constant__ CUtensorMap x_map) {
   static_assert(Tile::kFits && Tile::kTmaX, "a kTmaX tile whose stages fit");
 #if JAX_MARLIN_HAS_TMA
-  phase(kEntry);
-  extern __shared__ int4 smem[];
-  // TMA writes 128-byte aligned shared memory, 1024 with the 128-byte swizzle.
-  MarlinBlock<T, Tile> block(p, align_shared<Tile::kWgmma ? 128 : 1024>(smem), &x_map);
-  block.run();
+  if constexpr (Tile::kWgmma && !JAX_MARLIN_HAS_WGMMA) {
+    __trap();  // sm_90 code without wgmma: never launched (wgmma_launches)
+  } else {
+    phase(kEntry);
+    extern __shared__ int4 smem[];
+    // The 128-byte swizzle repeats every 1024 bytes: stages start there.
+    MarlinBlock<T, Tile> block(p, align_shared<1024>(smem), &x_map);
+    block.run();
+  }
 #else
   __trap();
 #endif

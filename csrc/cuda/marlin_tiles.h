@@ -122,10 +122,13 @@ constexpr int tma_x_stage(bool swizzled, int units) { return swizzled ? (units +
 // the mma.sync tiles at M >= 32 are issue-bound). H100 kernel benchmark,
 // every production tile: 7-16% faster on the 70B layers at every M, dense
 // and 2:4 (benchmarks/NOTES.md, session 16).
-// wgmma tiles: one copy a 16-byte column of the tile (kTileM rows), in
-// wgmma's no-swizzle layout; mma.sync tiles: one a 64-column half, with the
-// copy engine's 128-byte swizzle (marlin_kernel.cuh, a_offset). The kernel
-// then takes a tensor map of x (marlin_kernel_tma_x).
+// One copy a 64-column half of the tile, with the copy engine's 128-byte
+// swizzle (marlin_kernel.cuh, SwizzledX): mma.sync tiles read it with
+// ldmatrix, wgmma tiles through 128-byte-swizzle descriptors (two copies a
+// stage instead of one a 16-byte column in wgmma's no-swizzle layout: the
+// loads-only wgmma tile took 76.6 us at M = 64 on 8192x28672 that way,
+// against 56.2 for the mma.sync tile's two). The kernel then takes a tensor
+// map of x (marlin_kernel_tma_x).
 template <int kRowBlocks_, int kNBlocks_, int kKBlocks_, int kWarps_, bool kGrouped_,
           int kBlocksPerSM_ = 1, int kWarpsM_ = 1, bool kLoadsOnly_ = false, bool kWgmma_ = false,
           int kWarpsJ_ = 1, bool kTmaX_ = false>
@@ -139,9 +142,9 @@ struct TileShape {
   static constexpr bool kWgmma = kWgmma_;
   static constexpr int kWarpsJ = kWarpsJ_;
   static constexpr bool kTmaX = kTmaX_;
-  // kTmaX: elements of K a TMA box of x spans (one 16-byte column for
-  // wgmma's layout, a 128-byte swizzled half for mma.sync's).
-  static constexpr int kXBoxK = kWgmma_ ? 8 : 64;
+  // kTmaX: elements of K a TMA box of x spans (a 128-byte swizzled half,
+  // which ldmatrix and wgmma's descriptors both read).
+  static constexpr int kXBoxK = 64;
   static constexpr int kRowBlocksPerWarp = kRowBlocks / kWarpsM;
 
   static constexpr int kThreads = kWarps * 32;
@@ -174,7 +177,7 @@ struct TileShape {
   static constexpr int kRed = (kWarpsK / 2) * kWarpsMN * kRowBlocksPerWarp * kSubTilesPerWarp * 32;
   // kTmaX: the stages' x barriers, after the reduction scratch, and slack
   // (128-byte aligned stages for wgmma's layout, 1024 for the swizzled one).
-  static constexpr int kBarrierUnits = tma_x_units(kTmaX, kWgmma ? 128 : 1024);
+  static constexpr int kBarrierUnits = tma_x_units(kTmaX, 1024);
   static constexpr int kBlockBudget = kSmemBudget / 16 / kBlocksPerSM;  // 16-byte units
   static constexpr int stages_of(int stage) {
     return (kBlockBudget - kRed - kBarrierUnits) / stage < kMaxStages
@@ -192,7 +195,7 @@ struct TileShape {
       !kGrouped && !kWgmma && !kLoadsOnly &&
       stages_of(kStageNoScales + kChannelRow) == stages_of(kStageNoScales);
   static constexpr int kSStage = kScaleRowsMax * kTileN / 8 + (kChannelScalesInStage ? kChannelRow : 0);
-  static constexpr int kStage = tma_x_stage(kTmaX && !kWgmma, kAStage + kBStage + kSStage);
+  static constexpr int kStage = tma_x_stage(kTmaX, kAStage + kBStage + kSStage);
   static constexpr int kStages = stages_of(kStage);
   static constexpr int kSmemBytes = 16 * (kStages * kStage + kRed + kBarrierUnits);
   // The pipeline needs at least 3 stages; a tile whose stages do not fit is
@@ -211,7 +214,7 @@ struct TileShape {
   static_assert(!kWgmma || (kWarpsM == 1 && kWarps % 4 == 0 && (kTileM == 8 || kTileM == 16 ||
                                                                  kTileM == 32 || kTileM == 64)),
                 "wgmma tiles: whole warpgroups, no M split, 8 to 64 rows");
-  static_assert(!kTmaX || kWgmma || kTileK % 64 == 0,
+  static_assert(!kTmaX || kTileK % 64 == 0,
                 "x by TMA with the 128-byte swizzle: whole 64-column halves");
 };
 

@@ -28,6 +28,19 @@ __device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t smem, uint32_t lea
          (static_cast<uint64_t>((stride_bytes >> 4) & 0x3fff) << 32);
 }
 
+// The descriptor of a K-major operand in the 128-byte swizzled layout the
+// copy engine writes (CU_TENSOR_MAP_SWIZZLE_128B): rows of 128 bytes (64
+// 16-bit elements of K), 16-byte chunk c of row r at c ^ (r % 8), 8-row
+// atoms of 1024 bytes one after another (stride offset). `smem` is the
+// atom's start (1024-byte aligned) plus 32 bytes per k16 step into the row:
+// the swizzle applies to the address bits, so stepping the start is enough.
+// The leading offset is unused for a K-major swizzled operand (1 by
+// convention); layout type 1 (bits 62-63): 128-byte swizzle.
+__device__ __forceinline__ uint64_t wgmma_descriptor_sw128(uint32_t smem) {
+  return (static_cast<uint64_t>((smem >> 4) & 0x3fff)) | (uint64_t{1} << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (uint64_t{1} << 62);
+}
+
 // Which of the descriptor's two byte offsets steps along K for a K-major
 // operand without swizzle (the other steps between 8-row groups).
 // tests/cuda/wgmma_probe.cu checks both on the device.
