@@ -77,14 +77,17 @@ inline int stripe_count(int total, int n_tiles, int resident) {
   return resident;
 }
 
+// The A/B switches below: on unless the environment variable is "0".
+inline bool not_switched_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 // Whether launches on the current device allow programmatic dependent
 // launch (compute capability 9.0+; the kernels' griddepcontrol needs it).
 // JAX_MARLIN_PDL=0 turns it off (an A/B switch for benchmarks), read once.
 inline bool programmatic_launch() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("JAX_MARLIN_PDL");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool enabled = not_switched_off("JAX_MARLIN_PDL");
   return enabled && current_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) >= 9;
 }
 
@@ -93,10 +96,7 @@ inline bool programmatic_launch() {
 // JAX_MARLIN_TMA=0 turns it off (the cp.async path that Ampere runs, for
 // tests and A/B benchmarks on Hopper), read once.
 inline bool x_by_tma() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("JAX_MARLIN_TMA");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool enabled = not_switched_off("JAX_MARLIN_TMA");
   return enabled && current_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) >= 9;
 }
 
@@ -114,10 +114,7 @@ inline constexpr bool kSm90aBuild = false;
 // capability exactly 9.0 (the only one sm_90a code runs on), and
 // JAX_MARLIN_WGMMA=0 not set (an A/B switch, read once).
 inline bool wgmma_launches() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("JAX_MARLIN_WGMMA");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool enabled = not_switched_off("JAX_MARLIN_WGMMA");
   return kSm90aBuild && enabled && current_device_attribute<cudaDevAttrComputeCapabilityMajor>(0) == 9 &&
          current_device_attribute<cudaDevAttrComputeCapabilityMinor>(-1) == 0;
 }

@@ -71,17 +71,7 @@ class MarlinBlock {
     // change from stage to stage, worked out once: the main loop then only
     // adds a stage's base to these.
     const int tid = threadIdx.x;
-#pragma unroll
-    for (int j = 0; j < kACopies; ++j) {
-      const int c = j * Tile::kThreads + tid;
-      int row, chunk;
-      a_copy_coords(c, row, chunk);
-      a_copy_[j] = (Tile::kAStage % Tile::kThreads == 0 || c < Tile::kAStage) ? 1 : 0;
-      a_valid_[j] = a_copy_[j] && row < p.rows;
-      // Rows past M read nothing (zero-fill) from row 0, a valid address.
-      a_src_[j] = (a_valid_[j] ? row * (p.k / 8) : 0) + chunk;
-      a_dst_[j] = 16 * a_offset(row, chunk);
-    }
+    plan_x_copies<Tile>(p.rows, p.k, a_copy_coords, a_offset, a_src_, a_dst_, a_copy_, a_valid_);
     // Weights: thread tid copies unit tid % kBRow of packed row tid / kBRow,
     // then the same unit kThreads / kBRow rows further down, and so on.
     const int b_row_stride = p.n / 2;  // 2 N int32 = N / 2 int4 per packed row
@@ -279,24 +269,7 @@ class MarlinBlock {
   // Stage layout (16-byte units): x tile (kAStage), packed weight (kBStage),
   // scale rows (kSStage). `stage` is the stage's shared address.
   __device__ void load_stage(uint32_t stage, const LoadCursor& at, bool hint) {
-    // Activations: kTileM rows x kTileK columns; rows past M are zero-filled.
-    if constexpr (Tile::kTmaX) {
-      // One copy a 128-byte half of the tile's columns (the map swizzles
-      // it), at its plane. Rows past M are outside the tensor map: zeros.
-      x_bars_.load<Tile::kTileK / Tile::kXBoxK, Tile::kXBoxK>(
-          stage, 16 * Tile::kAStage, x_map_, at.k_tile * Tile::kTileK,
-          [](int b) { return b * XS::kHalfUnits; });
-    } else {
-      // Offsets in unsigned 32-bit arithmetic (x has < 2^32 16-byte units):
-      // one wide multiply-add per address instead of a sign extension, a
-      // shift and a 64-bit add.
-      const auto* x_units = reinterpret_cast<const int4*>(p_.x);
-      const unsigned x_tile = static_cast<unsigned>(at.k_tile) * Tile::kAChunksPerRow;
-#pragma unroll
-      for (int j = 0; j < kACopies; ++j) {
-        if (a_copy_[j]) cp_async16_zfill(stage + a_dst_[j], x_units + (x_tile + a_src_[j]), a_valid_[j]);
-      }
-    }
+    load_x_stage<Tile, XS>(x_bars_, x_map_, p_.x, stage, at.k_tile, a_src_, a_dst_, a_copy_, a_valid_);
 
     // Weights: kKBlocks rows of the packed array, kBRow 16-byte units each,
     // contiguous in global memory and copied as they are.

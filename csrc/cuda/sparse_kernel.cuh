@@ -185,16 +185,13 @@ class SparseBlock {
         n_tiles_(p.n / Tile::kTileN),
         evict_first_(make_evict_first_policy()) {
     const int tid = threadIdx.x;
-#pragma unroll
-    for (int j = 0; j < kACopies; ++j) {
-      const int c = j * Tile::kThreads + tid;
-      const int row = c / Tile::kAChunksPerRow, chunk = c % Tile::kAChunksPerRow;
-      a_copy_[j] = (Tile::kAStage % Tile::kThreads == 0 || c < Tile::kAStage) ? 1 : 0;
-      a_valid_[j] = a_copy_[j] && row < p.rows;
-      // Rows past M read nothing (zero-fill) from row 0, a valid address.
-      a_src_[j] = (a_valid_[j] ? row * (p.k / 8) : 0) + chunk;
-      a_dst_[j] = 16 * a_offset(row, chunk);
-    }
+    // A row's chunks from consecutive threads (the swizzle spreads each
+    // 8-thread phase of the copy over the banks).
+    const auto coords = [](int c, int& row, int& chunk) {
+      row = c / Tile::kAChunksPerRow;
+      chunk = c % Tile::kAChunksPerRow;
+    };
+    plan_x_copies<Tile>(p.rows, p.k, coords, a_offset, a_src_, a_dst_, a_copy_, a_valid_);
     // Values and metadata: thread tid copies unit tid % kVRow (kMRow) of
     // band tid / kVRow (kMRow), then the same unit kThreads / kVRow
     // (kThreads / kMRow) bands further, and so on.
@@ -311,20 +308,7 @@ class SparseBlock {
 
   // Stage layout (16-byte units): x tile, values, metadata, scale rows.
   __device__ void load_stage(uint32_t stage, const LoadCursor& at, bool hint) {
-    if constexpr (Tile::kTmaX) {
-      // A box a 128-byte half of the tile (the map swizzles it), at its plane.
-      x_bars_.load<Tile::kTileK / Tile::kXBoxK, Tile::kXBoxK>(
-          stage, 16 * Tile::kAStage, x_map_, at.k_tile * Tile::kTileK,
-          [](int b) { return b * XS::kHalfUnits; });
-    } else {
-      // Unsigned offsets (x has < 2^32 16-byte units): one wide multiply-add.
-      const auto* x_units = reinterpret_cast<const int4*>(p_.x);
-      const unsigned x_tile = static_cast<unsigned>(at.k_tile) * Tile::kAChunksPerRow;
-#pragma unroll
-      for (int j = 0; j < kACopies; ++j) {
-        if (a_copy_[j]) cp_async16_zfill(stage + a_dst_[j], x_units + (x_tile + a_src_[j]), a_valid_[j]);
-      }
-    }
+    load_x_stage<Tile, XS>(x_bars_, x_map_, p_.x, stage, at.k_tile, a_src_, a_dst_, a_copy_, a_valid_);
 
     // Values and metadata: kBands rows of each array, copied as they are
     // (a band's runs are contiguous), both streamed once: evict-first.

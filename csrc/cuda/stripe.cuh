@@ -198,6 +198,54 @@ class TmaXBarriers {
   uint32_t parity_ = 0;
 };
 
+// A thread's share of copying a stage's x tile (kTileM rows x kTileK
+// columns), the same in the dense and the 2:4 kernel. Without TMA, each
+// thread makes kCopies cp.async copies, planned once (plan_x_copies):
+// source offsets from the k-tile's start in x (16-byte units), destinations
+// in the stage (bytes), whether the copy exists and whether its row is real.
+// `coords(c, row, chunk)` says which chunk of x copy c of the stage moves,
+// `offset(row, chunk)` where it goes (16-byte units): the kernel's layout.
+template <typename Tile, int kCopies, typename Coords, typename Offset>
+__device__ __forceinline__ void plan_x_copies(int rows, int k, Coords&& coords, Offset&& offset,
+                                              int (&src)[kCopies], int (&dst)[kCopies],
+                                              bool (&copy)[kCopies], bool (&valid)[kCopies]) {
+#pragma unroll
+  for (int j = 0; j < kCopies; ++j) {
+    const int c = j * Tile::kThreads + threadIdx.x;
+    int row, chunk;
+    coords(c, row, chunk);
+    copy[j] = (Tile::kAStage % Tile::kThreads == 0 || c < Tile::kAStage) ? 1 : 0;
+    valid[j] = copy[j] && row < rows;
+    // Rows past M read nothing (zero-fill) from row 0, a valid address.
+    src[j] = (valid[j] ? row * (k / 8) : 0) + chunk;
+    dst[j] = 16 * offset(row, chunk);
+  }
+}
+
+// Copies k-tile `k_tile`'s x into `stage`. By TMA (Tile::kTmaX): one box a
+// 128-byte half of the tile's columns, at its plane (the map swizzles it;
+// rows past M are outside the map and arrive as zeros). Else the planned
+// cp.async copies, rows past M zero-filled; offsets in unsigned 32-bit
+// arithmetic (x has < 2^32 16-byte units): one wide multiply-add per
+// address instead of a sign extension, a shift and a 64-bit add.
+template <typename Tile, typename XS, int kCopies, int kStageBytes>
+__device__ __forceinline__ void load_x_stage(const TmaXBarriers<kStageBytes>& bars, const void* map,
+                                             const void* x, uint32_t stage, int k_tile,
+                                             const int (&src)[kCopies], const int (&dst)[kCopies],
+                                             const bool (&copy)[kCopies], const bool (&valid)[kCopies]) {
+  if constexpr (Tile::kTmaX) {
+    bars.template load<Tile::kTileK / Tile::kXBoxK, Tile::kXBoxK>(
+        stage, 16 * Tile::kAStage, map, k_tile * Tile::kTileK, [](int b) { return b * XS::kHalfUnits; });
+  } else {
+    const auto* x_units = reinterpret_cast<const int4*>(x);
+    const unsigned x_tile = static_cast<unsigned>(k_tile) * Tile::kAChunksPerRow;
+#pragma unroll
+    for (int j = 0; j < kCopies; ++j) {
+      if (copy[j]) cp_async16_zfill(stage + dst[j], x_units + (x_tile + src[j]), valid[j]);
+    }
+  }
+}
+
 // The first `kAlign`-byte boundary at or after `smem` (a kTmaX kernel's
 // stages; its tile reserves the slack).
 template <uint32_t kAlign>
