@@ -388,7 +388,7 @@ def tune_dispatch(layers, dtype_names, reps, timer_cls, batches=TUNE_BATCHES, fo
 # Environment variables that change what a benchmark measures: XLA's flags
 # (command buffers, for one) and the kernels' switches (overlapped launch, x
 # by TMA).
-RECORDED_ENV = ("XLA_FLAGS", "JAX_MARLIN_PDL", "JAX_MARLIN_TMA")
+RECORDED_ENV = ("XLA_FLAGS", "JAX_MARLIN_PDL", "JAX_MARLIN_TMA", "JAX_MARLIN_WGMMA")
 
 
 def run_environment() -> dict:
@@ -511,9 +511,22 @@ def write_results(result: dict, out_dir: str, tag: str) -> str:
     return json_path
 
 
+def _latest_rows(results) -> dict:
+    rows = {}
+    for r in results:
+        for row in r["rows"]:
+            key = (row.get("set"), row["K"], row["N"], row["M"], row["dtype"], row["group"])
+            rows.pop(key, None)  # re-inserted: the table keeps the later file's order
+            rows[key] = dict(row, commit=row.get("commit", r["commit"]))
+    return rows
+
+
 def combine(paths, out_dir) -> str:
     """Merge result files of one device (e.g. a full run split over several
-    invocations by --sets/--dtypes) into one file with one plot."""
+    invocations by --sets/--dtypes) into one file with one plot. A row
+    measured again in a later file (same set, shape, M, dtype and group)
+    replaces the earlier one, so a re-run of some batch sizes after a kernel
+    change supersedes just those rows; each row keeps its file's commit."""
     results = [json.load(open(p)) for p in paths]
     devices = {r["device"] for r in results}
     if len(devices) != 1:
@@ -526,7 +539,7 @@ def combine(paths, out_dir) -> str:
                   copy_bandwidth_Bps=[r["copy_bandwidth_Bps"] for r in results],
                   timing=sorted({r["timing"] for r in results}),
                   timing_check=next((r["timing_check"] for r in results if r.get("timing_check")), None),
-                  rows=[row for r in results for row in r["rows"]])
+                  rows=list(_latest_rows(results).values()))
     return write_results(merged, out_dir, "combined")
 
 
@@ -579,7 +592,8 @@ def main(argv=None):
                     help="with --tune-dispatch: the weight formats to measure, comma-separated "
                          "(dense, sparse; default dense, and sparse too with --sparse)")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
-                    help="merge earlier result files into one (no measuring)")
+                    help="merge earlier result files into one (no measuring); a row measured "
+                         "again in a later file replaces the earlier one")
     args = ap.parse_args(argv)
     formats = (tuple(args.formats.split(",")) if args.formats
                else ("dense", "sparse") if args.sparse else ("dense",))

@@ -85,3 +85,31 @@ def test_tune_formats_are_checked_before_measuring(capsys):
         bench.main(["--tune-dispatch", "--formats", "sparse,int8"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--formats: each of ['dense', 'sparse'], got 'sparse,int8'" in err
+
+
+def test_combine_lets_a_later_run_supersede_rows(tmp_path):
+    """--combine merges runs of one device; a row measured again in a later file
+    (a re-run of some M after a kernel change) replaces the earlier one."""
+    import json
+
+    def row(M, marlin_s):
+        return dict(set="tiny", K=128, N=128, M=M, dtype="fp16", group=128, marlin_s=marlin_s,
+                    dense_s=2e-6, xla_int4_s=4e-6, bytes=10_000, roofline_s=5e-7,
+                    roofline_frac=5e-7 / marlin_s, speedup_vs_dense=2e-6 / marlin_s,
+                    speedup_vs_xla_int4=4e-6 / marlin_s)
+
+    def result(commit, date, rows):
+        return dict(device="GPU X", platform="gpu", jax="0", commit=commit, date=date,
+                    copy_bandwidth_Bps=1e12, timing="wall", rows=rows)
+
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(result("aaa", "20260101T000000Z", [row(1, 1e-6), row(64, 4e-6)])))
+    new.write_text(json.dumps(result("bbb", "20260102T000000Z", [row(64, 2e-6)])))
+    merged = json.loads(open(bench.combine([str(old), str(new)], str(tmp_path / "out"))).read())
+    assert [(r["M"], r["marlin_s"], r["commit"]) for r in merged["rows"]] == [
+        (1, 1e-6, "aaa"), (64, 2e-6, "bbb")]
+    assert merged["commit"] == "aaa,bbb" and merged["date"] == "20260102T000000Z"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(result("ccc", "20260103T000000Z", []), device="GPU Y")))
+    with pytest.raises(SystemExit, match="different devices"):
+        bench.combine([str(old), str(other)], str(tmp_path / "out"))

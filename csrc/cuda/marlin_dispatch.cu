@@ -40,28 +40,40 @@ struct TileConfig {
 // dequantized weight feeds 8 MMAs instead of 4: 4-7% faster on the two
 // widest 70B layers at M = 64, but up to 2x slower on the 7B layers, whose
 // stripes it leaves a few tiles long.)
-// At 64 rows on Hopper, 128x256 with wgmma (x by TMA, read through
+// At 32 and 64 rows on Hopper, 128x256 with wgmma (x by TMA, read through
 // 128-byte-swizzle descriptors): a warpgroup a 256-column pair of slabs, so
-// each dequantized weight feeds one wgmma m64n64 instead of 8 mma.sync.
+// each dequantized weight feeds one wgmma m64n64 instead of 4-8 mma.sync.
 // H100 kernel benchmark, us, M = 64, against the mma.sync tile with x by
 // TMA (session 17): 8192x28672 109.2 -> 82.1, 28672x8192 107.6 -> 79.9,
-// 8192^2 38.6 -> 31.1.
-constexpr std::array<TileConfig, 6> kTileConfigs = {
-    {{8, 16, 8}, {16, 8, 8}, {8, 8, 8}, {4, 4, 4}, {16, 16, 8, 512}, {16, 8, 8, 0, true}}};
+// 8192^2 38.6 -> 31.1. At M = 32 (session 18, same benchmark): 70.3 ->
+// 64.5, 69.6 -> 64.1, 26.4 -> 24.3.
+// At 128 rows on Hopper, 128x128 with wgmma (x by TMA): a warpgroup a slab,
+// each dequantized weight feeds one m64n128 (the 128x256 wgmma tile would
+// give a warpgroup two slabs, 128 accumulators a thread, and spills: 133
+// against 122 us in the tile sweep). Against the 128x256 mma.sync tile,
+// which stays for devices without wgmma (H100 kernel benchmark, session 18,
+// us, M = 128): 8192x28672 187.2 -> 116.7, 28672x8192 182.8 -> 114.8,
+// 8192^2 67.2 -> 39.5, 4096^2 38.3 -> 18.2.
+constexpr std::array<TileConfig, 7> kTileConfigs = {{{8, 16, 8},
+                                                     {16, 8, 8},
+                                                     {8, 8, 8},
+                                                     {4, 4, 4},
+                                                     {16, 16, 8, 512},
+                                                     {16, 8, 8, 0, true},
+                                                     {8, 8, 8, 0, true}}};
 constexpr int kNumConfigs = static_cast<int>(kTileConfigs.size());
 
 // Configurations tried for a row variant, in order (-1: none); the first
 // that serves (K, N) and can launch here (pick_config) wins. Only these are
 // instantiated.
 constexpr std::array<int, kNumConfigs> preference(int variant) {
-  if (variant == 0) return {4, 0, 1, 2, 3, -1};
-  if (variant == 1) return {4, 1, 0, 2, 3, -1};
-  if (variant == 2) return {1, 0, 2, 3, -1, -1};
-  if (variant == 3) return {5, 1, 0, 2, 3, -1};
-  // 128 rows: 128 x 256 only. (The 64 x 64 tile at 16 row blocks is one
-  // ptxas 13.0 miscompiles: see stream_stripe. Shapes it would serve run as
-  // 64-row chunks instead.)
-  return {1, -1, -1, -1, -1, -1};
+  if (variant == 0) return {4, 0, 1, 2, 3, -1, -1};
+  if (variant == 1) return {4, 1, 0, 2, 3, -1, -1};
+  if (variant == 2 || variant == 3) return {5, 1, 0, 2, 3, -1, -1};
+  // 128 rows: 128 x 256 (or 128 x 128 with wgmma) only. (The 64 x 64 tile
+  // at 16 row blocks is one ptxas 13.0 miscompiles: see stream_stripe.
+  // Shapes it would serve run as 64-row chunks instead.)
+  return {6, 1, -1, -1, -1, -1, -1};
 }
 
 // The kernel of a tile: x by TMA (marlin_kernel_tma_x) or by cp.async.

@@ -432,11 +432,28 @@ class MarlinBlock {
   // kTileM slice of x^T (one x operand for all its slabs). The stage
   // is not refilled before the next iteration's barrier, so waiting for the
   // group here keeps its x tile alive long enough.
+  //
+  // x by TMA (kTmaX): the dequantize (CUDA cores) and the wgmmas (tensor
+  // cores) overlap within the stage: k16 block i's wgmmas are issued as soon
+  // as its A fragments are dequantized, and block i + 1 is dequantized while
+  // they run (every block has its own fragment registers, which ptxas keeps
+  // untouched until the wait; the accumulators chain from wgmma to wgmma of
+  // the same shape, which needs no fence). Only block 0's dequantize waits
+  // for nothing and only the last block's wgmmas for everything: the rest
+  // runs side by side. The stage's one wait for all of it stays at the end,
+  // so no group is in flight across the next iteration's barrier and the
+  // stage ring (stream_stripe) needs no "x consumed" barrier or extra stage
+  // of slack, and the accumulators never leave this function while a group
+  // is in flight. (Overlapping across stages instead would need a second
+  // set of kS * kKBlocksPerWarp * 4 fragment registers, as the next stage's
+  // dequantize would write while the previous group still reads them.)
+  // The cp.async wgmma tiles (tile sweep only) keep the old order.
   __device__ void compute_stage_wgmma(uint32_t stage) {
     constexpr int kS = Tile::kSlabsPerWarpgroup;
+    constexpr bool kOverlap = Tile::kTmaX;
     uint32_t afrag[kS][Tile::kKBlocksPerWarp][4];
-#pragma unroll
-    for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
+    // k16 block i's A fragments, of every slab of the warpgroup.
+    auto dequantize = [&](int i) {
       const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
 #pragma unroll
       for (int slab = 0; slab < kS; ++slab) {
@@ -453,12 +470,18 @@ class MarlinBlock {
         uint32_t(&a)[4] = afrag[slab][i];
         a[0] = b0[0], a[1] = b1[0], a[2] = b0[1], a[3] = b1[1];
       }
+    };
+    if constexpr (kOverlap) {
+      dequantize(0);
+    } else {
+#pragma unroll
+      for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) dequantize(i);
     }
     // B = x^T, K-major. By cp.async (no swizzle): the two 16-byte columns of
     // k of block kb are kTileM / 8 core matrices apart (leading offset);
     // 8-row groups are adjacent (stride offset). By TMA: 128-byte swizzle.
     constexpr uint32_t kKStep = 16 * 8 * (Tile::kTileM / 8), kNStep = 128;
-    // x by TMA: wait only now, after the dequantize, which needs no x.
+    // x by TMA: wait only now, after the (first) dequantize, which needs no x.
     if constexpr (Tile::kTmaX) x_bars_.wait(stage);
     // Slab s's D fragment: element 4 rb + e is acc_[rb][s][e] (per 8 rows of
     // x, the m16n8 layout). Named as one array for the asm; the copies in
@@ -470,7 +493,7 @@ class MarlinBlock {
       for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) d[slab][4 * rb + e] = acc_[rb][slab][e];
-    wgmma_fence();
+    if constexpr (!kOverlap) wgmma_fence();
 #pragma unroll
     for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
       const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
@@ -483,8 +506,18 @@ class MarlinBlock {
         desc = kWgmmaLeadingIsK ? wgmma_descriptor(start, kKStep, kNStep)
                                 : wgmma_descriptor(start, kNStep, kKStep);
       }
+      // Block i's fragments were written after the last fence: fence them
+      // (wgmma.fence orders this thread's register writes before the
+      // wgmmas that read them; it is no wait for the wgmmas in flight, and
+      // ptxas keeps blocks < i's fragments and the accumulators untouched
+      // until the wait below: SASS has one WARPGROUP.ARRIVE a block and a
+      // single WARPGROUP.DEPBAR, no serialization warning).
+      if constexpr (kOverlap) wgmma_fence();
 #pragma unroll
       for (int slab = 0; slab < kS; ++slab) WgmmaRS<T, Tile::kTileM>::run(d[slab], afrag[slab][i], desc);
+      if constexpr (kOverlap) {
+        if (i + 1 < Tile::kKBlocksPerWarp) dequantize(i + 1);
+      }
     }
     wgmma_commit();
     wgmma_wait<0>();

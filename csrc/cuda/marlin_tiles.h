@@ -211,9 +211,9 @@ struct TileShape {
   static_assert(kKBlocks % kWarpsK == 0, "K split must divide the k-tile");
   static_assert((kWarpsK & (kWarpsK - 1)) == 0, "tree reduction needs a power-of-two K split");
   static_assert(kAChunksPerRow >= 8, "the A swizzle permutes groups of 8 chunks");
-  static_assert(!kWgmma || (kWarpsM == 1 && kWarps % 4 == 0 && (kTileM == 8 || kTileM == 16 ||
-                                                                 kTileM == 32 || kTileM == 64)),
-                "wgmma tiles: whole warpgroups, no M split, 8 to 64 rows");
+  static_assert(!kWgmma || (kWarpsM == 1 && kWarps % 4 == 0 &&
+                             (kTileM == 8 || kTileM == 16 || kTileM == 32 || kTileM == 64 || kTileM == 128)),
+                "wgmma tiles: whole warpgroups, no M split, 8 to 128 rows");
   static_assert(!kTmaX || kTileK % 64 == 0,
                 "x by TMA with the 128-byte swizzle: whole 64-column halves");
 };

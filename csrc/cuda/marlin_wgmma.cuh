@@ -204,4 +204,47 @@ struct WgmmaRS<__nv_bfloat16, 64> {
   }
 };
 
+// N = 128 (the 128-row tile): 64 accumulators a thread, too many operands to
+// spell out twice as above; one macro writes the asm for both types.
+#define JAX_MARLIN_D8(i)                                                                            \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]),       \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
+#define JAX_MARLIN_WGMMA_M64N128K16(TYPE)                                                           \
+  asm volatile(                                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                    \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                              \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                     \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "            \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "            \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "           \
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                 \
+      : JAX_MARLIN_D8(0), JAX_MARLIN_D8(8), JAX_MARLIN_D8(16), JAX_MARLIN_D8(24),                   \
+        JAX_MARLIN_D8(32), JAX_MARLIN_D8(40), JAX_MARLIN_D8(48), JAX_MARLIN_D8(56)                  \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b))
+
+template <>
+struct WgmmaRS<half, 128> {
+  static __device__ __forceinline__ void run(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+#if JAX_MARLIN_HAS_WGMMA
+    JAX_MARLIN_WGMMA_M64N128K16("f16");
+#else
+    __trap();
+#endif
+  }
+};
+
+template <>
+struct WgmmaRS<__nv_bfloat16, 128> {
+  static __device__ __forceinline__ void run(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+#if JAX_MARLIN_HAS_WGMMA
+    JAX_MARLIN_WGMMA_M64N128K16("bf16");
+#else
+    __trap();
+#endif
+  }
+};
+
+#undef JAX_MARLIN_WGMMA_M64N128K16
+#undef JAX_MARLIN_D8
+
 }  // namespace jax_marlin::cuda

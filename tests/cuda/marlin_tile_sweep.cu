@@ -561,6 +561,23 @@ int main(int argc, char** argv) {
       SWEEPJ2(16, 16, 8, 8);  // production (128 x 256, one pass of 128 rows)
       SWEEPJ2T(16, 16, 8, 8);
       SWEEPJ2(16, 16, 4, 8);
+      // wgmma at 128 rows: each dequantized weight feeds one m64n128k16
+      // (M = 128 as two 64-row chunks on the wgmma tile dequantizes every
+      // weight twice). n8: a slab a warpgroup, 64 accumulators a thread
+      // (196 registers, no spills); n16: two slabs, 128 accumulators and
+      // half the x bytes per weight byte, but 255 registers and spills
+      // (ptxas 13.0: 540 bytes stored, 424 loaded; loop invariants, about
+      // 20 local loads a stage), as the production tile's (464 / 340).
+      SWEEPWT(16, 8, 8, 8);
+      SWEEPWT(16, 8, 4, 8);
+      SWEEPWT(16, 16, 8, 8);
+      // Their memory pipelines alone, against the production tile's.
+      time_tile<TileShape<16, 8, 8, 8, true, 1, 1, true, true, 1, true>>(
+          "r16 n8 k8 w8 wgmma tma-x loads-only", layer, b, m, true, true);
+      time_tile<TileShape<16, 16, 8, 8, true, 1, 1, true, true, 1, true>>(
+          "r16 n16 k8 w8 wgmma tma-x loads-only", layer, b, m, true, true);
+      time_tile<TileShape<16, 16, 8, 8, true, 1, 1, true, false, 2, true>>(
+          "r16 n16 k8 w8 jsplit2 tma-x loads-only", layer, b, m, true, true);
     }
     {
       // Where the M = 1 time goes: weights in L2 (no HBM), the pipeline
