@@ -6,9 +6,9 @@
 #   scripts/build_tools.sh SRC OUT ["NVCC FLAGS"] [TOOL...]
 #
 # TOOL: marlin_selftest, sparse_selftest (the default: both), tile_sweep,
-# phase_probe, wgmma_probe; each lands in OUT under the name gpu_check.sh
+# phase_probe, wgmma_probe, sparse_sweep; each lands in OUT under the name gpu_check.sh
 # runs (marlin_selftest, sparse_selftest, marlin_tile_sweep,
-# marlin_phase_probe, wgmma_probe). NVCC FLAGS: extra flags for a tuning
+# marlin_phase_probe, wgmma_probe; sparse_sweep: sparse_tile_sweep). NVCC FLAGS: extra flags for a tuning
 # build, e.g. -DJAX_MARLIN_MAX_STAGES=4. Used by scripts/prebuild_tools.sh
 # (every tool of this tree into .devbuild), by gpu_check.sh when nothing was
 # prebuilt, and for A/B runs: one folder a variant (e.g. .ab/main, .ab/cand,
@@ -50,9 +50,13 @@ for t in "${tools[@]}"; do
     wgmma_probe)
       "${nvcc[@]}" -O2 "${sm90a[@]}" "$src/tests/cuda/wgmma_probe.cu" -o "$out/wgmma_probe" &
       built+=("$out/wgmma_probe") ;;
+    sparse_sweep)
+      "${nvcc[@]}" -O3 "${sm90a_build[@]}" "$src/tests/cuda/sparse_tile_sweep.cu" \
+        "$src/csrc/cuda/sparse_dispatch.cu" "$src/csrc/cuda/marlin_dispatch.cu" -o "$out/sparse_tile_sweep" &
+      built+=("$out/sparse_tile_sweep") ;;
     *)
       echo "build_tools.sh: unknown tool '$t' (marlin_selftest, sparse_selftest, tile_sweep," \
-        "phase_probe, wgmma_probe)" >&2
+        "phase_probe, wgmma_probe, sparse_sweep)" >&2
       exit 2 ;;
   esac
   pids+=($!)

@@ -17,6 +17,9 @@ namespace {
 struct SparseConfig {
   int n_blocks, bands, warps;
   int min_tiles = 0;  // as TileConfig::min_tiles
+  // Hopper's wgmma.mma_async.sp (SparseTileShape::kWgmma), as
+  // TileConfig::wgmma: x by TMA only, sm_90a builds, where wgmma_launches().
+  bool wgmma = false;
   constexpr int tile_n() const { return 16 * n_blocks; }
   constexpr int tile_k() const { return 32 * bands; }
   constexpr bool serves(int k, int n) const { return tile_serves(k, n, tile_k(), tile_n(), min_tiles); }
@@ -32,20 +35,34 @@ struct SparseConfig {
 // so half the shared-memory reduction per tile (H200, us: 70B layers at
 // M = 16 43.1 -> 40.6 with group scales, 43.2 -> 37.5 per-channel; M = 1
 // flat). Tiles whose stages do not fit (kFits) drop out.
-constexpr std::array<SparseConfig, 5> kSparseConfigs = {
-    {{8, 16, 8}, {16, 4, 8}, {8, 8, 8}, {4, 2, 2}, {16, 8, 8, 512}}};
+// At 32, 64 and 128 rows on Hopper, wgmma.mma_async.sp tiles (x by TMA): a
+// warpgroup takes a 64-column run (or two), each dequantized weight feeds one
+// m64nMk32 instead of M / 16 mma.sp; 256 x 256, 256 x 128 and 128 x 128 were
+// the fastest of the sparse tile sweep's candidates at those M on all four
+// Llama layer shapes (H100, us, 28672x8192 fp16 g128, against the mma.sp
+// tile: M = 32 52.7 -> 40.5, M = 64 86.5 -> 56.5, M = 128 149.8 -> 92.1;
+// benchmarks/results/sweeps/s18_h100_20261206/call1/sparse_sweep.log).
+constexpr std::array<SparseConfig, 8> kSparseConfigs = {{{8, 16, 8},
+                                                         {16, 4, 8},
+                                                         {8, 8, 8},
+                                                         {4, 2, 2},
+                                                         {16, 8, 8, 512},
+                                                         {16, 8, 8, 0, true},
+                                                         {8, 8, 8, 0, true},
+                                                         {8, 4, 8, 0, true}}};
 constexpr int kNumConfigs = static_cast<int>(kSparseConfigs.size());
 
 // Configurations tried for a row variant, in order (-1: none); the first
-// that serves (K, N) wins (SparseConfig::serves). Only these are
-// instantiated. 128 rows:
-// 128 x 256 only (the others do not fit shared memory at 16 row blocks, or
-// are slower than two 64-row chunks would be); shapes it does not divide run
-// as 64-row chunks.
+// that serves (K, N) and can launch here (pick_config) wins. Only these are
+// instantiated. 128 rows: the wgmma tile, else 128 x 256 only (the others
+// do not fit shared memory at 16 row blocks, or are slower than two 64-row
+// chunks would be); shapes 128 x 256 does not divide run as 64-row
+// chunks (next_chunk).
 constexpr std::array<int, kNumConfigs> preference(int variant) {
-  if (variant <= 1) return {4, 0, 2, 1, 3};
-  if (variant <= 3) return {1, 2, 0, 3, -1};
-  return {1, -1, -1, -1, -1};
+  if (variant <= 1) return {4, 0, 2, 1, 3, -1, -1, -1};
+  if (variant == 2) return {5, 1, 2, 0, 3, -1, -1, -1};
+  if (variant == 3) return {6, 1, 2, 0, 3, -1, -1, -1};
+  return {7, 1, -1, -1, -1, -1, -1, -1};
 }
 
 // The kernel of a tile: x by TMA (sparse_kernel_tma_x) or by cp.async.
@@ -116,11 +133,11 @@ constexpr auto table_entry() {
   using T = std::conditional_t<is_bf16, __nv_bfloat16, half>;
   constexpr int variant = (I / kNumConfigs) % kNumRowVariants;
   using Entry = std::conditional_t<Prepare, ChunkPreparer, ChunkLauncher>;
-  if constexpr (!tries(preference(variant), config)) {
+  if constexpr (!tries(preference(variant), config) || (c.wgmma && !(tma_x && kSm90aBuild))) {
     return Entry{nullptr};
   } else {
     using Tile = SparseTileShape<row_blocks, c.n_blocks, c.bands, c.warps, grouped,
-                                 slab_sharing_warps(row_blocks), tma_x>;
+                                 c.wgmma ? 1 : slab_sharing_warps(row_blocks), tma_x, c.wgmma>;
     if constexpr (!Tile::kFits) {
       return Entry{nullptr};
     } else if constexpr (Prepare) {
@@ -140,25 +157,25 @@ constexpr auto kTableSize = std::make_integer_sequence<int, 2 * 2 * 2 * kNumRowV
 constexpr auto kLaunchers = make_table<false>(kTableSize);
 constexpr auto kPreparers = make_table<true>(kTableSize);
 
-int pick_config(int variant, int k, int n) {
+// As marlin_dispatch.cu's pick_config: a wgmma configuration needs x by
+// TMA and wgmma_launches(); the others must fit both ways of loading x.
+int pick_config(int variant, int k, int n, bool tma_x, bool wgmma) {
   for (int c : preference(variant)) {
     if (c < 0) break;
-    // Shared-memory fit depends only on the shapes (the same for fp16 and
-    // bf16); a configuration must fit both ways of loading x, so that the
-    // choice (and the workspace) does not depend on the device.
-    bool fits = true;
+    const bool is_wgmma = kSparseConfigs[c].wgmma;
+    bool usable = !is_wgmma || (tma_x && wgmma);
     for (bool grouped : {false, true})
-      for (bool tma_x : {false, true})
-        fits = fits && kLaunchers[table_index(ActDtype::kFloat16, grouped, variant, c, tma_x)] != nullptr;
-    if (!fits) continue;
-    if (kSparseConfigs[c].serves(k, n)) return c;
+      for (bool tma : {false, true})
+        if (tma || !is_wgmma)
+          usable = usable && kLaunchers[table_index(ActDtype::kFloat16, grouped, variant, c, tma)] != nullptr;
+    if (usable && kSparseConfigs[c].serves(k, n)) return c;
   }
   return -1;
 }
 
 // Rows of the next chunk (see chunk_rows in marlin_tiles.h).
 int next_chunk(int remaining, int k, int n) {
-  return chunk_rows(remaining, pick_config(row_variant(kMaxRows), k, n) >= 0);
+  return chunk_rows(remaining, pick_config(row_variant(kMaxRows), k, n, false, false) >= 0);
 }
 
 }  // namespace
@@ -170,12 +187,15 @@ size_t sparse_workspace_floats(int m, int k, int n) {
   for (int row0 = 0, rows = 0; row0 < m; row0 += rows) {
     rows = next_chunk(m - row0, k, n);
     const int variant = row_variant(rows);
-    const int config = pick_config(variant, k, n);
-    if (config < 0) continue;
-    const SparseConfig& c = kSparseConfigs[config];
-    const size_t total = static_cast<size_t>(k / c.tile_k()) * (n / c.tile_n());
-    const size_t grid = std::min(total, static_cast<size_t>(max_multiprocessor_count()));
-    most = std::max(most, 2 * grid * (8 * kRowBlockCounts[variant]) * c.tile_n());
+    // Whichever way the device will launch: cp.async, TMA, TMA with wgmma.
+    for (int way = 0; way < 3; ++way) {
+      const int config = pick_config(variant, k, n, way >= 1, way == 2);
+      if (config < 0) continue;
+      const SparseConfig& c = kSparseConfigs[config];
+      const size_t total = static_cast<size_t>(k / c.tile_k()) * (n / c.tile_n());
+      const size_t grid = std::min(total, static_cast<size_t>(max_multiprocessor_count()));
+      most = std::max(most, 2 * grid * (8 * kRowBlockCounts[variant]) * c.tile_n());
+    }
   }
   return most;
 }
@@ -204,11 +224,11 @@ cudaError_t sparse_matmul(const SparseProblem& pr, cudaStream_t stream) {
   }
   const bool grouped = pr.group_size != pr.k;
   const int locks_per_chunk = pr.n / kWarpCols;
-  const bool tma_x = x_by_tma();
+  const bool tma_x = x_by_tma(), wgmma = tma_x && wgmma_launches();
   for (int row0 = 0, chunk = 0, rows = 0; row0 < pr.m; row0 += rows, ++chunk) {
     rows = next_chunk(pr.m - row0, pr.k, pr.n);
     const int variant = row_variant(rows);
-    const int config = pick_config(variant, pr.k, pr.n);
+    const int config = pick_config(variant, pr.k, pr.n, tma_x, wgmma);
     if (config < 0) return cudaErrorInvalidValue;
     err = kLaunchers[table_index(pr.dtype, grouped, variant, config, tma_x)](
         pr, row0, rows, pr.locks + chunk * locks_per_chunk, stream);

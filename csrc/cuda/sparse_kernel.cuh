@@ -39,22 +39,39 @@ namespace jax_marlin::cuda {
 // needed to tile M and N split the k-tile's bands. kTmaX (compute
 // capability 9.0+, x_by_tma): x comes by TMA, in 128-byte swizzled halves, as the dense kernel's
 // kTmaX mma.sync tiles (marlin_tiles.h; sparse_kernel_tma_x).
+// kWgmma (sm_90a, kTmaX tiles only; dispatched at 32-128 rows where
+// wgmma_launches()): as the
+// dense kWgmma tile, a warpgroup multiplies a 64-column run (or several) by
+// all kTileM rows, one wgmma.mma_async.sp m64n{kTileM}k32 a band and run;
+// warp w of the warpgroup supplies the run's n-block w (word w of each
+// lane's 16-byte values unit, dequantized into the register A fragment) and
+// its metadata register; x^T is read through 128-byte-swizzle descriptors.
 template <int kRowBlocks_, int kNBlocks_, int kBands_, int kWarps_, bool kGrouped_, int kWarpsM_ = 1,
-          bool kTmaX_ = false>
+          bool kTmaX_ = false, bool kWgmma_ = false>
 struct SparseTileShape {
   static constexpr int kRowBlocks = kRowBlocks_, kNBlocks = kNBlocks_, kBands = kBands_;
   static constexpr int kWarps = kWarps_;
   static constexpr bool kGrouped = kGrouped_;
   static constexpr int kWarpsM = kWarpsM_;
   static constexpr bool kTmaX = kTmaX_;
+  static constexpr bool kWgmma = kWgmma_;
   static constexpr int kXBoxK = 64;  // kTmaX: columns of x a TMA box spans
   static constexpr int kBlocksPerSM = 1;
   static constexpr int kRowBlocksPerWarp = kRowBlocks / kWarpsM;
 
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTileM = 8 * kRowBlocks, kTileN = 16 * kNBlocks, kTileK = 32 * kBands;
-  static constexpr int kWarpsN = kTileN / kWarpCols;
-  static constexpr int kWarpsMN = kWarpsM * kWarpsN;
+  // 64-column runs of the tile (the layout's unit along N). With mma.sp a
+  // warp takes (a share of) one run; with wgmma a warpgroup takes
+  // kRunsPerWarpgroup of them (more where the tile has more runs than the
+  // block has warpgroups, as the dense kSlabsPerWarpgroup), each of its
+  // warps one n-block (kSubTilesPerWarp accumulator sets: one a run).
+  static constexpr int kRuns = kTileN / kWarpCols;
+  static constexpr int kRunsPerWarpgroup = kWgmma && kRuns > kWarps / 4 ? kRuns / (kWarps / 4) : 1;
+  static constexpr int kSubTilesPerWarp = kWgmma ? kRunsPerWarpgroup : 4;
+  // Warps (warpgroups with wgmma) along N.
+  static constexpr int kWarpsN = kRuns / kRunsPerWarpgroup;
+  static constexpr int kWarpsMN = kWarpsM * kWarpsN * (kWgmma ? 4 : 1);
   static constexpr int kWarpsK = kWarps / kWarpsMN;
   static constexpr int kBandsPerWarp = kBands / kWarpsK;
 
@@ -63,13 +80,13 @@ struct SparseTileShape {
   // (one per group of 32 at most, i.e. one per band).
   static constexpr int kAChunksPerRow = kTileK / 8;
   static constexpr int kAStage = kTileM * kAChunksPerRow;
-  static constexpr int kVRow = kWarpsN * 32;  // values units of one band of the tile
-  static constexpr int kMRow = kWarpsN * 16;  // metadata units of one band of the tile
+  static constexpr int kVRow = kRuns * 32;  // values units of one band of the tile
+  static constexpr int kMRow = kRuns * 16;  // metadata units of one band of the tile
   static constexpr int kVStage = kBands * kVRow;
   static constexpr int kMStage = kBands * kMRow;
   static constexpr int kSStage = kGrouped ? kBands * kTileN / 8 : 0;
   static constexpr int kStage = tma_x_stage(kTmaX, kAStage + kVStage + kMStage + kSStage);
-  static constexpr int kRed = (kWarpsK / 2) * kWarpsMN * kRowBlocksPerWarp * 4 * 32;
+  static constexpr int kRed = (kWarpsK / 2) * kWarpsMN * kRowBlocksPerWarp * kSubTilesPerWarp * 32;
   static constexpr int kBarrierUnits = tma_x_units(kTmaX, 1024);
   static constexpr int kBlockBudget = kSmemBudget / 16 - kBarrierUnits;
   static constexpr int kStages = (kBlockBudget - kRed) / kStage < kMaxStages
@@ -86,6 +103,10 @@ struct SparseTileShape {
   static_assert(!kTmaX || kTileK % kXBoxK == 0, "x by TMA: whole 64-column halves");
   static_assert(kAChunksPerRow >= 8, "the x swizzle permutes groups of 8 chunks");
   static_assert(kVStage % kThreads == 0, "every thread copies the same number of value units");
+  static_assert(kRuns % kRunsPerWarpgroup == 0, "warpgroups must share the runs evenly");
+  static_assert(!kWgmma || (kTmaX && kWarpsM == 1 && kWarps % 4 == 0 &&
+                            (kTileM == 8 || kTileM == 16 || kTileM == 32 || kTileM == 64 || kTileM == 128)),
+                "wgmma tiles: x by TMA, whole warpgroups, no M split, 8 to 128 rows");
 };
 
 // ---------------------------------------------------------------------------
@@ -159,6 +180,9 @@ template <typename T, typename Tile>
 class SparseBlock {
   using T2 = typename Dtype<T>::T2;
   static constexpr int kRB = Tile::kRowBlocksPerWarp;
+  // n16 accumulator sets a warp holds: the 4 n-blocks of its run (mma.sp),
+  // or its own n-block (j0) of each of its warpgroup's runs (wgmma).
+  static constexpr int kJ = Tile::kSubTilesPerWarp;
   // Up to 2 row blocks a warp the bands are unrolled; beyond, pairs of them
   // stay a loop (the accumulators fill the register file).
   static constexpr bool kBandsUnrolled = kRB <= 2;
@@ -177,7 +201,8 @@ class SparseBlock {
         smem_base_(keep(smem_addr(smem))),
         warp_(threadIdx.x / 32),
         lane_(threadIdx.x % 32),
-        warp_n_(warp_ % Tile::kWarpsN),
+        // A warpgroup shares its runs (wgmma); otherwise each warp has one.
+        warp_n_(Tile::kWgmma ? warp_ / 4 % Tile::kWarpsN : warp_ % Tile::kWarpsN),
         warp_mn_(warp_ % Tile::kWarpsMN),
         warp_k_(warp_ / Tile::kWarpsMN),
         row_block0_(warp_ / Tile::kWarpsN % Tile::kWarpsM * kRB),
@@ -208,10 +233,27 @@ class SparseBlock {
       s_copy_ = keep(int{tid < max(1, Tile::kTileK >> p.group_shift) * kRowChunks});
       s_src_ = keep(tid / kRowChunks * p.n + tid % kRowChunks * 8);
     }
-    v_read_ = keep(16 * (Tile::kAStage + (warp_k_ * Tile::kBandsPerWarp * Tile::kWarpsN + warp_n_) * 32 + lane_));
-    m_read_ = keep(16 * (Tile::kAStage + Tile::kVStage + (warp_k_ * Tile::kBandsPerWarp * Tile::kWarpsN + warp_n_) * 16) +
-                   8 * lane_);
-    s_read_ = keep(16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage + warp_n_ * kWarpCols / 8 + lane_ / 4));
+    // With wgmma a warp reads only its own word (j0) of each 16-byte values
+    // unit and of each lane's 16-byte scale unit, and one metadata word:
+    // n-block j0's, which the format gives to lanes t = 2 (j0 % 2) and
+    // 2 (j0 % 2) + 1 of each group of four (word j0 / 2; selector j0 % 2).
+    // The wgmma's one selector must serve all four warps, so every warp
+    // takes selector 0 and a lane (g, t) of an odd warp reads lane (g, t ^ 2)'s
+    // word: the registers of lanes t = 0, 1 are then what selector 1 would
+    // have taken from lanes t = 2, 3 (the same chunks: chunk half t % 2).
+    if constexpr (Tile::kWgmma) {
+      const int first_band_run = warp_k_ * Tile::kBandsPerWarp * Tile::kRuns + first_run();
+      v_read_ = keep(16 * (Tile::kAStage + first_band_run * 32 + lane_) + 4 * j0());
+      m_read_ = keep(16 * (Tile::kAStage + Tile::kVStage + first_band_run * 16) + 8 * (lane_ ^ (2 * (j0() % 2))) +
+                     4 * (j0() / 2));
+      s_read_ = keep(16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage + first_run() * kWarpCols / 8 + lane_ / 4) +
+                     4 * j0());
+    } else {
+      v_read_ = keep(16 * (Tile::kAStage + (warp_k_ * Tile::kBandsPerWarp * Tile::kWarpsN + warp_n_) * 32 + lane_));
+      m_read_ = keep(16 * (Tile::kAStage + Tile::kVStage + (warp_k_ * Tile::kBandsPerWarp * Tile::kWarpsN + warp_n_) * 16) +
+                     8 * lane_);
+      s_read_ = keep(16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage + warp_n_ * kWarpCols / 8 + lane_ / 4));
+    }
     if constexpr (kScaleOncePossible) {
       // The one group row of the warp's share of a k-tile (scale-once path).
       const int s_row = (warp_k_ * Tile::kBandsPerWarp * 32) >> p.group_shift;
@@ -341,22 +383,26 @@ class SparseBlock {
   // it (32 * kBandsPerWarp rows) lies in one group: the mmas take the
   // unscaled codes (exact in 16 bits) into fresh accumulators, saving the
   // four half2 multiplies a values word costs otherwise.
-  static constexpr bool kScaleOncePossible = Tile::kGrouped && kRB <= 2;
+  static constexpr bool kScaleOncePossible = Tile::kGrouped && !Tile::kWgmma && kRB <= 2;
   static constexpr int kLog2WarpK = Tile::kBandsPerWarp == 1   ? 5
                                     : Tile::kBandsPerWarp == 2 ? 6
                                     : Tile::kBandsPerWarp == 4 ? 7
                                                                : 30;
 
   __device__ void compute_stage(uint32_t stage) {
-    if constexpr (Tile::kTmaX) x_bars_.wait(stage);
-    if constexpr (kScaleOncePossible) {
-      if (p_.group_shift >= kLog2WarpK) {
-        compute_stage_scaled_once(stage);
-      } else {
-        multiply_stage<true>(stage, acc_);
-      }
+    if constexpr (Tile::kWgmma) {
+      compute_stage_wgmma(stage);
     } else {
-      multiply_stage<Tile::kGrouped>(stage, acc_);
+      if constexpr (Tile::kTmaX) x_bars_.wait(stage);
+      if constexpr (kScaleOncePossible) {
+        if (p_.group_shift >= kLog2WarpK) {
+          compute_stage_scaled_once(stage);
+        } else {
+          multiply_stage<true>(stage, acc_);
+        }
+      } else {
+        multiply_stage<Tile::kGrouped>(stage, acc_);
+      }
     }
   }
 
@@ -398,8 +444,8 @@ class SparseBlock {
   __device__ void load_band(uint32_t stage, int i, BandOperands& op) const {
     const int band = warp_k_ * Tile::kBandsPerWarp + i;
     // One 16-byte load of value words, one 8-byte load of metadata.
-    op.values = ld_shared16(stage + v_read_ + 16 * 32 * Tile::kWarpsN * i);
-    op.meta = ld_shared8(stage + m_read_ + 16 * 16 * Tile::kWarpsN * i);
+    op.values = ld_shared16(stage + v_read_ + 16 * 32 * Tile::kRuns * i);
+    op.meta = ld_shared8(stage + m_read_ + 16 * 16 * Tile::kRuns * i);
     op.scales = make_uint4(0, 0, 0, 0);
     if constexpr (kScaled) {
       const int s_row = (band * 32) >> p_.group_shift;
@@ -469,10 +515,88 @@ class SparseBlock {
         [&](const BandOperands& op) { multiply_band<kScaled>(op, acc); });
   }
 
+  // wgmma: this warp dequantizes its word (n-block j0) of every band's values
+  // unit, in each of its warpgroup's runs, into a register A fragment
+  // (scaled by its group scales where grouped, as multiply_band does) and
+  // reads the matching metadata word (see m_read_); then the warpgroup
+  // multiplies each band with the k32 x kTileM slice of x^T, one
+  // wgmma.mma_async.sp m64n{kTileM}k32 a band and run, selector 0. As the
+  // dense compute_stage_wgmma, the group is waited for here, so the stage's
+  // x stays untouched until the wgmmas have read it.
+  __device__ void compute_stage_wgmma(uint32_t stage) {
+    constexpr int kS = Tile::kRunsPerWarpgroup, kBands = Tile::kBandsPerWarp;
+    uint32_t afrag[kS][kBands][4], meta[kS][kBands];
+#pragma unroll
+    for (int i = 0; i < kBands; ++i) {
+      const int band = warp_k_ * kBands + i;
+#pragma unroll
+      for (int run = 0; run < kS; ++run) {
+        const uint32_t word = ld_shared4(stage + v_read_ + 16 * 32 * (Tile::kRuns * i + run));
+        meta[run][i] = ld_shared4(stage + m_read_ + 16 * 16 * (Tile::kRuns * i + run));
+        uint32_t f0[2], f1[2];
+        Dtype<T>::dequant(word, f0, f1);
+        uint32_t(&a)[4] = afrag[run][i];
+        a[0] = f0[0], a[1] = f0[1], a[2] = f1[0], a[3] = f1[1];
+        if constexpr (Tile::kGrouped) {
+          const int s_row = (band * 32) >> p_.group_shift;
+          const T2 s = as_t2<T2>(ld_shared4(stage + s_read_ + s_row * (2 * Tile::kTileN) + run * (2 * kWarpCols)));
+          const T2 lo = Dtype<T>::lo_pair(s), hi = Dtype<T>::hi_pair(s);
+          a[0] = as_u32(__hmul2(as_t2<T2>(a[0]), lo));
+          a[1] = as_u32(__hmul2(as_t2<T2>(a[1]), hi));
+          a[2] = as_u32(__hmul2(as_t2<T2>(a[2]), lo));
+          a[3] = as_u32(__hmul2(as_t2<T2>(a[3]), hi));
+        }
+      }
+    }
+    // x by TMA: wait only now, after the dequantize, which needs no x.
+    x_bars_.wait(stage);
+    // Run s's D fragment: element 4 rb + e is acc_[rb][s][e] (the m16n8
+    // layout per 8 rows of x, as the dense wgmma tile).
+    float d[kS][Tile::kTileM / 2];
+#pragma unroll
+    for (int run = 0; run < kS; ++run)
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) d[run][4 * rb + e] = acc_[rb][run][e];
+    wgmma_fence();
+#pragma unroll
+    for (int i = 0; i < kBands; ++i) {
+      const int band = warp_k_ * kBands + i;
+      // The band's 64 bytes in its 128-byte half's plane (two bands a half).
+      const uint64_t desc = wgmma_descriptor_sw128(stage + 16 * (band / 2 * XS::kHalfUnits) + 64 * (band % 2));
+#pragma unroll
+      for (int run = 0; run < kS; ++run)
+        WgmmaSpRS<T, Tile::kTileM>::template run<0>(d[run], afrag[run][i], meta[run][i], desc);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int run = 0; run < kS; ++run)
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_[rb][run][e] = d[run][4 * rb + e];
+  }
+
+  // The first of the kRunsPerWarpgroup runs this warp's (warpgroup's, with
+  // wgmma) accumulators cover; its n-block in them (wgmma; 0 otherwise).
+  __device__ int first_run() const { return warp_n_ * Tile::kRunsPerWarpgroup; }
+  __device__ int j0() const { return Tile::kWgmma ? warp_ % 4 : 0; }
+  // The column, from the n-tile's start, of this lane's accumulator set j,
+  // element half (0: n-row g, elements 0 and 1; 1: g + 8, elements 2, 3).
+  __device__ int tile_col(int j, int half) const {
+    if constexpr (Tile::kWgmma) {
+      return (first_run() + j) * kWarpCols + 16 * j0() + 8 * half + lane_ / 4;
+    } else {
+      return warp_n_ * kWarpCols + 16 * j + 8 * half + lane_ / 4;
+    }
+  }
+
   // End of this block's share of n-tile `n_tile` (stripe.cuh);
   // whoever completes the tile writes the output.
   __device__ void finish_tile(int n_tile, int total) {
-    const TileReduction<Tile, kRB, 4> reduction{reinterpret_cast<float4*>(red_), p_.workspace,
+    const TileReduction<Tile, kRB, kJ> reduction{reinterpret_cast<float4*>(red_), p_.workspace,
                                                  p_.locks, p_.stripes, k_tiles_, warp_k_, warp_mn_,
                                                  lane_};
     // Per-channel scales are loaded before the cross-block reduction, so
@@ -480,7 +604,7 @@ class SparseBlock {
     // M = 1: 4096^2 7.36 -> 6.81 us, 11008x4096 11.6 -> 11.0); not in the
     // 128-row tiles, whose registers are full. (The same change made the
     // dense kernel 2-8% slower at per-channel, and it stays as it was.)
-    float scales[4][2];
+    float scales[kJ][2];
     if constexpr (kRB <= 4) load_column_scales(n_tile, scales);
     if (reduction.finish(acc_, n_tile, total, [this](int rb, int j) { return workspace_index(rb, j); })) {
       if constexpr (kRB > 4) load_column_scales(n_tile, scales);
@@ -491,34 +615,42 @@ class SparseBlock {
   // The scales of this lane's output columns 16 j + g + 8 half of its run
   // in n-tile `n_tile`; ones for grouped tiles and warps that never write.
   // Per-channel scales are in the grouped order too (marlin_layout.h).
-  __device__ void load_column_scales(int n_tile, float (&s)[4][2]) const {
-    const int col0 = n_tile * Tile::kTileN + warp_n_ * kWarpCols;
+  __device__ void load_column_scales(int n_tile, float (&s)[kJ][2]) const {
+    // The run's first column (mma.sp: the warp's run; wgmma: run j's).
+    const int col0 = n_tile * Tile::kTileN + (Tile::kWgmma ? first_run() : warp_n_) * kWarpCols;
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < kJ; ++j)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int c = 16 * j + 8 * half + lane_ / 4;
+        // The column in the run.
+        const int c = (Tile::kWgmma ? 16 * j0() : 16 * j) + 8 * half + lane_ / 4;
         s[j][half] = 1.f;
-        if (!Tile::kGrouped && warp_k_ == 0) s[j][half] = to_float(p_.scales[col0 + MarlinGroupedScaleSource(c)]);
+        if (!Tile::kGrouped && warp_k_ == 0)
+          s[j][half] = to_float(p_.scales[col0 + (Tile::kWgmma ? j * kWarpCols : 0) + MarlinGroupedScaleSource(c)]);
       }
   }
 
   __device__ int workspace_index(int rb, int j) const {
-    return (((row_block0_ + rb) * 4 + j) * Tile::kWarpsN + warp_n_) * 32 + lane_;
+    if constexpr (Tile::kWgmma) {
+      return (((row_block0_ + rb) * 4 + j0()) * Tile::kRuns + first_run() + j) * 32 + lane_;
+    } else {
+      return (((row_block0_ + rb) * 4 + j) * Tile::kWarpsN + warp_n_) * 32 + lane_;
+    }
   }
 
   // Accumulator layout (m16n8, here n16 x m8): lane (g, t) holds output
   // columns 16 j + g (elements 0, 1) and 16 j + g + 8 (elements 2, 3), each
   // for rows 2 t and 2 t + 1 of the row block.
   // scales: load_column_scales's.
-  __device__ void write_output(int n_tile, const float (&scales)[4][2]) {
-    const int col0 = n_tile * Tile::kTileN + warp_n_ * kWarpCols;
+  __device__ void write_output(int n_tile, const float (&scales)[kJ][2]) {
+    const int col0 = n_tile * Tile::kTileN + (Tile::kWgmma ? 0 : warp_n_ * kWarpCols);
     const int g = lane_ / 4, t = lane_ % 4;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < kJ; ++j) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int c = 16 * j + 8 * half + g;  // column in the run
+        // The column from col0 (mma.sp: in the run; wgmma: in the n-tile).
+        const int c = Tile::kWgmma ? tile_col(j, half) : 16 * j + 8 * half + g;
         const float s = scales[j][half];
 #pragma unroll
         for (int rb = 0; rb < kRB; ++rb) {
@@ -559,8 +691,9 @@ class SparseBlock {
   static_assert(Tile::kBandsPerWarp <= 2 || Tile::kBandsPerWarp % 2 == 0, "see x_read_");
   int v_read_, m_read_, s_read_, s_read_once_ = 0, x_read_[kXReads];
   // acc_[rb][j]: the m16n8 accumulator of output columns 16 j .. 16 j + 15
-  // of the warp's run (as mma rows) and rows 8 rb .. 8 rb + 7 of x.
-  float acc_[kRB][4][4];
+  // of the warp's run (as mma rows) and rows 8 rb .. 8 rb + 7 of x; with
+  // wgmma, of n-block j0 of the warpgroup's run j (tile_col).
+  float acc_[kRB][kJ][4];
 };
 
 template <typename T, typename Tile>
@@ -583,10 +716,14 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
     sparse_kernel_tma_x(const SparseParams<T> p, const __grid_constant__ CUtensorMap x_map) {
   static_assert(Tile::kFits && Tile::kTmaX, "a kTmaX tile whose stages fit");
 #if JAX_MARLIN_HAS_TMA
-  phase(kEntry);
-  extern __shared__ int4 smem[];
-  SparseBlock<T, Tile> block(p, align_shared<1024>(smem), &x_map);
-  block.run();
+  if constexpr (Tile::kWgmma && !JAX_MARLIN_HAS_WGMMA) {
+    __trap();  // sm_90 code without wgmma: never launched
+  } else {
+    phase(kEntry);
+    extern __shared__ int4 smem[];
+    SparseBlock<T, Tile> block(p, align_shared<1024>(smem), &x_map);
+    block.run();
+  }
 #else
   __trap();
 #endif
