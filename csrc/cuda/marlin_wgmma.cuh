@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 // wgmma exists only in sm_90a code; other targets compile these to a trap
 // (the dispatch never selects a wgmma tile for them).
@@ -76,177 +77,6 @@ __device__ __forceinline__ void fence_proxy_async() {
 template <typename T, int N>
 struct WgmmaRS;
 
-template <>
-struct WgmmaRS<half, 8> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaRS<half, 16> {
-  static __device__ __forceinline__ void run(float (&d)[8], const uint32_t (&a)[4], uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaRS<half, 32> {
-  static __device__ __forceinline__ void run(float (&d)[16], const uint32_t (&a)[4], uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaRS<half, 64> {
-  static __device__ __forceinline__ void run(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaRS<__nv_bfloat16, 8> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaRS<__nv_bfloat16, 16> {
-  static __device__ __forceinline__ void run(float (&d)[8], const uint32_t (&a)[4], uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaRS<__nv_bfloat16, 32> {
-  static __device__ __forceinline__ void run(float (&d)[16], const uint32_t (&a)[4], uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaRS<__nv_bfloat16, 64> {
-  static __device__ __forceinline__ void run(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-#else
-    __trap();
-#endif
-  }
-};
-
-// N = 128 (the 128-row tile): 64 accumulators a thread, too many operands to
-// spell out twice as above; one macro writes the asm for both types.
-#define JAX_MARLIN_D8(i)                                                                            \
-  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]),       \
-      "+f"(d[i + 6]), "+f"(d[i + 7])
-#define JAX_MARLIN_WGMMA_M64N128K16(TYPE)                                                           \
-  asm volatile(                                                                                     \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                    \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                              \
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                     \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "            \
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "            \
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "           \
-      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                 \
-      : JAX_MARLIN_D8(0), JAX_MARLIN_D8(8), JAX_MARLIN_D8(16), JAX_MARLIN_D8(24),                   \
-        JAX_MARLIN_D8(32), JAX_MARLIN_D8(40), JAX_MARLIN_D8(48), JAX_MARLIN_D8(56)                  \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b))
-
-template <>
-struct WgmmaRS<half, 128> {
-  static __device__ __forceinline__ void run(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    JAX_MARLIN_WGMMA_M64N128K16("f16");
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaRS<__nv_bfloat16, 128> {
-  static __device__ __forceinline__ void run(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    JAX_MARLIN_WGMMA_M64N128K16("bf16");
-#else
-    __trap();
-#endif
-  }
-};
-
-#undef JAX_MARLIN_WGMMA_M64N128K16
-#undef JAX_MARLIN_D8
-
 // D (64 x N fp32; N / 2 registers a thread) += A (64 x 32, 2:4 sparse along
 // K, from registers) * B (32 x N, K-major, shared memory by descriptor):
 // wgmma.mma_async.sp m64nNk32. T: half or bfloat16. Warp w of the warpgroup
@@ -264,175 +94,102 @@ struct WgmmaRS<__nv_bfloat16, 128> {
 template <typename T, int N>
 struct WgmmaSpRS;
 
-template <>
-struct WgmmaSpRS<half, 8> {
-  template <int kSelector>
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t e, uint64_t b) {
+// The operands of each shape N, in the asm's numbering: D (N / 2 registers,
+// JAX_MARLIN_D<N / 2>), A (4), the B descriptor; the sparse form adds the
+// metadata register and the selector.
+#define JAX_MARLIN_OPERANDS_8 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8"
+#define JAX_MARLIN_SP_OPERANDS_8 ", %9, %10"
+#define JAX_MARLIN_OPERANDS_16 "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12"
+#define JAX_MARLIN_SP_OPERANDS_16 ", %13, %14"
+#define JAX_MARLIN_OPERANDS_32                                                                               \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, "                           \
+  "%17, %18, %19}, %20"
+#define JAX_MARLIN_SP_OPERANDS_32 ", %21, %22"
+#define JAX_MARLIN_OPERANDS_64                                                                               \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, "                             \
+  "%17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "                             \
+  "{%32, %33, %34, %35}, %36"
+#define JAX_MARLIN_SP_OPERANDS_64 ", %37, %38"
+#define JAX_MARLIN_OPERANDS_128                                                                              \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, "                             \
+  "%17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, "                         \
+  "%33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, "                         \
+  "%49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                             \
+  "{%64, %65, %66, %67}, %68"
+#define JAX_MARLIN_SP_OPERANDS_128 ", %69, %70"
+#define JAX_MARLIN_D4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define JAX_MARLIN_D8(i) JAX_MARLIN_D4(i), JAX_MARLIN_D4(i + 4)
+#define JAX_MARLIN_D16(i) JAX_MARLIN_D8(i), JAX_MARLIN_D8(i + 8)
+#define JAX_MARLIN_D32(i) JAX_MARLIN_D16(i), JAX_MARLIN_D16(i + 16)
+#define JAX_MARLIN_D64(i) JAX_MARLIN_D32(i), JAX_MARLIN_D32(i + 32)
+// One wgmma of shape m64nNk16 (dense) or m64nNk32 (2:4 sparse): N a
+// literal, TYPE "f16" or "bf16", then the D operands (__VA_ARGS__, as they
+// contain commas). The predicate p (scale-d) is true: D accumulates.
 #if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sp.sync.aligned.m64n8k32.f32.f16.f16 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, %9, %10, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e), "n"(kSelector));
+#define JAX_MARLIN_WGMMA(N, TYPE, ...)                                                                       \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                    \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " "                           \
+               JAX_MARLIN_OPERANDS_##N ", p, 1, 1, 0;\n}\n"                                                  \
+               : __VA_ARGS__                                                                                 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b))
+#define JAX_MARLIN_WGMMA_SP(N, TYPE, ...)                                                                    \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                    \
+               "wgmma.mma_async.sp.sync.aligned.m64n" #N "k32.f32." TYPE "." TYPE " "                        \
+               JAX_MARLIN_OPERANDS_##N JAX_MARLIN_SP_OPERANDS_##N ", p, 1, 1, 0;\n}\n"                       \
+               : __VA_ARGS__                                                                                 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e), "n"(kSelector))
 #else
-    __trap();
+#define JAX_MARLIN_WGMMA(N, TYPE, ...) __trap()
+#define JAX_MARLIN_WGMMA_SP(N, TYPE, ...) __trap()
 #endif
-  }
-};
+// WgmmaRS<T, N> and WgmmaSpRS<T, N>, T half or bfloat16.
+#define JAX_MARLIN_WGMMA_SHAPE(N, D_OPERANDS)                                                                \
+  template <typename T>                                                                                      \
+  struct WgmmaRS<T, N> {                                                                                     \
+    static __device__ __forceinline__ void run(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {      \
+      if constexpr (std::is_same_v<T, half>) {                                                               \
+        JAX_MARLIN_WGMMA(N, "f16", D_OPERANDS);                                                              \
+      } else {                                                                                               \
+        JAX_MARLIN_WGMMA(N, "bf16", D_OPERANDS);                                                             \
+      }                                                                                                      \
+    }                                                                                                        \
+  };                                                                                                         \
+  template <typename T>                                                                                      \
+  struct WgmmaSpRS<T, N> {                                                                                   \
+    template <int kSelector>                                                                                 \
+    static __device__ __forceinline__ void run(float (&d)[N / 2], const uint32_t (&a)[4], uint32_t e,        \
+                                               uint64_t b) {                                                 \
+      if constexpr (std::is_same_v<T, half>) {                                                               \
+        JAX_MARLIN_WGMMA_SP(N, "f16", D_OPERANDS);                                                           \
+      } else {                                                                                               \
+        JAX_MARLIN_WGMMA_SP(N, "bf16", D_OPERANDS);                                                          \
+      }                                                                                                      \
+    }                                                                                                        \
+  };
 
-template <>
-struct WgmmaSpRS<half, 16> {
-  template <int kSelector>
-  static __device__ __forceinline__ void run(float (&d)[8], const uint32_t (&a)[4], uint32_t e, uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sp.sync.aligned.m64n16k32.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, %13, %14, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e), "n"(kSelector));
-#else
-    __trap();
-#endif
-  }
-};
+JAX_MARLIN_WGMMA_SHAPE(8, JAX_MARLIN_D4(0))
+JAX_MARLIN_WGMMA_SHAPE(16, JAX_MARLIN_D8(0))
+JAX_MARLIN_WGMMA_SHAPE(32, JAX_MARLIN_D16(0))
+JAX_MARLIN_WGMMA_SHAPE(64, JAX_MARLIN_D32(0))
+JAX_MARLIN_WGMMA_SHAPE(128, JAX_MARLIN_D64(0))
 
-template <>
-struct WgmmaSpRS<half, 32> {
-  template <int kSelector>
-  static __device__ __forceinline__ void run(float (&d)[16], const uint32_t (&a)[4], uint32_t e, uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sp.sync.aligned.m64n32k32.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, %21, %22, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e), "n"(kSelector));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaSpRS<half, 64> {
-  template <int kSelector>
-  static __device__ __forceinline__ void run(float (&d)[32], const uint32_t (&a)[4], uint32_t e, uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, %37, %38, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e), "n"(kSelector));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaSpRS<half, 128> {
-  template <int kSelector>
-  static __device__ __forceinline__ void run(float (&d)[64], const uint32_t (&a)[4], uint32_t e, uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, %69, %70, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e), "n"(kSelector));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaSpRS<__nv_bfloat16, 8> {
-  template <int kSelector>
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t e, uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sp.sync.aligned.m64n8k32.f32.bf16.bf16 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, %9, %10, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e), "n"(kSelector));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaSpRS<__nv_bfloat16, 16> {
-  template <int kSelector>
-  static __device__ __forceinline__ void run(float (&d)[8], const uint32_t (&a)[4], uint32_t e, uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sp.sync.aligned.m64n16k32.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12, %13, %14, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e), "n"(kSelector));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaSpRS<__nv_bfloat16, 32> {
-  template <int kSelector>
-  static __device__ __forceinline__ void run(float (&d)[16], const uint32_t (&a)[4], uint32_t e, uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sp.sync.aligned.m64n32k32.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, %21, %22, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e), "n"(kSelector));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaSpRS<__nv_bfloat16, 64> {
-  template <int kSelector>
-  static __device__ __forceinline__ void run(float (&d)[32], const uint32_t (&a)[4], uint32_t e, uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, %37, %38, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e), "n"(kSelector));
-#else
-    __trap();
-#endif
-  }
-};
-
-template <>
-struct WgmmaSpRS<__nv_bfloat16, 128> {
-  template <int kSelector>
-  static __device__ __forceinline__ void run(float (&d)[64], const uint32_t (&a)[4], uint32_t e, uint64_t b) {
-#if JAX_MARLIN_HAS_WGMMA
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, %69, %70, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e), "n"(kSelector));
-#else
-    __trap();
-#endif
-  }
-};
-
+#undef JAX_MARLIN_WGMMA_SHAPE
+#undef JAX_MARLIN_WGMMA_SP
+#undef JAX_MARLIN_WGMMA
+#undef JAX_MARLIN_D64
+#undef JAX_MARLIN_D32
+#undef JAX_MARLIN_D16
+#undef JAX_MARLIN_D8
+#undef JAX_MARLIN_D4
+#undef JAX_MARLIN_SP_OPERANDS_8
+#undef JAX_MARLIN_OPERANDS_8
+#undef JAX_MARLIN_SP_OPERANDS_16
+#undef JAX_MARLIN_OPERANDS_16
+#undef JAX_MARLIN_SP_OPERANDS_32
+#undef JAX_MARLIN_OPERANDS_32
+#undef JAX_MARLIN_SP_OPERANDS_64
+#undef JAX_MARLIN_OPERANDS_64
+#undef JAX_MARLIN_SP_OPERANDS_128
+#undef JAX_MARLIN_OPERANDS_128
 
 }  // namespace jax_marlin::cuda
