@@ -29,6 +29,7 @@
 #include "cuda/marlin_launch.h"
 #include "cuda/sparse_kernel.cuh"  // SparseMmaOp, for the mma.sp rate
 #include "cuda_test_util.h"
+#include "device_fill.cuh"
 
 using namespace jax_marlin::cuda;
 
@@ -46,19 +47,6 @@ struct Buffers {
   int* ref_locks;
 };
 
-// Deterministic pseudo-random fill (an integer hash of the index), so that a
-// candidate that reads the wrong element gives a different answer.
-__device__ uint32_t hash_u32(uint32_t v) {
-  v ^= v >> 16;
-  v *= 0x7feb352d;
-  v ^= v >> 15;
-  v *= 0x846ca68b;
-  return v ^ (v >> 16);
-}
-__global__ void fill_words(uint32_t* out, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x)
-    out[i] = hash_u32(static_cast<uint32_t>(i) * 2654435761u + seed);
-}
 __global__ void fill_halves(half* out, size_t n, float lo, float hi, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x)
     out[i] = __float2half(lo + (hi - lo) * (hash_u32(static_cast<uint32_t>(i) + seed) % 4096) / 4096.f);

@@ -28,20 +28,10 @@
 #include "cuda/sparse_kernel.cuh"
 #include "cuda/sparse_launch.h"
 #include "cuda_test_util.h"
+#include "device_fill.cuh"
 
 using namespace jax_marlin::cuda;
 
-__device__ uint32_t hash_u32(uint32_t v) {
-  v ^= v >> 16;
-  v *= 0x7feb352d;
-  v ^= v >> 15;
-  v *= 0x846ca68b;
-  return v ^ (v >> 16);
-}
-__global__ void fill_words(uint32_t* out, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x)
-    out[i] = hash_u32(static_cast<uint32_t>(i) * 2654435761u + seed);
-}
 // Metadata words: 8 nibbles, each two distinct increasing positions 0..3
 // (low 2 bits: kept 0, high 2 bits: kept 1), the only values the format has.
 __global__ void fill_meta(uint32_t* out, size_t n, uint32_t seed) {
