@@ -6,9 +6,10 @@
 #   scripts/build_tools.sh SRC OUT ["NVCC FLAGS"] [TOOL...]
 #
 # TOOL: marlin_selftest, sparse_selftest (the default: both), tile_sweep,
-# phase_probe, wgmma_probe, sparse_sweep; each lands in OUT under the name gpu_check.sh
+# phase_probe, wgmma_probe, sparse_sweep, wgmma_rate; each lands in OUT under the name gpu_check.sh
 # runs (marlin_selftest, sparse_selftest, marlin_tile_sweep,
-# marlin_phase_probe, wgmma_probe; sparse_sweep: sparse_tile_sweep). NVCC FLAGS: extra flags for a tuning
+# marlin_phase_probe, wgmma_probe; sparse_sweep: sparse_tile_sweep; wgmma_rate: wgmma_rate_probe, the
+# tensor-core rate of back-to-back wgmmas, run by hand). NVCC FLAGS: extra flags for a tuning
 # build, e.g. -DJAX_MARLIN_MAX_STAGES=4. Used by scripts/prebuild_tools.sh
 # (every tool of this tree into .devbuild), by gpu_check.sh when nothing was
 # prebuilt, and for A/B runs: one folder a variant (e.g. .ab/main, .ab/cand,
@@ -54,9 +55,12 @@ for t in "${tools[@]}"; do
       "${nvcc[@]}" -O3 "${sm90a_build[@]}" "$src/tests/cuda/sparse_tile_sweep.cu" \
         "$src/csrc/cuda/sparse_dispatch.cu" "$src/csrc/cuda/marlin_dispatch.cu" -o "$out/sparse_tile_sweep" &
       built+=("$out/sparse_tile_sweep") ;;
+    wgmma_rate)
+      "${nvcc[@]}" -O2 "${sm90a[@]}" "$src/tests/cuda/wgmma_rate_probe.cu" -o "$out/wgmma_rate_probe" &
+      built+=("$out/wgmma_rate_probe") ;;
     *)
       echo "build_tools.sh: unknown tool '$t' (marlin_selftest, sparse_selftest, tile_sweep," \
-        "phase_probe, wgmma_probe, sparse_sweep)" >&2
+        "phase_probe, wgmma_probe, sparse_sweep, wgmma_rate)" >&2
       exit 2 ;;
   esac
   pids+=($!)
