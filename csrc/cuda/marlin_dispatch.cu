@@ -171,23 +171,13 @@ constexpr auto kTableSize = std::make_integer_sequence<int, 2 * 2 * 2 * kNumRowV
 constexpr auto kLaunchers = make_table<false>(kTableSize);
 constexpr auto kPreparers = make_table<true>(kTableSize);
 
-// The configuration for a row variant on (K, N), for a launch that brings x
-// in by TMA or not (x_by_tma) and may use wgmma or not (wgmma_launches). A
-// wgmma configuration needs both; the others must fit both ways of loading
-// x (shared-memory fit depends only on the shapes, the same for fp16 and
-// bf16), so that the choice does not depend on the device but for wgmma.
+// The configuration for a row variant on (K, N) (first_usable_config).
 int pick_config(int variant, int k, int n, bool tma_x, bool wgmma) {
-  for (int c : preference(variant)) {
-    if (c < 0) break;
-    const bool is_wgmma = kTileConfigs[c].wgmma;
-    bool usable = !is_wgmma || (tma_x && wgmma);
-    for (bool grouped : {false, true})
-      for (bool tma : {false, true})
-        if (tma || !is_wgmma)
-          usable = usable && kLaunchers[table_index(ActDtype::kFloat16, grouped, variant, c, tma)] != nullptr;
-    if (usable && kTileConfigs[c].serves(k, n)) return c;
-  }
-  return -1;
+  return first_usable_config(preference(variant), kTileConfigs, k, n, tma_x, wgmma,
+                             [variant](int c, bool grouped, bool tma) {
+                               return kLaunchers[table_index(ActDtype::kFloat16, grouped, variant, c, tma)] !=
+                                      nullptr;
+                             });
 }
 
 // Rows of the next chunk (see chunk_rows in marlin_tiles.h).

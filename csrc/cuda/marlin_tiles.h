@@ -67,6 +67,27 @@ constexpr bool tries(const std::array<int, kN>& order, int config) {
 constexpr bool tile_serves(int k, int n, int tile_k, int tile_n, int min_tiles) {
   return k % tile_k == 0 && n % tile_n == 0 && (k / tile_k) * (n / tile_n) >= min_tiles;
 }
+// Both kernels' choice of a configuration for a row variant on (K, N): the
+// first of `order` that serves (K, N) and can launch here. A wgmma
+// configuration needs x by TMA (`tma_x`) and wgmma (`wgmma`:
+// wgmma_launches()); every other one must have an instance for both ways of
+// loading x (`has_instance(config, grouped, tma)`; shared-memory fit depends
+// only on the shapes), so that the choice, and the workspace sized from it,
+// does not depend on the device but for wgmma. -1: none.
+template <typename Config, std::size_t kN, typename HasInstance>
+int first_usable_config(const std::array<int, kN>& order, const std::array<Config, kN>& configs, int k,
+                        int n, bool tma_x, bool wgmma, HasInstance has_instance) {
+  for (int c : order) {
+    if (c < 0) break;
+    const bool is_wgmma = configs[c].wgmma;
+    bool usable = !is_wgmma || (tma_x && wgmma);
+    for (bool grouped : {false, true})
+      for (bool tma : {false, true})
+        if (tma || !is_wgmma) usable = usable && has_instance(c, grouped, tma);
+    if (usable && configs[c].serves(k, n)) return c;
+  }
+  return -1;
+}
 
 // Shared-memory budget per block. 160 KiB fits every sm_80+ part that has
 // the 164 KiB carve-out (A100, H100); the pipeline takes as many stages as fit.
