@@ -54,26 +54,36 @@ struct TileConfig {
 // which stays for devices without wgmma (H100 kernel benchmark, session 18,
 // us, M = 128): 8192x28672 187.2 -> 116.7, 28672x8192 182.8 -> 114.8,
 // 8192^2 67.2 -> 39.5, 4096^2 38.3 -> 18.2.
-constexpr std::array<TileConfig, 7> kTileConfigs = {{{8, 16, 8},
+// At 32 rows on layers of at least 2048 such tiles, 128x512 with wgmma: a
+// warpgroup four slabs, so x is read from L2 once for twice the weight
+// bytes (H100 kernel benchmark, session 19, us, M = 32, group 128 /
+// per-channel: 8192x28672 64.0 -> 59.1 / 56.1 -> 54.3, 28672x8192 62.6 ->
+// 58.6 / 55.2 -> 54.1; on 8192^2, 1024 tiles, 11-17% slower, and worse on
+// the 7B layers). At 64 rows it spills (128 accumulators a thread) and
+// loses 20-40%; at 128 rows the 128x256 wgmma tile spills too and loses
+// 10-25% (tile sweep --wide, session 19).
+constexpr std::array<TileConfig, 8> kTileConfigs = {{{8, 16, 8},
                                                      {16, 8, 8},
                                                      {8, 8, 8},
                                                      {4, 4, 4},
                                                      {16, 16, 8, 512},
                                                      {16, 8, 8, 0, true},
-                                                     {8, 8, 8, 0, true}}};
+                                                     {8, 8, 8, 0, true},
+                                                     {32, 8, 8, 2048, true}}};
 constexpr int kNumConfigs = static_cast<int>(kTileConfigs.size());
 
 // Configurations tried for a row variant, in order (-1: none); the first
 // that serves (K, N) and can launch here (pick_config) wins. Only these are
 // instantiated.
 constexpr std::array<int, kNumConfigs> preference(int variant) {
-  if (variant == 0) return {4, 0, 1, 2, 3, -1, -1};
-  if (variant == 1) return {4, 1, 0, 2, 3, -1, -1};
-  if (variant == 2 || variant == 3) return {5, 1, 0, 2, 3, -1, -1};
+  if (variant == 0) return {4, 0, 1, 2, 3, -1, -1, -1};
+  if (variant == 1) return {4, 1, 0, 2, 3, -1, -1, -1};
+  if (variant == 2) return {7, 5, 1, 0, 2, 3, -1, -1};
+  if (variant == 3) return {5, 1, 0, 2, 3, -1, -1, -1};
   // 128 rows: 128 x 256 (or 128 x 128 with wgmma) only. (The 64 x 64 tile
   // at 16 row blocks is one ptxas 13.0 miscompiles: see stream_stripe.
   // Shapes it would serve run as 64-row chunks instead.)
-  return {6, 1, -1, -1, -1, -1, -1};
+  return {6, 1, -1, -1, -1, -1, -1, -1};
 }
 
 // The kernel of a tile: x by TMA (marlin_kernel_tma_x) or by cp.async.

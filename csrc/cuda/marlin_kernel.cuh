@@ -448,10 +448,20 @@ class MarlinBlock {
   // set of kS * kKBlocksPerWarp * 4 fragment registers, as the next stage's
   // dequantize would write while the previous group still reads them.)
   // The cp.async wgmma tiles (tile sweep only) keep the old order.
+  //
+  // Wide tiles (kRing: accumulators and a fragment set a block would take
+  // more than half of a thread's 255 registers, e.g. four slabs a
+  // warpgroup) keep two fragment sets instead, a commit group a block:
+  // block i + 1 is dequantized into the set block i - 1 read, once
+  // wgmma_wait<1> has seen that group done. Same wgmmas in the same order,
+  // so the same bits, in fewer registers (the 128x512 tile at 32 rows: 200
+  // instead of 236; ptxas serialized the wgmmas of the 64-row one).
   __device__ void compute_stage_wgmma(uint32_t stage) {
     constexpr int kS = Tile::kSlabsPerWarpgroup;
     constexpr bool kOverlap = Tile::kTmaX;
-    uint32_t afrag[kS][Tile::kKBlocksPerWarp][4];
+    constexpr bool kRing = kOverlap && kS * (Tile::kTileM / 2 + 4 * Tile::kKBlocksPerWarp) > 128;
+    constexpr int kSets = kRing ? 2 : Tile::kKBlocksPerWarp;
+    uint32_t afrag[kS][kSets][4];
     // k16 block i's A fragments, of every slab of the warpgroup.
     auto dequantize = [&](int i) {
       const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
@@ -467,7 +477,7 @@ class MarlinBlock {
           scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
           scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
         }
-        uint32_t(&a)[4] = afrag[slab][i];
+        uint32_t(&a)[4] = afrag[slab][i % kSets];
         a[0] = b0[0], a[1] = b1[0], a[2] = b0[1], a[3] = b1[1];
       }
     };
@@ -514,12 +524,16 @@ class MarlinBlock {
       // single WARPGROUP.DEPBAR, no serialization warning).
       if constexpr (kOverlap) wgmma_fence();
 #pragma unroll
-      for (int slab = 0; slab < kS; ++slab) WgmmaRS<T, Tile::kTileM>::run(d[slab], afrag[slab][i], desc);
+      for (int slab = 0; slab < kS; ++slab) WgmmaRS<T, Tile::kTileM>::run(d[slab], afrag[slab][i % kSets], desc);
+      if constexpr (kRing) wgmma_commit();
       if constexpr (kOverlap) {
-        if (i + 1 < Tile::kKBlocksPerWarp) dequantize(i + 1);
+        if (i + 1 < Tile::kKBlocksPerWarp) {
+          if constexpr (kRing) wgmma_wait<1>();  // block i - 1's group: its set is block i + 1's
+          dequantize(i + 1);
+        }
       }
     }
-    wgmma_commit();
+    if constexpr (!kRing) wgmma_commit();
     wgmma_wait<0>();
 #pragma unroll
     for (int slab = 0; slab < kS; ++slab)
