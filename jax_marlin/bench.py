@@ -532,12 +532,20 @@ def combine(paths, out_dir) -> str:
     if len(devices) != 1:
         raise SystemExit(f"--combine: results come from different devices: {sorted(devices)}")
     stamp = max(r["date"] for r in results)
+    # A combined file may be combined again: its list fields are flattened.
+    def each(field, default=None):
+        out = []
+        for r in results:
+            v = r.get(field, default)
+            out.extend(v if isinstance(v, list) else [v])
+        return out
+
     merged = dict(device=devices.pop(), platform=results[0]["platform"], jax=results[0]["jax"],
-                  commit=",".join(sorted({r["commit"] for r in results})), date=stamp,
-                  environment=[r.get("environment", {}) for r in results],
+                  commit=",".join(sorted({c for r in results for c in r["commit"].split(",")})),
+                  date=stamp, environment=each("environment", {}),
                   combined_from=[os.path.basename(p) for p in paths],
-                  copy_bandwidth_Bps=[r["copy_bandwidth_Bps"] for r in results],
-                  timing=sorted({r["timing"] for r in results}),
+                  copy_bandwidth_Bps=each("copy_bandwidth_Bps"),
+                  timing=sorted(set(each("timing"))),
                   timing_check=next((r["timing_check"] for r in results if r.get("timing_check")), None),
                   rows=list(_latest_rows(results).values()))
     return write_results(merged, out_dir, "combined")

@@ -109,6 +109,15 @@ def test_combine_lets_a_later_run_supersede_rows(tmp_path):
     assert [(r["M"], r["marlin_s"], r["commit"]) for r in merged["rows"]] == [
         (1, 1e-6, "aaa"), (64, 2e-6, "bbb")]
     assert merged["commit"] == "aaa,bbb" and merged["date"] == "20260102T000000Z"
+    # A combined file combines again (its list fields flatten).
+    newest = tmp_path / "newest.json"
+    newest.write_text(json.dumps(result("ccc", "20260104T000000Z", [row(1, 0.5e-6)])))
+    first = bench.combine([str(old), str(new)], str(tmp_path / "out1"))
+    again = json.loads(open(bench.combine([first, str(newest)], str(tmp_path / "out2"))).read())
+    assert sorted((r["M"], r["marlin_s"], r["commit"]) for r in again["rows"]) == [
+        (1, 0.5e-6, "ccc"), (64, 2e-6, "bbb")]
+    assert again["commit"] == "aaa,bbb,ccc" and again["timing"] == ["wall"]
+    assert again["copy_bandwidth_Bps"] == [1e12] * 3
     other = tmp_path / "other.json"
     other.write_text(json.dumps(dict(result("ccc", "20260103T000000Z", []), device="GPU Y")))
     with pytest.raises(SystemExit, match="different devices"):
