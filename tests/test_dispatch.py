@@ -162,23 +162,27 @@ def test_h100_table_was_remeasured_with_both_formats():
     """The H100 table (both Llama sets, both dtypes, dense and 2:4): with x by
     TMA (session 16) the kernel keeps the 70B set's widest layers to M = 256
     (dense from 512), the others go dense from 256, the smallest layer from
-    128; the 2:4 weight, half the bytes for the kernel, later (512-2048)."""
+    128; the 2:4 weight (its kernel on wgmma tiles since session 19) from
+    512 on 4096^2 and 2048 on 8192x10240, and never on the other 70B layers
+    (the kernel beats decompress + cuBLAS up to M = 2048 there)."""
     dispatch.load_table.cache_clear()
     kind = "NVIDIA H100 80GB HBM3"
     table = json.loads((dispatch.TABLE_DIR / dispatch.table_name(kind)).read_text())
     assert "withdrawn" not in table and len(table["entries"]) == 32
 
     def dense_from(K, N, dt, fmt="dense"):
-        return [M for M in (128, 256, 512, 1024, 2048)
-                if dispatch.use_dense(kind, M, K, N, dt, fmt=fmt)][0]
+        return next((M for M in (128, 256, 512, 1024, 2048)
+                     if dispatch.use_dense(kind, M, K, N, dt, fmt=fmt)), None)
 
     for dt in ("float16", "bfloat16"):
         assert dense_from(8192, 57344, dt) == 512
         assert dense_from(28672, 8192, dt) == 512
         assert dense_from(8192, 8192, dt) == 256
         assert dense_from(4096, 4096, dt) == 128
-        assert dense_from(8192, 8192, dt, "sparse") == 1024
-        assert not any(dispatch.use_dense(kind, M, 8192, 57344, dt, fmt="sparse") for M in (1, 16, 64, 512))
+        assert dense_from(4096, 4096, dt, "sparse") == 512
+        assert dense_from(8192, 10240, dt, "sparse") == 2048
+        for K, N in [(8192, 8192), (8192, 57344), (28672, 8192)]:
+            assert dense_from(K, N, dt, "sparse") is None
 
 
 def test_a_kind_not_yet_measured_borrows_a_table(table, tmp_path):
