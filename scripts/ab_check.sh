@@ -13,13 +13,18 @@
 #  4. the phase probe (--phases) of any variant that has one.
 # Logs go to $OUT/ab_logs and are packed into $OUT/ab_logs.tgz (a device run
 # returns few files); unpack them here and compare with
-# `python3 scripts/ab_compare.py ab_logs`.
+# `python3 scripts/ab_compare.py ab_logs`. AB_STEPS (default "check sanitize
+# bench phases") picks steps, so that a call can run the checks beside other
+# GPU work and the timed steps alone; logs of later calls add to ab_logs.tgz.
 set -uo pipefail
 dir="${1:?usage: scripts/ab_check.sh DIR [REPS]}"
 reps="${2:-2}"
 OUT="${OUT:-$PWD/ab_out}"
 logs="$OUT/ab_logs"
 mkdir -p "$logs"
+steps=" ${AB_STEPS:-check sanitize bench phases} "
+has() { [[ $steps == *" $1 "* ]]; }
+[[ -f "$OUT/ab_logs.tgz" ]] && (cd "$OUT" && tar xzf ab_logs.tgz)
 pack() { (cd "$OUT" && tar czf ab_logs.tgz ab_logs && rm -rf ab_logs); }
 trap pack EXIT
 mapfile -t variants < <(cd "$dir" && ls -d */ | tr -d / | sort)
@@ -38,14 +43,17 @@ run() {
 }
 tools=(marlin_selftest sparse_selftest)
 
-for v in "${ordered[@]}"; do
-  for t in "${tools[@]}"; do
-    [[ -x "$dir/$v/$t" ]] && run "${v}_${t}.log" "$dir/$v/$t" &
+if has check; then
+  for v in "${ordered[@]}"; do
+    for t in "${tools[@]}"; do
+      [[ -x "$dir/$v/$t" ]] && run "${v}_${t}.log" "$dir/$v/$t" &
+    done
   done
-done
-wait
+  wait
+fi
 
 sanitize_list="${AB_SANITIZE:-${ordered[*]:1}}"
+has sanitize || sanitize_list=""
 for v in $sanitize_list; do
   for t in "${tools[@]}"; do
     [[ -x "$dir/$v/$t" ]] || continue
@@ -56,6 +64,7 @@ for v in $sanitize_list; do
 done
 wait
 
+has bench || reps=0
 for ((r = 1; r <= reps; r++)); do
   for t in "${tools[@]}"; do
     for v in "${ordered[@]}"; do
@@ -64,6 +73,7 @@ for ((r = 1; r <= reps; r++)); do
   done
 done
 
+has phases || ordered=()
 for v in "${ordered[@]}"; do
   [[ -x "$dir/$v/marlin_phase_probe" ]] && run "phases_$v.log" "$dir/$v/marlin_phase_probe" --phases
 done

@@ -160,7 +160,7 @@ run_tests_sharded() {
   total=$(wc -l < "$ids")
   echo "$total tests in $n shards"
   for ((i = 0; i < n; i++)); do
-    awk -v n="$n" -v i="$i" -v t="$total" -v r="$repo/" 'int((NR - 1) * n / t) == i { print r $0 }' "$ids" > "$ids.$i"
+    awk -v n="$n" -v i="$i" -v r="$repo/" '(NR - 1) % n == i { print r $0 }' "$ids" > "$ids.$i"
     mapfile -t shard < "$ids.$i"
     XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -p no:cacheprovider --durations=5 \
       "${shard[@]}" > "$OUT/tests_shard$i.log" 2>&1 &
