@@ -188,10 +188,10 @@ cudaError_t launch_tile(Kernel kernel, cudaStream_t stream, const Params& params
     const cudaError_t err = encode_x_tensor_map(&x_map, params.x, params.rows, params.k, Tile::kXBoxK,
                                                 Tile::kTileM, Tile::kXBoxK == 64);
     if (err != cudaSuccess) return err;
-    return launch_overlapping(kernel, params.stripes, Tile::kThreads, Tile::kSmemBytes, stream, params,
+    return launch_overlapping(kernel, params.stripes, Tile::kBlockThreads, Tile::kSmemBytes, stream, params,
                               overlap, x_map);
   } else {
-    return launch_overlapping(kernel, params.stripes, Tile::kThreads, Tile::kSmemBytes, stream, params,
+    return launch_overlapping(kernel, params.stripes, Tile::kBlockThreads, Tile::kSmemBytes, stream, params,
                               overlap);
   }
 }
@@ -212,7 +212,7 @@ cudaError_t resident_blocks_per_sm(int* out) {
   if (resident == 0) {
     err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
     if (err != cudaSuccess) return err;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, Kernel, Tile::kThreads,
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, Kernel, Tile::kBlockThreads,
                                                         Tile::kSmemBytes);
     if (err != cudaSuccess) return err;
     if (resident == 0) return cudaErrorInvalidConfiguration;

@@ -328,9 +328,26 @@ __device__ __forceinline__ int stripe_of(int it, int total, int stripes) {
 // acquire then sees every earlier block's, and the second barrier passes
 // that on to its other threads. The reset needs no ordering: the next
 // launch starts after this one ends.
+// Barrier over the block's first kThreads threads (a multiple of 32), or
+// the whole block (__syncthreads) where kThreads is 0. Named barrier 1: 0 is
+// __syncthreads'.
+template <int kThreads>
+__device__ __forceinline__ void sync_first_threads() {
+  if constexpr (kThreads == 0) {
+    __syncthreads();
+  } else {
+    static_assert(kThreads % 32 == 0, "named barriers count whole warps");
+    asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+  }
+}
+
+// kThreads: the threads that reach it, the block's first ones; fewer than
+// the block where a producer warp (ProducerWarp tiles) has left the loop,
+// which then synchronise on a named barrier of their own instead.
+template <int kThreads = 0>
 __device__ __forceinline__ bool last_to_arrive(int* counter, int parts) {
   __shared__ int is_last;
-  __syncthreads();
+  sync_first_threads<kThreads>();
   if (threadIdx.x == 0) {
     int before;
     asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(before) : "l"(counter) : "memory");
@@ -338,7 +355,7 @@ __device__ __forceinline__ bool last_to_arrive(int* counter, int parts) {
     if (last) *counter = 0;
     is_last = last;
   }
-  __syncthreads();
+  sync_first_threads<kThreads>();
   return is_last;
 }
 
@@ -378,6 +395,14 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t
   __trap();
 #endif
 }
+// This thread's plain arrival on the barrier (no transaction bytes).
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+#if JAX_MARLIN_HAS_TMA
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+#else
+  __trap();
+#endif
+}
 // Waits until the barrier's phase of parity `parity` has completed.
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
 #if JAX_MARLIN_HAS_TMA
@@ -403,6 +428,37 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* map, int c
       " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
       "l"(map), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
+#else
+  __trap();
+#endif
+}
+
+// `bytes` (a multiple of 16) contiguous at `gmem` into shared memory at
+// `dst` (both 16-byte aligned) by the copy engine (a 1-D bulk copy),
+// completing its bytes on barrier `bar`; with an L2 cache policy where
+// `hint` (a compile-time constant once inlined), as cp_async16_weights.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* gmem, uint32_t bytes, uint32_t bar) {
+#if JAX_MARLIN_HAS_TMA
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(gmem), "r"(bytes), "r"(bar)
+      : "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void bulk_copy_weights(uint32_t dst, const void* gmem, uint32_t bytes, uint32_t bar,
+                                                  uint64_t policy, bool hint) {
+#if JAX_MARLIN_HAS_TMA
+  if (hint) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+        " [%0], [%1], %2, [%3], %4;\n" ::"r"(dst),
+        "l"(gmem), "r"(bytes), "r"(bar), "l"(policy)
+        : "memory");
+  } else {
+    bulk_copy(dst, gmem, bytes, bar);
+  }
 #else
   __trap();
 #endif

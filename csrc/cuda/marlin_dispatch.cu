@@ -62,6 +62,10 @@ struct TileConfig {
 // the 7B layers). At 64 rows it spills (128 accumulators a thread) and
 // loses 20-40%; at 128 rows the 128x256 wgmma tile spills too and loses
 // 10-25% (tile sweep --wide, session 19).
+// Every wgmma configuration runs with a producer warp (ProducerWarp in
+// marlin_tiles.h: the copies from a warp of their own, no block-wide
+// barrier in the main loop; H100 kernel benchmark, session 20: 5-13%
+// faster at M = 32-128 on the 70B layers, 3-10% on the 7B ones).
 constexpr std::array<TileConfig, 8> kTileConfigs = {{{8, 16, 8},
                                                      {16, 8, 8},
                                                      {8, 8, 8},
@@ -160,8 +164,10 @@ constexpr auto table_entry() {
   if constexpr (!tries(preference(variant), config) || (c.wgmma && !(tma_x && kSm90aBuild))) {
     return Entry{nullptr};
   } else {
-    using Tile = TileShape<row_blocks, c.n_blocks, c.k_blocks, c.warps, grouped, 1, 1, false, c.wgmma,
-                           c.wgmma ? 1 : slab_sharing_warps(row_blocks), tma_x>;
+    using Shape = TileShape<row_blocks, c.n_blocks, c.k_blocks, c.warps, grouped, 1, 1, false, c.wgmma,
+                            c.wgmma ? 1 : slab_sharing_warps(row_blocks), tma_x>;
+    // wgmma tiles come with a producer warp (ProducerWarp).
+    using Tile = std::conditional_t<c.wgmma, ProducerWarp<Shape>, Shape>;
     if constexpr (!Tile::kFits) {
       return Entry{nullptr};
     } else if constexpr (Prepare) {

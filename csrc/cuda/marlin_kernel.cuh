@@ -76,6 +76,9 @@ class MarlinBlock {
     // then the same unit kThreads / kBRow rows further down, and so on.
     const int b_row_stride = p.n / 2;  // 2 N int32 = N / 2 int4 per packed row
     b_thread_ = p.packed + (tid / kBRow) * b_row_stride + tid % kBRow;
+    // A producer warp's bulk copies take whole rows: its cursor is at the
+    // tile's first unit.
+    if constexpr (Tile::kProducerWarp) b_thread_ = p.packed;
     b_copy_stride_ = Tile::kThreads / kBRow * b_row_stride;
     b_k_step_ = Tile::kKBlocks * b_row_stride;
     // Scales: thread tid copies 16 bytes (8 columns) of a k-tile's scale rows.
@@ -126,6 +129,20 @@ class MarlinBlock {
     if constexpr (Tile::kTmaX) x_bars_.init(Tile::kStages);
 
     zero(acc_);
+    if constexpr (Tile::kProducerWarp) {
+      stream_stripe_producer<Tile::kStages, Tile::kWarps>(
+          smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
+          [&](uint32_t stage, bool hint) {
+            load_stage_producer(stage, load, hint);
+            step(load);
+          },
+          [&](uint32_t stage) { compute_stage(stage); },
+          [&](int n_tile, uint32_t stage) {
+            finish_tile(n_tile, total, stage);
+            zero(acc_);
+          });
+      return;
+    }
     // x by TMA is written through the async proxy already: only cp.async'd x
     // needs the proxy fence before wgmma reads it.
     stream_stripe<Tile::kStages, Tile::kWgmma && !Tile::kTmaX>(
@@ -299,6 +316,46 @@ class MarlinBlock {
     }
   }
 
+  // kProducerWarp: the whole stage by the copy engine, completed on the
+  // stage's barrier, issued by the producer warp's lanes: lane 0 arms the
+  // barrier for all of the stage's bytes and copies x's boxes, lane 1 + r
+  // packed row r (kBRow units, contiguous in global memory and in the
+  // stage: one 1-D bulk copy a row, evict-first where `hint`, as the
+  // cp.async copies), the lanes after those the k-tile's group-scale rows
+  // (kTileN halves each, contiguous likewise; as many as the group size
+  // makes). A lane a copy: their operands go through uniform registers, so
+  // the warp issues them one after another anyway, but no copy waits for
+  // another's address arithmetic. Arming first keeps the transaction count
+  // from going negative (which the barrier would allow).
+  // No proxy fence before a refill: the consumers release a stage
+  // (stream_stripe_producer) after their ld.shared of it have returned and
+  // their wgmmas are done; a proxy fence orders one proxy's writes before
+  // another's reads, and a write issued after the read completed cannot
+  // change what it read (CUTLASS's TMA pipelines release the same way).
+  __device__ void load_stage_producer(uint32_t stage, const LoadCursor& at, bool hint) const {
+    static_assert(1 + Tile::kKBlocks + Tile::kScaleRowsMax <= 32, "a copy a lane");
+    const uint32_t bar = x_bars_.of(stage);
+    const int s_rows = Tile::kGrouped ? max(1, Tile::kTileK >> p_.group_shift) : 0;
+    if (lane_ == 0) {
+      mbarrier_arrive_expect_tx(bar, 16 * (Tile::kAStage + Tile::kBStage) + s_rows * (2 * Tile::kTileN));
+      x_bars_.template copy_boxes<Tile::kTileK / Tile::kXBoxK, Tile::kXBoxK>(
+          stage, bar, x_map_, at.k_tile * Tile::kTileK, [](int b) { return b * XS::kHalfUnits; });
+    }
+    __syncwarp();
+    const int r = lane_ - 1;
+    if (r >= 0 && r < Tile::kKBlocks) {
+      bulk_copy_weights(stage + 16 * (Tile::kAStage + r * kBRow), at.b + r * (p_.n / 2), 16 * kBRow, bar,
+                        evict_first_, hint);
+    }
+    if constexpr (Tile::kGrouped) {
+      const int sr = lane_ - 1 - Tile::kKBlocks;
+      if (sr >= 0 && sr < s_rows) {
+        const unsigned first_row = static_cast<unsigned>(at.k_tile * Tile::kTileK) >> p_.group_shift;
+        bulk_copy(stage + 16 * (Tile::kAStage + Tile::kBStage) + sr * (2 * Tile::kTileN),
+                  p_.scales + (first_row + sr) * p_.n + at.n_tile * Tile::kTileN, 2 * Tile::kTileN, bar);
+      }
+    }
+  }
   __device__ void compute_stage(uint32_t stage) {
     if constexpr (Tile::kLoadsOnly) {
       // A barrier's next use must find its phase complete.
@@ -461,6 +518,11 @@ class MarlinBlock {
     constexpr bool kOverlap = Tile::kTmaX;
     constexpr bool kRing = kOverlap && kS * (Tile::kTileM / 2 + 4 * Tile::kKBlocksPerWarp) > 128;
     constexpr int kSets = kRing ? 2 : Tile::kKBlocksPerWarp;
+    // kProducerWarp: the weights come on x's barrier, so the wait goes
+    // before the first dequantize. (A barrier of their own would let that
+    // dequantize run while x still lands; but x comes from L2 and is issued
+    // first, the weights from HBM: it is the weights the wait waits for.)
+    if constexpr (Tile::kProducerWarp) x_bars_.wait(stage);
     uint32_t afrag[kS][kSets][4];
     // k16 block i's A fragments, of every slab of the warpgroup.
     auto dequantize = [&](int i) {
@@ -492,7 +554,7 @@ class MarlinBlock {
     // 8-row groups are adjacent (stride offset). By TMA: 128-byte swizzle.
     constexpr uint32_t kKStep = 16 * 8 * (Tile::kTileM / 8), kNStep = 128;
     // x by TMA: wait only now, after the (first) dequantize, which needs no x.
-    if constexpr (Tile::kTmaX) x_bars_.wait(stage);
+    if constexpr (Tile::kTmaX && !Tile::kProducerWarp) x_bars_.wait(stage);
     // Slab s's D fragment: element 4 rb + e is acc_[rb][s][e] (per 8 rows of
     // x, the m16n8 layout). Named as one array for the asm; the copies in
     // and out are register renames.
@@ -641,7 +703,7 @@ class MarlinBlock {
 };
 
 template <typename T, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
+__global__ void __launch_bounds__(Tile::kBlockThreads, Tile::kBlocksPerSM)
     marlin_kernel(const MarlinParams<T> p) {
   static_assert(Tile::kFits, "the tile's pipeline stages do not fit in shared memory");
   phase(kEntry);
@@ -656,7 +718,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
 // parameter lives. Below sm_90 the body is left out (it is never launched
 // there), which also spares that compilation.
 template <typename T, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
+__global__ void __launch_bounds__(Tile::kBlockThreads, Tile::kBlocksPerSM)
     marlin_kernel_tma_x(const MarlinParams<T> p, const __grid_constant__ CUtensorMap x_map) {
   static_assert(Tile::kFits && Tile::kTmaX, "a kTmaX tile whose stages fit");
 #if JAX_MARLIN_HAS_TMA

@@ -163,12 +163,17 @@ struct TileShape {
   static constexpr bool kWgmma = kWgmma_;
   static constexpr int kWarpsJ = kWarpsJ_;
   static constexpr bool kTmaX = kTmaX_;
+  // kProducerWarp: set by ProducerWarp<...> (below); false here.
+  static constexpr bool kProducerWarp = false;
   // kTmaX: elements of K a TMA box of x spans (a 128-byte swizzled half,
   // which ldmatrix and wgmma's descriptors both read).
   static constexpr int kXBoxK = 64;
   static constexpr int kRowBlocksPerWarp = kRowBlocks / kWarpsM;
 
   static constexpr int kThreads = kWarps * 32;
+  // Threads a block is launched with: kThreads, and a producer warp's
+  // where the tile has one (ProducerWarp).
+  static constexpr int kBlockThreads = kThreads;
   static constexpr int kTileM = 8 * kRowBlocks, kTileN = 16 * kNBlocks, kTileK = 16 * kKBlocks;
   // 64-column slabs of the tile (the packed layout's unit along N).
   static constexpr int kSlabs = kTileN / kWarpCols;
@@ -237,6 +242,36 @@ struct TileShape {
                 "wgmma tiles: whole warpgroups, no M split, 8 to 128 rows");
   static_assert(!kTmaX || kTileK % 64 == 0,
                 "x by TMA with the 128-byte swizzle: whole 64-column halves");
+};
+
+// A kTmaX wgmma tile whose copies come from a warp of their own (what the
+// dispatch launches for every wgmma configuration): the block's kWarps
+// warps only wait for stages, dequantize and multiply; one more warp issues
+// each stage's copies, x by TMA and the weights and group-scale rows by 1-D
+// bulk copies (cp.async.bulk), all completed on the stage's mbarrier, as
+// soon as the consumers have released the stage (an "empty" mbarrier a
+// stage: stream_stripe_producer in stripe.cuh). No cp.async and no
+// block-wide barrier is left in the main loop: the two warpgroups need not
+// keep step stage by stage, and no consumer spends issue slots on copies.
+// H100 kernel benchmark (session 20, ABAB x3, us, group 128): 8192x28672
+// M = 32 59.4 -> 56.4, M = 64 78.4 -> 70.1, M = 128 117.4 -> 103.8;
+// 28672x8192 59.2 -> 53.3, 75.8 -> 67.4, 113.9 -> 99.4. (The same bulk
+// copies issued by the consumer warps themselves, with the block-wide
+// barrier kept, were 13-50% slower than cp.async.)
+// A type of its own rather than another TileShape parameter: every other
+// tile keeps its type, so its kernel's (mangled) name and PTX stay as they
+// were.
+// The producer is a whole warpgroup, of which one warp works: ptxas sizes
+// registers for a block's threads rounded up to warpgroups (288 threads got
+// 168 registers a thread, and spills), and `setmaxnreg` moves registers
+// between whole warpgroups: the producers give theirs to the consumers.
+template <typename Tile>
+struct ProducerWarp : Tile {
+  static constexpr bool kProducerWarp = true;
+  static constexpr int kBlockThreads = Tile::kThreads + 128;
+  static_assert(Tile::kTmaX && Tile::kWgmma, "producer warps: kTmaX wgmma tiles only");
+  static_assert(Tile::kWarpsK == 1, "the consumers' end of a tile has no K split to reduce");
+  static_assert(!Tile::kChannelScalesInStage, "end_tile reads no stage (it is released before)");
 };
 
 }  // namespace jax_marlin::cuda

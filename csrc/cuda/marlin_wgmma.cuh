@@ -71,6 +71,22 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 
+// Warpgroup register reallocation (sm_90a): every warp of the warpgroup
+// executes it; dec gives registers back to the block's pool, inc waits until
+// the pool has them. kRegs: the new per-thread count (a multiple of 8).
+template <int kRegs>
+__device__ __forceinline__ void warpgroup_registers_dec() {
+#if JAX_MARLIN_HAS_WGMMA
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+template <int kRegs>
+__device__ __forceinline__ void warpgroup_registers_inc() {
+#if JAX_MARLIN_HAS_WGMMA
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+
 // D (64 x N fp32; N / 2 registers a thread) += A (64 x 16, registers: warp w
 // of the warpgroup holds rows 16 w .. 16 w + 15 as an m16n8k16 A fragment)
 // * B (16 x N, K-major, shared memory by descriptor). T: half or bfloat16.

@@ -60,6 +60,7 @@ struct SparseTileShape {
   static constexpr int kRowBlocksPerWarp = kRowBlocks / kWarpsM;
 
   static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockThreads = kThreads;  // launched with (launch_util.h; no producer warp)
   static constexpr int kTileM = 8 * kRowBlocks, kTileN = 16 * kNBlocks, kTileK = 32 * kBands;
   // 64-column runs of the tile (the layout's unit along N). With mma.sp a
   // warp takes (a share of) one run; with wgmma a warpgroup takes

@@ -136,6 +136,75 @@ __device__ __forceinline__ void stream_stripe(uint32_t smem_base, uint32_t stage
   phase(kExit);
 }
 
+// stream_stripe for a block with a producer warp (ProducerWarp tiles): the
+// kConsumers warps consume, the first warp of the warpgroup after them
+// issues. Each stage has two barriers: `full` (the caller's: issue arms it
+// and its copies complete it; compute waits on it) and `empty` here, one
+// arrival per consumer thread once compute has returned for the stage, i.e.
+// once its reads of the stage (ld.shared, and the wgmmas, which compute
+// waits for) are done. The producer refills a stage when its `empty` phase
+// completes, kStages iterations after it last filled it; nobody else waits
+// for anybody, so the consumers drift apart by up to the stages in flight,
+// and end_tile (the consumers only: their barrier is a named one,
+// sync_first_threads) delays no copy. issue(stage, hint) as in
+// stream_stripe, run by the whole producer warp; compute / end_tile by
+// every consumer thread.
+template <int kStages, int kConsumers, typename Issue, typename Compute, typename EndTile>
+__device__ __forceinline__ void stream_stripe_producer(uint32_t smem_base, uint32_t stage_bytes, int count,
+                                                       int k_tiles, int n_tile, int k_tile, Issue&& issue,
+                                                       Compute&& compute, EndTile&& end_tile) {
+  __shared__ uint64_t empty[kStages];
+  const uint32_t empty0 = static_cast<uint32_t>(__cvta_generic_to_shared(empty));
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) mbarrier_init(empty0 + 8 * s, 32 * kConsumers);
+    fence_mbarrier_init();
+  }
+  __syncthreads();
+  phase(kSetUp);
+  // Registers: the producer warpgroup keeps kProducerRegs, the consumers
+  // take the rest of the 64 K (whole multiples of 8).
+  constexpr int kProducerRegs = 40;
+  constexpr int kConsumerRegs = (65536 - 128 * kProducerRegs) / (32 * kConsumers) / 8 * 8;
+  static_assert(kConsumers % 4 == 0 && kConsumerRegs <= 256, "whole consumer warpgroups");
+  if (threadIdx.x >= 32 * kConsumers) {
+    warpgroup_registers_dec<kProducerRegs>();
+    if (threadIdx.x >= 32 * kConsumers + 32) return;  // one producer warp works
+    // The stage's k-th refill waits for its (k - 1)-th release: parity
+    // (k - 1) % 2 of its `empty` barrier, a bit a stage.
+    uint32_t parity = 0;
+    int s = 0;
+    for (int i = 0; i < count; ++i) {
+      if (i >= kStages) {
+        mbarrier_wait(empty0 + 8 * s, (parity >> s) & 1u);
+        parity ^= 1u << s;
+      }
+      // The first stages without the L2 hint, as stream_stripe's prologue.
+      issue(smem_base + s * stage_bytes, i >= kStages - 1);
+      s = s == kStages - 1 ? 0 : s + 1;
+    }
+    return;
+  }
+  warpgroup_registers_inc<kConsumerRegs < 256 ? kConsumerRegs : 256>();
+  uint32_t stage = smem_base;
+  const uint32_t last_stage = smem_base + (kStages - 1) * stage_bytes;
+  for (int i = 0; i < count; ++i) {
+    compute(stage);
+    if (i == 0) phase(kFirstStage);
+    if (i == count - 1) phase(kLastCompute);
+    // Every consumer thread arrives: an arrival releases the arriving
+    // thread's own reads of the stage (PTX memory model), so none of the
+    // reads depends on a __syncwarp to be ordered before the refill.
+    mbarrier_arrive(empty0 + 8 * ((stage - smem_base) / stage_bytes));
+    if (k_tile == k_tiles - 1 || i == count - 1) end_tile(n_tile, stage);
+    if (++k_tile == k_tiles) {
+      k_tile = 0;
+      ++n_tile;
+    }
+    stage = stage == last_stage ? smem_base : stage + stage_bytes;
+  }
+  phase(kExit);
+}
+
 // Where x's 16-byte chunks sit in a stage (16-byte units): XOR-swizzled by
 // row (chunk ^ row % 8), so the 8 rows one ldmatrix phase reads fall into 8
 // different bank groups. Row-major [row][chunk]; or, where x comes by TMA
@@ -181,19 +250,26 @@ class TmaXBarriers {
     if (threadIdx.x != 0) return;
     const uint32_t bar = of(stage);
     mbarrier_arrive_expect_tx(bar, bytes);
+    copy_boxes<kBoxes, kBoxK>(stage, bar, map, k0, dst_units);
+  }
+  // x's boxes as `load` copies them, onto barrier `bar` (ProducerWarp
+  // tiles, whose stages also take the weights' copies on it).
+  template <int kBoxes, int kBoxK, typename DstUnits>
+  __device__ void copy_boxes(uint32_t stage, uint32_t bar, const void* map, int k0, DstUnits&& dst_units) const {
 #pragma unroll
     for (int b = 0; b < kBoxes; ++b) tma_load_2d(stage + 16 * dst_units(b), map, k0 + b * kBoxK, 0, bar);
   }
-  // Waits until `stage`'s x has landed.
+  // Waits until `stage`'s x (and what else came onto its barrier) has landed.
   __device__ void wait(uint32_t stage) {
     const int s = index(stage);
     mbarrier_wait(of(stage), (parity_ >> s) & 1u);
     parity_ ^= 1u << s;
   }
+  // `stage`'s barrier.
+  __device__ uint32_t of(uint32_t stage) const { return barriers_ + 8 * index(stage); }
 
  private:
   __device__ int index(uint32_t stage) const { return (stage - stage0_) / kStageBytes; }
-  __device__ uint32_t of(uint32_t stage) const { return barriers_ + 8 * index(stage); }
   uint32_t barriers_, stage0_;
   uint32_t parity_ = 0;
 };
@@ -340,7 +416,9 @@ struct TileReduction {
 #pragma unroll
           for (int j = 0; j < kJ; ++j) __stcg(&mine[index(rb, j)], as_float4(acc, rb, j));
       }
-      if (!last_to_arrive(locks + n_tile, last - first + 1)) return false;
+      // Only the kThreads consumers get here where a producer warp has left.
+      constexpr int kArriving = Tile::kBlockThreads == Tile::kThreads ? 0 : Tile::kThreads;
+      if (!last_to_arrive<kArriving>(locks + n_tile, last - first + 1)) return false;
       phase(kReduced);
       if (owner) sum_parts(acc, n_tile, total, first, last, index);
     }

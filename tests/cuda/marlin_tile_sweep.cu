@@ -100,7 +100,7 @@ static void time_fitting_tile(const char* name, Layer& layer, const Buffers& b, 
   // blocks): skip a tile that does not get the blocks per SM it was built for.
   int resident = 0;
   CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel_of<Tile>(),
-                                                           Tile::kThreads, Tile::kSmemBytes));
+                                                           Tile::kBlockThreads, Tile::kSmemBytes));
   if (resident < Tile::kBlocksPerSM) {
     std::printf("%6d %6d %4d  %-28s only %d resident block(s) per SM: skipped\n", layer.k, layer.n,
                 m, name, resident);
@@ -127,9 +127,9 @@ static void time_fitting_tile(const char* name, Layer& layer, const Buffers& b, 
         p.stripes = stripe_count(total, n_tiles, std::max(1, g_sms * Tile::kBlocksPerSM / g_grid_divisor));
         p.overlapped = false;  // a plain launch
         if constexpr (Tile::kTmaX) {
-          marlin_kernel_tma_x<half, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p, x_map);
+          marlin_kernel_tma_x<half, Tile><<<p.stripes, Tile::kBlockThreads, Tile::kSmemBytes, stream>>>(p, x_map);
         } else {
-          marlin_kernel<half, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
+          marlin_kernel<half, Tile><<<p.stripes, Tile::kBlockThreads, Tile::kSmemBytes, stream>>>(p);
         }
         CHECK_CUDA(cudaGetLastError());
       },
@@ -192,6 +192,13 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, b
 #define SWEEPWT(RB, NB, KB, W)                                                                  \
   time_tile<TileShape<RB, NB, KB, W, true, 1, 1, false, true, 1, true>>(                         \
       "r" #RB " n" #NB " k" #KB " w" #W " wgmma tma-x", layer, b, m)
+
+// "producer": the same with a producer warp issuing every copy, the
+// weights and scales by 1-D bulk copies (ProducerWarp: the production
+// wgmma tiles).
+#define SWEEPWTP(RB, NB, KB, W)                                                                 \
+  time_tile<ProducerWarp<TileShape<RB, NB, KB, W, true, 1, 1, false, true, 1, true>>>(           \
+      "r" #RB " n" #NB " k" #KB " w" #W " wgmma tma-x producer", layer, b, m)
 
 // "tma-x" (mma.sync): the production tiles with x by TMA (128-byte swizzle).
 #define SWEEPT(RB, NB, KB, W)                                                                     \
@@ -461,25 +468,33 @@ int main(int argc, char** argv) {
   // 256 columns (two slabs a warpgroup, 128 accumulators). (Four
   // warpgroups of two slabs, 512 threads at 128 registers, spilled and were
   // slowest of all, session 19.)
+  // "producer" rows: the tiles with a producer warp (the production form
+  // of the wgmma tiles), each next to its cp.async form.
   if (argc == 2 && std::strcmp(argv[1], "--wide") == 0) {
     for (auto& s : shapes) {
       Layer layer = make_layer(s[0], s[1]);
       for (int m : {32}) {
         SWEEPWT(4, 16, 8, 8);
+        SWEEPWTP(4, 16, 8, 8);
         SWEEPWT(4, 32, 4, 8);
         SWEEPWT(4, 32, 8, 8);
+        SWEEPWTP(4, 32, 8, 8);
       }
       for (int m : {64}) {
         SWEEPWT(8, 16, 8, 8);
+        SWEEPWTP(8, 16, 8, 8);
         SWEEPWT(8, 32, 4, 8);
         SWEEPWT(8, 32, 8, 8);
         time_tile<TileShape<8, 16, 8, 8, true, 1, 1, true, true, 1, true>>(
             "r8 n16 k8 w8 wgmma tma-x loads-only", layer, b, m, true, true);
+        time_tile<ProducerWarp<TileShape<8, 16, 8, 8, true, 1, 1, true, true, 1, true>>>(
+            "r8 n16 k8 w8 wgmma tma-x producer loads-only", layer, b, m, true, true);
         time_tile<TileShape<8, 32, 4, 8, true, 1, 1, true, true, 1, true>>(
             "r8 n32 k4 w8 wgmma tma-x loads-only", layer, b, m, true, true);
       }
       for (int m : {128}) {
         SWEEPWT(16, 8, 8, 8);
+        SWEEPWTP(16, 8, 8, 8);
         SWEEPWT(16, 16, 8, 8);
         SWEEPWT(16, 16, 4, 8);
       }
