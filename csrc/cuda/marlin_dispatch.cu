@@ -76,6 +76,16 @@ constexpr std::array<TileConfig, 8> kTileConfigs = {{{8, 16, 8},
                                                      {32, 8, 8, 2048, true}}};
 constexpr int kNumConfigs = static_cast<int>(kTileConfigs.size());
 
+// The wgmma tiles' last wgmma group of a stage trails into the next
+// (ProducerWarp's kTrail) on per-channel tiles, where it measured 4-6%
+// faster at M = 64-128 (session 21); with group scales it was 2-4% slower
+// at M = 64, so those trail only in -DJAX_MARLIN_TRAIL builds (A/B).
+#ifdef JAX_MARLIN_TRAIL
+constexpr bool kTrailBuild = true;
+#else
+constexpr bool kTrailBuild = false;
+#endif
+
 // Configurations tried for a row variant, in order (-1: none); the first
 // that serves (K, N) and can launch here (pick_config) wins. Only these are
 // instantiated.
@@ -167,7 +177,7 @@ constexpr auto table_entry() {
     using Shape = TileShape<row_blocks, c.n_blocks, c.k_blocks, c.warps, grouped, 1, 1, false, c.wgmma,
                             c.wgmma ? 1 : slab_sharing_warps(row_blocks), tma_x>;
     // wgmma tiles come with a producer warp (ProducerWarp).
-    using Tile = std::conditional_t<c.wgmma, ProducerWarp<Shape>, Shape>;
+    using Tile = std::conditional_t<c.wgmma, ProducerWarp<Shape, kTrailBuild || !grouped>, Shape>;
     if constexpr (!Tile::kFits) {
       return Entry{nullptr};
     } else if constexpr (Prepare) {

@@ -129,7 +129,28 @@ class MarlinBlock {
     if constexpr (Tile::kTmaX) x_bars_.init(Tile::kStages);
 
     zero(acc_);
-    if constexpr (Tile::kProducerWarp) {
+    if constexpr (Tile::kProducerWarp && Tile::kTrail) {
+      // The accumulators and fragments of compute_stage_wgmma_trailing,
+      // which in-flight wgmmas write and read across its calls.
+      float d[Tile::kSlabsPerWarpgroup][Tile::kTileM / 2];
+      uint32_t afrag[Tile::kSlabsPerWarpgroup][2][4];
+      zero_trailing(d);
+      stream_stripe_producer<Tile::kStages, Tile::kWarps, true>(
+          smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
+          [&](uint32_t stage, bool hint) {
+            load_stage_producer(stage, load, hint);
+            step(load);
+          },
+          [&](uint32_t stage, auto&& release_previous) {
+            compute_stage_wgmma_trailing(stage, d, afrag, release_previous);
+          },
+          [&](int n_tile, uint32_t stage) {
+            finish_tile(n_tile, total, stage);
+            zero(acc_);
+          },
+          [&] { drain_trailing(d); });
+      return;
+    } else if constexpr (Tile::kProducerWarp) {
       stream_stripe_producer<Tile::kStages, Tile::kWarps>(
           smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
           [&](uint32_t stage, bool hint) {
@@ -483,6 +504,28 @@ class MarlinBlock {
         [&](const StepOperands& op) { multiply_step<kScaled>(op, acc); });
   }
 
+  // The wgmma tiles' A fragments of this warp's k16 block i of `stage`, of
+  // every slab of its warpgroup, into frag(slab) (4 registers each).
+  template <typename Frag>
+  __device__ void dequantize_block(uint32_t stage, int i, Frag&& frag) const {
+    const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
+#pragma unroll
+    for (int slab = 0; slab < Tile::kSlabsPerWarpgroup; ++slab) {
+      const uint32_t word = ld_shared4(stage + b_read_ + 16 * 32 * (Tile::kSlabs * i + slab));
+      uint32_t b0[2], b1[2];
+      Dtype<T>::dequant(word, b0, b1);
+      if constexpr (Tile::kGrouped) {
+        const int s_row = (kb * 16) >> p_.group_shift;
+        const T2 s =
+            as_t2<T2>(ld_shared4(stage + s_read_ + s_row * (2 * Tile::kTileN) + slab * (2 * kWarpCols)));
+        scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
+        scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
+      }
+      uint32_t(&a)[4] = frag(slab);
+      a[0] = b0[0], a[1] = b1[0], a[2] = b0[1], a[3] = b1[1];
+    }
+  }
+
   // wgmma: this warp dequantizes its word of every k16 block's packed unit
   // (16 of a slab's 64 columns), in each of its warpgroup's slabs, into a
   // register A fragment; then the warpgroup multiplies each with the k16 x
@@ -524,24 +567,8 @@ class MarlinBlock {
     // first, the weights from HBM: it is the weights the wait waits for.)
     if constexpr (Tile::kProducerWarp) x_bars_.wait(stage);
     uint32_t afrag[kS][kSets][4];
-    // k16 block i's A fragments, of every slab of the warpgroup.
     auto dequantize = [&](int i) {
-      const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
-#pragma unroll
-      for (int slab = 0; slab < kS; ++slab) {
-        const uint32_t word = ld_shared4(stage + b_read_ + 16 * 32 * (Tile::kSlabs * i + slab));
-        uint32_t b0[2], b1[2];
-        Dtype<T>::dequant(word, b0, b1);
-        if constexpr (Tile::kGrouped) {
-          const int s_row = (kb * 16) >> p_.group_shift;
-          const T2 s = as_t2<T2>(
-              ld_shared4(stage + s_read_ + s_row * (2 * Tile::kTileN) + slab * (2 * kWarpCols)));
-          scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
-          scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
-        }
-        uint32_t(&a)[4] = afrag[slab][i % kSets];
-        a[0] = b0[0], a[1] = b1[0], a[2] = b0[1], a[3] = b1[1];
-      }
+      dequantize_block(stage, i, [&](int slab) -> uint32_t(&)[4] { return afrag[slab][i % kSets]; });
     };
     if constexpr (kOverlap) {
       dequantize(0);
@@ -603,6 +630,65 @@ class MarlinBlock {
       for (int rb = 0; rb < kRB; ++rb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_[rb][slab][e] = d[slab][4 * rb + e];
+  }
+
+  // kTrail (candidate): compute_stage_wgmma's overlapped form with two
+  // fragment sets and a commit group a block (as kRing), but the stage's
+  // last group stays in flight past its end, into the next stage's barrier
+  // wait and first dequantize, which otherwise wait for the tensor pipe to
+  // drain every stage. Block 0 of a stage takes set 0, which the previous
+  // stage's block K - 2 read (wgmma_wait<1> before its dequantize); the
+  // previous stage is released (release_previous) once block 0's commit
+  // leaves only one group pending, i.e. the previous stage's last is done.
+  // The accumulators (d) and fragments (afrag) are run()'s, not the
+  // call's, as in-flight wgmmas write and read them across calls; they are
+  // copied into acc_ only by drain_trailing, at the end of the block's
+  // share of a tile.
+  static constexpr int kTrailSlabs = Tile::kSlabsPerWarpgroup;
+  using TrailAccumulators = float[kTrailSlabs][Tile::kTileM / 2];
+  using TrailFragments = uint32_t[kTrailSlabs][2][4];
+  __device__ static void zero_trailing(TrailAccumulators& d) {
+#pragma unroll
+    for (int slab = 0; slab < kTrailSlabs; ++slab)
+#pragma unroll
+      for (int r = 0; r < Tile::kTileM / 2; ++r) d[slab][r] = 0.f;
+  }
+  // Every group done: the accumulators into acc_ (for end_tile), and d
+  // from 0 again.
+  __device__ void drain_trailing(TrailAccumulators& d) {
+    wgmma_wait<0>();
+#pragma unroll
+    for (int slab = 0; slab < kTrailSlabs; ++slab)
+#pragma unroll
+      for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_[rb][slab][e] = d[slab][4 * rb + e];
+    zero_trailing(d);
+  }
+  template <typename Release>
+  __device__ void compute_stage_wgmma_trailing(uint32_t stage, TrailAccumulators& d, TrailFragments& afrag,
+                                               Release&& release_previous) {
+    constexpr int kS = Tile::kSlabsPerWarpgroup, kK = Tile::kKBlocksPerWarp;
+    auto dequantize = [&](int i) {
+      dequantize_block(stage, i, [&](int slab) -> uint32_t(&)[4] { return afrag[slab][i % 2]; });
+    };
+    x_bars_.wait(stage);
+    wgmma_wait<1>();  // the previous stage's block K - 2: set 0 is free
+    dequantize(0);
+#pragma unroll
+    for (int i = 0; i < kK; ++i) {
+      const int kb = warp_k_ * kK + i;
+      const uint64_t desc = wgmma_descriptor_sw128(stage + 16 * (kb / 4 * XS::kHalfUnits) + 32 * (kb % 4));
+      wgmma_fence();
+#pragma unroll
+      for (int slab = 0; slab < kS; ++slab) WgmmaRS<T, Tile::kTileM>::run(d[slab], afrag[slab][i % 2], desc);
+      wgmma_commit();
+      if (i + 1 < kK) {
+        wgmma_wait<1>();  // block i - 1's group (i = 0: the previous stage's last)
+        if (i == 0) release_previous();
+        dequantize(i + 1);
+      }
+    }
   }
 
   // End of this block's share of n-tile `n_tile` (stripe.cuh);

@@ -163,8 +163,9 @@ struct TileShape {
   static constexpr bool kWgmma = kWgmma_;
   static constexpr int kWarpsJ = kWarpsJ_;
   static constexpr bool kTmaX = kTmaX_;
-  // kProducerWarp: set by ProducerWarp<...> (below); false here.
+  // kProducerWarp, kTrail: set by ProducerWarp<...> (below); false here.
   static constexpr bool kProducerWarp = false;
+  static constexpr bool kTrail = false;
   // kTmaX: elements of K a TMA box of x spans (a 128-byte swizzled half,
   // which ldmatrix and wgmma's descriptors both read).
   static constexpr int kXBoxK = 64;
@@ -265,9 +266,16 @@ struct TileShape {
 // registers for a block's threads rounded up to warpgroups (288 threads got
 // 168 registers a thread, and spills), and `setmaxnreg` moves registers
 // between whole warpgroups: the producers give theirs to the consumers.
-template <typename Tile>
+// kTrail (candidate, the tile sweep's "trail" rows and -DJAX_MARLIN_TRAIL
+// builds): a stage's last wgmma group stays in flight into the next
+// stage, which releases the stage once that group is done
+// (compute_stage_wgmma_trailing in marlin_kernel.cuh).
+template <typename Tile, bool kTrail_ = false>
 struct ProducerWarp : Tile {
   static constexpr bool kProducerWarp = true;
+  static constexpr bool kTrail = kTrail_;
+  static_assert(!kTrail_ || (!Tile::kLoadsOnly && Tile::kKBlocksPerWarp % 2 == 0),
+                "trailing: two fragment sets, block 0 of a stage takes the set of its block K - 2");
   static constexpr int kBlockThreads = Tile::kThreads + 128;
   static_assert(Tile::kTmaX && Tile::kWgmma, "producer warps: kTmaX wgmma tiles only");
   static_assert(Tile::kWarpsK == 1, "the consumers' end of a tile has no K split to reduce");

@@ -149,10 +149,19 @@ __device__ __forceinline__ void stream_stripe(uint32_t smem_base, uint32_t stage
 // sync_first_threads) delays no copy. issue(stage, hint) as in
 // stream_stripe, run by the whole producer warp; compute / end_tile by
 // every consumer thread.
-template <int kStages, int kConsumers, typename Issue, typename Compute, typename EndTile>
+struct NoDrain {
+  __device__ void operator()() const {}
+};
+// kTrail: compute(stage, release_previous) may leave the stage's last
+// reads (its last wgmma group) in flight; the next compute releases the
+// stage (release_previous) once they are done, and drain() waits for all
+// of them before a tile ends (end_tile reads the accumulators).
+template <int kStages, int kConsumers, bool kTrail = false, typename Issue, typename Compute,
+          typename EndTile, typename Drain = NoDrain>
 __device__ __forceinline__ void stream_stripe_producer(uint32_t smem_base, uint32_t stage_bytes, int count,
                                                        int k_tiles, int n_tile, int k_tile, Issue&& issue,
-                                                       Compute&& compute, EndTile&& end_tile) {
+                                                       Compute&& compute, EndTile&& end_tile,
+                                                       Drain&& drain = {}) {
   __shared__ uint64_t empty[kStages];
   const uint32_t empty0 = static_cast<uint32_t>(__cvta_generic_to_shared(empty));
   if (threadIdx.x == 0) {
@@ -187,20 +196,55 @@ __device__ __forceinline__ void stream_stripe_producer(uint32_t smem_base, uint3
   warpgroup_registers_inc<kConsumerRegs < 256 ? kConsumerRegs : 256>();
   uint32_t stage = smem_base;
   const uint32_t last_stage = smem_base + (kStages - 1) * stage_bytes;
-  for (int i = 0; i < count; ++i) {
-    compute(stage);
-    if (i == 0) phase(kFirstStage);
-    if (i == count - 1) phase(kLastCompute);
-    // Every consumer thread arrives: an arrival releases the arriving
-    // thread's own reads of the stage (PTX memory model), so none of the
-    // reads depends on a __syncwarp to be ordered before the refill.
-    mbarrier_arrive(empty0 + 8 * ((stage - smem_base) / stage_bytes));
-    if (k_tile == k_tiles - 1 || i == count - 1) end_tile(n_tile, stage);
-    if (++k_tile == k_tiles) {
-      k_tile = 0;
+  // Every consumer thread arrives: an arrival releases the arriving
+  // thread's own reads of the stage (PTX memory model), so none of the
+  // reads depends on a __syncwarp to be ordered before the refill.
+  const auto release = [&](uint32_t s) { mbarrier_arrive(empty0 + 8 * ((s - smem_base) / stage_bytes)); };
+  const auto next = [&](uint32_t st) { return st == last_stage ? smem_base : st + stage_bytes; };
+  if constexpr (kTrail) {
+    // The stripe in runs of stages, each run up to the end of a tile (or
+    // of the stripe): inside a run every stage's last wgmma group trails
+    // into the next stage's compute, which releases the previous stage;
+    // after a run, drain() waits for all groups (a loop exit: no divergent
+    // branch around wgmmas in flight, which ptxas would serialize) and the
+    // tile ends. The last stage of a run is released by the next run's
+    // first compute, as any other; only the stripe's first stage has none
+    // before it (peeled), and its last is never refilled.
+    if (count == 0) return;
+    compute(stage, [] {});
+    phase(kFirstStage);
+    uint32_t prev = stage;
+    stage = next(stage);
+    int done = 0, j0 = 1;  // j0: the first run's first stage is the peeled one
+    int run = min(count, k_tiles - k_tile);
+    for (;;) {
+      for (int j = j0; j < run; ++j) {
+        compute(stage, [&] { release(prev); });
+        prev = stage;
+        stage = next(stage);
+      }
+      j0 = 0;
+      drain();
+      done += run;
+      if (done == count) phase(kLastCompute);
+      end_tile(n_tile, prev);
+      if (done == count) break;
       ++n_tile;
+      run = min(count - done, k_tiles);
     }
-    stage = stage == last_stage ? smem_base : stage + stage_bytes;
+  } else {
+    for (int i = 0; i < count; ++i) {
+      compute(stage);
+      if (i == 0) phase(kFirstStage);
+      if (i == count - 1) phase(kLastCompute);
+      release(stage);
+      if (k_tile == k_tiles - 1 || i == count - 1) end_tile(n_tile, stage);
+      if (++k_tile == k_tiles) {
+        k_tile = 0;
+        ++n_tile;
+      }
+      stage = stage == last_stage ? smem_base : stage + stage_bytes;
+    }
   }
   phase(kExit);
 }

@@ -200,6 +200,12 @@ static void time_tile(const char* name, Layer& layer, const Buffers& b, int m, b
   time_tile<ProducerWarp<TileShape<RB, NB, KB, W, true, 1, 1, false, true, 1, true>>>(           \
       "r" #RB " n" #NB " k" #KB " w" #W " wgmma tma-x producer", layer, b, m)
 
+// "trail": the producer tile whose last wgmma group of a stage runs on into
+// the next stage (ProducerWarp's kTrail).
+#define SWEEPWTR(RB, NB, KB, W)                                                                 \
+  time_tile<ProducerWarp<TileShape<RB, NB, KB, W, true, 1, 1, false, true, 1, true>, true>>(     \
+      "r" #RB " n" #NB " k" #KB " w" #W " wgmma tma-x trail", layer, b, m)
+
 // "tma-x" (mma.sync): the production tiles with x by TMA (128-byte swizzle).
 #define SWEEPT(RB, NB, KB, W)                                                                     \
   time_tile<TileShape<RB, NB, KB, W, true, 1, 1, false, false, 1, true>>(                          \
@@ -476,13 +482,16 @@ int main(int argc, char** argv) {
       for (int m : {32}) {
         SWEEPWT(4, 16, 8, 8);
         SWEEPWTP(4, 16, 8, 8);
+        SWEEPWTR(4, 16, 8, 8);
         SWEEPWT(4, 32, 4, 8);
         SWEEPWT(4, 32, 8, 8);
         SWEEPWTP(4, 32, 8, 8);
+        SWEEPWTR(4, 32, 8, 8);
       }
       for (int m : {64}) {
         SWEEPWT(8, 16, 8, 8);
         SWEEPWTP(8, 16, 8, 8);
+        SWEEPWTR(8, 16, 8, 8);
         SWEEPWT(8, 32, 4, 8);
         SWEEPWT(8, 32, 8, 8);
         time_tile<TileShape<8, 16, 8, 8, true, 1, 1, true, true, 1, true>>(
@@ -495,6 +504,7 @@ int main(int argc, char** argv) {
       for (int m : {128}) {
         SWEEPWT(16, 8, 8, 8);
         SWEEPWTP(16, 8, 8, 8);
+        SWEEPWTR(16, 8, 8, 8);
         SWEEPWT(16, 16, 8, 8);
         SWEEPWT(16, 16, 4, 8);
       }
