@@ -266,15 +266,26 @@ struct TileShape {
 // registers for a block's threads rounded up to warpgroups (288 threads got
 // 168 registers a thread, and spills), and `setmaxnreg` moves registers
 // between whole warpgroups: the producers give theirs to the consumers.
-// kTrail (candidate, the tile sweep's "trail" rows and -DJAX_MARLIN_TRAIL
-// builds): a stage's last wgmma group stays in flight into the next
-// stage, which releases the stage once that group is done
-// (compute_stage_wgmma_trailing in marlin_kernel.cuh).
+// kTrail (the dense dispatch's per-channel tiles; every wgmma tile in
+// -DJAX_MARLIN_TRAIL builds and the tile sweep's "trail" rows): a stage's
+// last wgmma group stays in flight into the next stage, which releases the
+// stage once that group is done (compute_stage_wgmma_trailing in
+// marlin_kernel.cuh).
+template <typename Tile, bool kTrail>
+constexpr bool can_trail() {
+  // Only a trailing tile is asked about its K blocks: a tile that never
+  // trails (the 2:4 kernel's) need not have them.
+  if constexpr (kTrail) {
+    return !Tile::kLoadsOnly && Tile::kKBlocksPerWarp % 2 == 0;
+  } else {
+    return true;
+  }
+}
 template <typename Tile, bool kTrail_ = false>
 struct ProducerWarp : Tile {
   static constexpr bool kProducerWarp = true;
   static constexpr bool kTrail = kTrail_;
-  static_assert(!kTrail_ || (!Tile::kLoadsOnly && Tile::kKBlocksPerWarp % 2 == 0),
+  static_assert(can_trail<Tile, kTrail_>(),
                 "trailing: two fragment sets, block 0 of a stage takes the set of its block K - 2");
   static constexpr int kBlockThreads = Tile::kThreads + 128;
   static_assert(Tile::kTmaX && Tile::kWgmma, "producer warps: kTmaX wgmma tiles only");
