@@ -129,6 +129,11 @@ class MarlinBlock {
     if constexpr (Tile::kTmaX) x_bars_.init(Tile::kStages);
 
     zero(acc_);
+    // End of this block's share of a tile: the same for every stream below.
+    const auto end_tile = [&](int n_tile, uint32_t stage) {
+      finish_tile(n_tile, total, stage);
+      zero(acc_);
+    };
     if constexpr (Tile::kProducerWarp && Tile::kTrail) {
       // The accumulators and fragments of compute_stage_wgmma_trailing,
       // which in-flight wgmmas write and read across its calls.
@@ -144,11 +149,7 @@ class MarlinBlock {
           [&](uint32_t stage, auto&& release_previous) {
             compute_stage_wgmma_trailing(stage, d, afrag, release_previous);
           },
-          [&](int n_tile, uint32_t stage) {
-            finish_tile(n_tile, total, stage);
-            zero(acc_);
-          },
-          [&] { drain_trailing(d); });
+          end_tile, [&] { drain_trailing(d); });
       return;
     } else if constexpr (Tile::kProducerWarp) {
       stream_stripe_producer<Tile::kStages, Tile::kWarps>(
@@ -157,11 +158,7 @@ class MarlinBlock {
             load_stage_producer(stage, load, hint);
             step(load);
           },
-          [&](uint32_t stage) { compute_stage(stage); },
-          [&](int n_tile, uint32_t stage) {
-            finish_tile(n_tile, total, stage);
-            zero(acc_);
-          });
+          [&](uint32_t stage) { compute_stage(stage); }, end_tile);
       return;
     }
     // x by TMA is written through the async proxy already: only cp.async'd x
@@ -172,11 +169,7 @@ class MarlinBlock {
           load_stage(stage, load, hint);
           step(load);
         },
-        [&](uint32_t stage) { compute_stage(stage); },
-        [&](int n_tile, uint32_t stage) {
-          finish_tile(n_tile, total, stage);
-          zero(acc_);
-        });
+        [&](uint32_t stage) { compute_stage(stage); }, end_tile);
   }
 
  private:
@@ -582,16 +575,8 @@ class MarlinBlock {
     constexpr uint32_t kKStep = 16 * 8 * (Tile::kTileM / 8), kNStep = 128;
     // x by TMA: wait only now, after the (first) dequantize, which needs no x.
     if constexpr (Tile::kTmaX && !Tile::kProducerWarp) x_bars_.wait(stage);
-    // Slab s's D fragment: element 4 rb + e is acc_[rb][s][e] (per 8 rows of
-    // x, the m16n8 layout). Named as one array for the asm; the copies in
-    // and out are register renames.
     float d[kS][Tile::kTileM / 2];
-#pragma unroll
-    for (int slab = 0; slab < kS; ++slab)
-#pragma unroll
-      for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) d[slab][4 * rb + e] = acc_[rb][slab][e];
+    accumulators_to_wgmma(acc_, d);
     if constexpr (!kOverlap) wgmma_fence();
 #pragma unroll
     for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
@@ -624,15 +609,10 @@ class MarlinBlock {
     }
     if constexpr (!kRing) wgmma_commit();
     wgmma_wait<0>();
-#pragma unroll
-    for (int slab = 0; slab < kS; ++slab)
-#pragma unroll
-      for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_[rb][slab][e] = d[slab][4 * rb + e];
+    wgmma_to_accumulators(d, acc_);
   }
 
-  // kTrail (candidate): compute_stage_wgmma's overlapped form with two
+  // kTrail (the per-channel tiles): compute_stage_wgmma's overlapped form with two
   // fragment sets and a commit group a block (as kRing), but the stage's
   // last group stays in flight past its end, into the next stage's barrier
   // wait and first dequantize, which otherwise wait for the tensor pipe to
@@ -657,12 +637,7 @@ class MarlinBlock {
   // from 0 again.
   __device__ void drain_trailing(TrailAccumulators& d) {
     wgmma_wait<0>();
-#pragma unroll
-    for (int slab = 0; slab < kTrailSlabs; ++slab)
-#pragma unroll
-      for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_[rb][slab][e] = d[slab][4 * rb + e];
+    wgmma_to_accumulators(d, acc_);
     zero_trailing(d);
   }
   template <typename Release>

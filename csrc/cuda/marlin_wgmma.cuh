@@ -63,6 +63,30 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 #endif
 }
+// A wgmma D fragment per slab (or 2:4 run) s holds element 4 rb + e of the
+// m16n8 accumulator layout acc[rb][s][e] (rb: 8 rows of x). Named as one
+// array for the asm; copies between the two are register renames.
+template <int kRB, int kJ, int kS, int kD>
+__device__ __forceinline__ void accumulators_to_wgmma(const float (&acc)[kRB][kJ][4], float (&d)[kS][kD]) {
+  static_assert(kS <= kJ && 4 * kRB <= kD, "a D fragment per slab, 4 floats per 8 rows");
+#pragma unroll
+  for (int s = 0; s < kS; ++s)
+#pragma unroll
+    for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) d[s][4 * rb + e] = acc[rb][s][e];
+}
+template <int kRB, int kJ, int kS, int kD>
+__device__ __forceinline__ void wgmma_to_accumulators(const float (&d)[kS][kD], float (&acc)[kRB][kJ][4]) {
+  static_assert(kS <= kJ && 4 * kRB <= kD, "a D fragment per slab, 4 floats per 8 rows");
+#pragma unroll
+  for (int s = 0; s < kS; ++s)
+#pragma unroll
+    for (int rb = 0; rb < kRB; ++rb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[rb][s][e] = d[s][4 * rb + e];
+}
+
 // Shared memory written through the generic proxy (cp.async, st.shared)
 // must be fenced before the async proxy (wgmma) reads it.
 __device__ __forceinline__ void fence_proxy_async() {

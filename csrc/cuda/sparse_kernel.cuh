@@ -551,15 +551,8 @@ class SparseBlock {
     }
     // x by TMA: wait only now, after the dequantize, which needs no x.
     x_bars_.wait(stage);
-    // Run s's D fragment: element 4 rb + e is acc_[rb][s][e] (the m16n8
-    // layout per 8 rows of x, as the dense wgmma tile).
-    float d[kS][Tile::kTileM / 2];
-#pragma unroll
-    for (int run = 0; run < kS; ++run)
-#pragma unroll
-      for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) d[run][4 * rb + e] = acc_[rb][run][e];
+    float d[kS][Tile::kTileM / 2];  // run s's D fragment (accumulators_to_wgmma)
+    accumulators_to_wgmma(acc_, d);
     wgmma_fence();
 #pragma unroll
     for (int i = 0; i < kBands; ++i) {
@@ -572,12 +565,7 @@ class SparseBlock {
     }
     wgmma_commit();
     wgmma_wait<0>();
-#pragma unroll
-    for (int run = 0; run < kS; ++run)
-#pragma unroll
-      for (int rb = 0; rb < kRB; ++rb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc_[rb][run][e] = d[run][4 * rb + e];
+    wgmma_to_accumulators(d, acc_);
   }
 
   // The first of the kRunsPerWarpgroup runs this warp's (warpgroup's, with

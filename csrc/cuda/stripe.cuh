@@ -243,7 +243,7 @@ __device__ __forceinline__ void stream_stripe_producer(uint32_t smem_base, uint3
         k_tile = 0;
         ++n_tile;
       }
-      stage = stage == last_stage ? smem_base : stage + stage_bytes;
+      stage = next(stage);
     }
   }
   phase(kExit);
