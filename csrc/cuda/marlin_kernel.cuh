@@ -179,6 +179,8 @@ class MarlinBlock {
   static constexpr int kBCopies = (Tile::kBStage + Tile::kThreads - 1) / Tile::kThreads;
   static_assert(Tile::kBStage % Tile::kThreads == 0, "every thread copies the same weight units");
   static_assert(Tile::kThreads % kBRow == 0, "a thread copies the same unit of every kThreads / kBRow-th row");
+  static_assert(!Tile::kProducerWarp || !Tile::kChannelScalesInStage,
+                "a producer warp's consumers release a stage before end_tile, which must not read it");
 
   // Position in the (n-tile, k-tile) iteration space (k fastest) of the
   // next copies to issue, with this thread's first weight source of that

@@ -245,8 +245,9 @@ struct TileShape {
                 "x by TMA with the 128-byte swizzle: whole 64-column halves");
 };
 
-// A kTmaX wgmma tile whose copies come from a warp of their own (what the
-// dispatch launches for every wgmma configuration): the block's kWarps
+// A kTmaX wgmma tile (TileShape, or SparseTileShape for the 2:4 kernel)
+// whose copies come from a warp of their own (what both dispatch tables
+// launch for every wgmma configuration): the block's kWarps
 // warps only wait for stages, dequantize and multiply; one more warp issues
 // each stage's copies, x by TMA and the weights and group-scale rows by 1-D
 // bulk copies (cp.async.bulk), all completed on the stage's mbarrier, as
@@ -290,7 +291,6 @@ struct ProducerWarp : Tile {
   static constexpr int kBlockThreads = Tile::kThreads + 128;
   static_assert(Tile::kTmaX && Tile::kWgmma, "producer warps: kTmaX wgmma tiles only");
   static_assert(Tile::kWarpsK == 1, "the consumers' end of a tile has no K split to reduce");
-  static_assert(!Tile::kChannelScalesInStage, "end_tile reads no stage (it is released before)");
 };
 
 }  // namespace jax_marlin::cuda

@@ -136,8 +136,16 @@ constexpr auto table_entry() {
   if constexpr (!tries(preference(variant), config) || (c.wgmma && !(tma_x && kSm90aBuild))) {
     return Entry{nullptr};
   } else {
-    using Tile = SparseTileShape<row_blocks, c.n_blocks, c.bands, c.warps, grouped,
-                                 c.wgmma ? 1 : slab_sharing_warps(row_blocks), tma_x, c.wgmma>;
+    using Shape = SparseTileShape<row_blocks, c.n_blocks, c.bands, c.warps, grouped,
+                                  c.wgmma ? 1 : slab_sharing_warps(row_blocks), tma_x, c.wgmma>;
+    // Per-channel wgmma tiles of 32 and 128 rows come with a producer warp
+    // (ProducerWarp), as the dense ones. H100 kernel benchmark (session 22,
+    // ABAB x3): per-channel M = 32 4-8% faster, M = 128 6-14% (28672x8192
+    // 88.8 -> 76.8 us); group 128 and M = 64 untouched. With group scales,
+    // and at 64 rows (8 row blocks: the 128x128 tile's 17-25 copies a stage
+    // from one warp), the producer was slower (session 21).
+    constexpr bool kProducer = c.wgmma && !grouped && row_blocks != 8;
+    using Tile = std::conditional_t<kProducer, ProducerWarp<Shape>, Shape>;
     if constexpr (!Tile::kFits) {
       return Entry{nullptr};
     } else if constexpr (Prepare) {

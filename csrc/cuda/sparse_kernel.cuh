@@ -60,7 +60,10 @@ struct SparseTileShape {
   static constexpr int kRowBlocksPerWarp = kRowBlocks / kWarpsM;
 
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBlockThreads = kThreads;  // launched with (launch_util.h; no producer warp)
+  // Threads a block is launched with; ProducerWarp<...> (marlin_tiles.h)
+  // adds its producer warpgroup.
+  static constexpr int kBlockThreads = kThreads;
+  static constexpr bool kProducerWarp = false;
   static constexpr int kTileM = 8 * kRowBlocks, kTileN = 16 * kNBlocks, kTileK = 32 * kBands;
   // 64-column runs of the tile (the layout's unit along N). With mma.sp a
   // warp takes (a share of) one run; with wgmma a warpgroup takes
@@ -223,10 +226,14 @@ class SparseBlock {
     // (kThreads / kMRow) bands further, and so on.
     const int v_row_stride = p.n / 2;  // 2 N int32 = N / 2 units per band
     v_thread_ = p.values + (tid / Tile::kVRow) * v_row_stride + tid % Tile::kVRow;
+    // A producer warp's bulk copies take whole band rows: its cursors are at
+    // the tile's first units.
+    if constexpr (Tile::kProducerWarp) v_thread_ = p.values;
     v_copy_stride_ = Tile::kThreads / Tile::kVRow * v_row_stride;
     v_k_step_ = Tile::kBands * v_row_stride;
     const int m_row_stride = p.n / 4;  // N int32 = N / 4 units per band
     m_thread_ = p.meta + (tid / Tile::kMRow) * m_row_stride + tid % Tile::kMRow;
+    if constexpr (Tile::kProducerWarp) m_thread_ = p.meta;
     m_copy_stride_ = Tile::kThreads / Tile::kMRow * m_row_stride;
     m_k_step_ = Tile::kBands * m_row_stride;
     if constexpr (Tile::kGrouped) {
@@ -288,6 +295,20 @@ class SparseBlock {
 
     if constexpr (Tile::kTmaX) x_bars_.init(Tile::kStages);
     zero(acc_);
+    if constexpr (Tile::kProducerWarp) {
+      stream_stripe_producer<Tile::kStages, Tile::kWarps>(
+          smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
+          [&](uint32_t stage, bool hint) {
+            load_stage_producer(stage, load, hint);
+            step(load);
+          },
+          [&](uint32_t stage) { compute_stage(stage); },
+          [&](int n_tile, uint32_t) {
+            finish_tile(n_tile, total);
+            zero(acc_);
+          });
+      return;
+    }
     stream_stripe<Tile::kStages, false>(
         smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
         [&](uint32_t stage, bool hint) {
@@ -376,6 +397,42 @@ class SparseBlock {
         const unsigned first_row = static_cast<unsigned>(at.k_tile * Tile::kTileK) >> p_.group_shift;
         const unsigned offset = first_row * p_.n + at.n_tile * Tile::kTileN + s_src_;
         cp_async16(stage + 16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage + threadIdx.x), p_.scales + offset);
+      }
+    }
+  }
+
+  // kProducerWarp: the stage by the copy engine, on the stage's barrier, as
+  // the dense kernel's load_stage_producer: lane 0 arms the barrier for all
+  // of the stage's bytes and copies x's boxes; lanes 1 .. kBands copy a
+  // band's values row each (kVRow units, contiguous in global memory and in
+  // the stage), the next kBands lanes its metadata row (kMRow units), both
+  // evict-first where `hint`; the lanes after those the group-scale rows.
+  __device__ void load_stage_producer(uint32_t stage, const LoadCursor& at, bool hint) const {
+    static_assert(1 + 2 * Tile::kBands + (Tile::kGrouped ? Tile::kBands : 0) <= 32, "a copy a lane");
+    const uint32_t bar = x_bars_.of(stage);
+    const int s_rows = Tile::kGrouped ? max(1, Tile::kTileK >> p_.group_shift) : 0;
+    if (lane_ == 0) {
+      mbarrier_arrive_expect_tx(bar, 16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage) +
+                                         s_rows * (2 * Tile::kTileN));
+      x_bars_.template copy_boxes<Tile::kTileK / Tile::kXBoxK, Tile::kXBoxK>(
+          stage, bar, x_map_, at.k_tile * Tile::kTileK, [](int b) { return b * XS::kHalfUnits; });
+    }
+    __syncwarp();
+    const int r = lane_ - 1;
+    if (r >= 0 && r < Tile::kBands) {
+      bulk_copy_weights(stage + 16 * (Tile::kAStage + r * Tile::kVRow), at.v + r * (p_.n / 2),
+                        16 * Tile::kVRow, bar, evict_first_, hint);
+    } else if (r >= Tile::kBands && r < 2 * Tile::kBands) {
+      const int b = r - Tile::kBands;
+      bulk_copy_weights(stage + 16 * (Tile::kAStage + Tile::kVStage + b * Tile::kMRow), at.m + b * (p_.n / 4),
+                        16 * Tile::kMRow, bar, evict_first_, hint);
+    }
+    if constexpr (Tile::kGrouped) {
+      const int sr = r - 2 * Tile::kBands;
+      if (sr >= 0 && sr < s_rows) {
+        const unsigned first_row = static_cast<unsigned>(at.k_tile * Tile::kTileK) >> p_.group_shift;
+        bulk_copy(stage + 16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage) + sr * (2 * Tile::kTileN),
+                  p_.scales + (first_row + sr) * p_.n + at.n_tile * Tile::kTileN, 2 * Tile::kTileN, bar);
       }
     }
   }
@@ -526,6 +583,8 @@ class SparseBlock {
   // x stays untouched until the wgmmas have read it.
   __device__ void compute_stage_wgmma(uint32_t stage) {
     constexpr int kS = Tile::kRunsPerWarpgroup, kBands = Tile::kBandsPerWarp;
+    // kProducerWarp: the values come on x's barrier, so the wait goes first.
+    if constexpr (Tile::kProducerWarp) x_bars_.wait(stage);
     uint32_t afrag[kS][kBands][4], meta[kS][kBands];
 #pragma unroll
     for (int i = 0; i < kBands; ++i) {
@@ -550,7 +609,7 @@ class SparseBlock {
       }
     }
     // x by TMA: wait only now, after the dequantize, which needs no x.
-    x_bars_.wait(stage);
+    if constexpr (!Tile::kProducerWarp) x_bars_.wait(stage);
     float d[kS][Tile::kTileM / 2];  // run s's D fragment (accumulators_to_wgmma)
     accumulators_to_wgmma(acc_, d);
     wgmma_fence();
@@ -686,7 +745,7 @@ class SparseBlock {
 };
 
 template <typename T, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
+__global__ void __launch_bounds__(Tile::kBlockThreads, Tile::kBlocksPerSM)
     marlin_sparse_kernel(const SparseParams<T> p) {
   static_assert(Tile::kFits, "the tile's pipeline stages do not fit in shared memory");
   phase(kEntry);
@@ -701,7 +760,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
 // swizzle), read where the parameter lives. No body below sm_90, as
 // marlin_kernel_tma_x.
 template <typename T, typename Tile>
-__global__ void __launch_bounds__(Tile::kThreads, Tile::kBlocksPerSM)
+__global__ void __launch_bounds__(Tile::kBlockThreads, Tile::kBlocksPerSM)
     sparse_kernel_tma_x(const SparseParams<T> p, const __grid_constant__ CUtensorMap x_map) {
   static_assert(Tile::kFits && Tile::kTmaX, "a kTmaX tile whose stages fit");
 #if JAX_MARLIN_HAS_TMA
