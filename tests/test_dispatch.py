@@ -154,39 +154,37 @@ def test_h100_table_keeps_the_kernel_for_decoding():
     kind = "NVIDIA H100 80GB HBM3"
     for K, N in [(4096, 12288), (8192, 28672), (28672, 8192), (8192, 10240)]:
         for dt in ("float16", "bfloat16"):
-            assert not any(dispatch.use_dense(kind, M, K, N, dt) for M in (1, 16, 64))
+            assert not any(dispatch.use_dense(kind, M, K, N, dt) for M in (1, 16, 64, 128, 256))
             assert dispatch.use_dense(kind, 4096, K, N, dt)
 
 
 def test_h100_table_was_remeasured_with_both_formats():
-    """The H100 table (both Llama sets, both dtypes, dense and 2:4): with x by
-    TMA (session 16) the kernel keeps the 70B set's widest layers to M = 256
-    (dense from 512), the others go dense from 256, the smallest layer from
-    128; the 2:4 weight (its kernel on wgmma tiles since session 19) from
-    512 on 4096^2 and 2048 on 8192x10240, and never on the other 70B layers
-    (the kernel beats decompress + cuBLAS up to M = 2048 there). Session 21
-    withdrew the smallest layer's dense-format entries (their kernel times
-    predate the wgmma tiles: at M = 128 the dense path they chose took twice
-    the kernel's time): it takes 11008x4096's, dense from 256."""
+    """The H100 table (both Llama sets, both dtypes, dense and 2:4), measured
+    again in session 22 on the wgmma tiles with their producer warp: the
+    kernel now keeps every 70B layer and the 7B set's two widest-K or widest-N
+    layers to M = 512 (dense from 1024), 4096x12288 and 4096^2 to M = 256
+    (dense from 512; 11008x4096 in bf16 too, by 2 us at M = 512); the 2:4
+    weight goes dense from 512 on 4096^2, 1024 on 8192x10240, 2048 on two 7B
+    layers and never elsewhere. The entries of session 16 (before the wgmma
+    tiles) had the dense path from 256-512."""
     dispatch.load_table.cache_clear()
     kind = "NVIDIA H100 80GB HBM3"
     table = json.loads((dispatch.TABLE_DIR / dispatch.table_name(kind)).read_text())
-    assert len(table["entries"]) == 30
-    assert {dispatch.entry_key(e) for e in table["withdrawn"]["entries"]} == {
-        (4096, 4096, dt, "dense") for dt in ("float16", "bfloat16")}
+    assert len(table["entries"]) == 32 and "withdrawn" not in table
 
     def dense_from(K, N, dt, fmt="dense"):
         return next((M for M in (128, 256, 512, 1024, 2048)
                      if dispatch.use_dense(kind, M, K, N, dt, fmt=fmt)), None)
 
     for dt in ("float16", "bfloat16"):
-        assert dense_from(8192, 57344, dt) == 512
-        assert dense_from(28672, 8192, dt) == 512
-        assert dense_from(8192, 8192, dt) == 256
-        assert dense_from(4096, 4096, dt) == 256
+        for K, N in [(8192, 57344), (28672, 8192), (8192, 8192), (8192, 10240), (4096, 22016)]:
+            assert dense_from(K, N, dt) == 1024
+        assert dense_from(4096, 4096, dt) == 512
+        assert dense_from(4096, 12288, dt) == 512
         assert dense_from(4096, 4096, dt, "sparse") == 512
-        assert dense_from(8192, 10240, dt, "sparse") == 2048
-        for K, N in [(8192, 8192), (8192, 57344), (28672, 8192)]:
+        assert dense_from(8192, 10240, dt, "sparse") == 1024
+        assert dense_from(4096, 12288, dt, "sparse") == 2048
+        for K, N in [(8192, 8192), (8192, 57344), (28672, 8192), (4096, 22016)]:
             assert dense_from(K, N, dt, "sparse") is None
 
 

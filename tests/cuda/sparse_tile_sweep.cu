@@ -127,7 +127,7 @@ static void run_tile(const char* name, const Layer& l, const Buffers& b, int m, 
     const auto kernel = &sparse_kernel_tma_x<T, Tile>;
     CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
     int resident = 0;
-    CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, Tile::kThreads, Tile::kSmemBytes));
+    CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, Tile::kBlockThreads, Tile::kSmemBytes));
     if (resident < 1) {
       std::printf("%6d %6d %4d %s %s  %-30s not resident: skipped\n", l.k, l.n, m, bf16 ? "bf16" : "fp16", kind, name);
       return;
@@ -155,7 +155,7 @@ static void run_tile(const char* name, const Layer& l, const Buffers& b, int m, 
           p.group_shift = Tile::kGrouped ? 7 : 0;
           p.stripes = stripe_count(total, n_tiles, g_sms);
           p.overlapped = false;
-          sparse_kernel_tma_x<T, Tile><<<p.stripes, Tile::kThreads, Tile::kSmemBytes, stream>>>(p, x_map);
+          sparse_kernel_tma_x<T, Tile><<<p.stripes, Tile::kBlockThreads, Tile::kSmemBytes, stream>>>(p, x_map);
           CHECK_CUDA(cudaGetLastError());
         },
         8);
