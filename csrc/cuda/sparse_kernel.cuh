@@ -406,14 +406,15 @@ class SparseBlock {
   // of the stage's bytes and copies x's boxes; lanes 1 .. kBands copy a
   // band's values row each (kVRow units, contiguous in global memory and in
   // the stage), the next kBands lanes its metadata row (kMRow units), both
-  // evict-first where `hint`; the lanes after those the group-scale rows.
+  // evict-first where `hint`. Per-channel tiles only (sparse_dispatch.cu):
+  // with group scales the producer measured slower (session 21; its
+  // scale-row copies are in 27d0224's candidates/sparse-producer.patch).
   __device__ void load_stage_producer(uint32_t stage, const LoadCursor& at, bool hint) const {
-    static_assert(1 + 2 * Tile::kBands + (Tile::kGrouped ? Tile::kBands : 0) <= 32, "a copy a lane");
+    static_assert(!Tile::kGrouped, "no group-scale rows in a producer warp's 2:4 stage");
+    static_assert(1 + 2 * Tile::kBands <= 32, "a copy a lane");
     const uint32_t bar = x_bars_.of(stage);
-    const int s_rows = Tile::kGrouped ? max(1, Tile::kTileK >> p_.group_shift) : 0;
     if (lane_ == 0) {
-      mbarrier_arrive_expect_tx(bar, 16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage) +
-                                         s_rows * (2 * Tile::kTileN));
+      mbarrier_arrive_expect_tx(bar, 16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage));
       x_bars_.template copy_boxes<Tile::kTileK / Tile::kXBoxK, Tile::kXBoxK>(
           stage, bar, x_map_, at.k_tile * Tile::kTileK, [](int b) { return b * XS::kHalfUnits; });
     }
@@ -426,14 +427,6 @@ class SparseBlock {
       const int b = r - Tile::kBands;
       bulk_copy_weights(stage + 16 * (Tile::kAStage + Tile::kVStage + b * Tile::kMRow), at.m + b * (p_.n / 4),
                         16 * Tile::kMRow, bar, evict_first_, hint);
-    }
-    if constexpr (Tile::kGrouped) {
-      const int sr = r - 2 * Tile::kBands;
-      if (sr >= 0 && sr < s_rows) {
-        const unsigned first_row = static_cast<unsigned>(at.k_tile * Tile::kTileK) >> p_.group_shift;
-        bulk_copy(stage + 16 * (Tile::kAStage + Tile::kVStage + Tile::kMStage) + sr * (2 * Tile::kTileN),
-                  p_.scales + (first_row + sr) * p_.n + at.n_tile * Tile::kTileN, 2 * Tile::kTileN, bar);
-      }
     }
   }
 
