@@ -44,9 +44,9 @@ def load_table(device_kind: str) -> tuple:
 
 
 def decision_table(device_kind: str) -> tuple:
-    """The entries the dispatch decides by: the kind's own, or, for a kind not
-    yet measured whose file says ``"borrowed_from": <kind>``, that kind's
-    (one level; the file says why the borrow is safe)."""
+    """The entries the dispatch decides by: the kind's own, or, for a kind with
+    none (not yet measured, or its entries withdrawn as stale) whose file says
+    ``"borrowed_from": <kind>``, that kind's (one level; the file says why)."""
     own = load_table(device_kind)
     if own:
         return own
