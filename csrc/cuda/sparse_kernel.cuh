@@ -295,6 +295,12 @@ class SparseBlock {
 
     if constexpr (Tile::kTmaX) x_bars_.init(Tile::kStages);
     zero(acc_);
+    // Both streams (producer warp or not) compute a stage and end a tile alike.
+    const auto compute = [&](uint32_t stage) { compute_stage(stage); };
+    const auto end_tile = [&](int n_tile, uint32_t) {
+      finish_tile(n_tile, total);
+      zero(acc_);
+    };
     if constexpr (Tile::kProducerWarp) {
       stream_stripe_producer<Tile::kStages, Tile::kWarps>(
           smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
@@ -302,24 +308,16 @@ class SparseBlock {
             load_stage_producer(stage, load, hint);
             step(load);
           },
-          [&](uint32_t stage) { compute_stage(stage); },
-          [&](int n_tile, uint32_t) {
-            finish_tile(n_tile, total);
-            zero(acc_);
-          });
-      return;
+          compute, end_tile);
+    } else {
+      stream_stripe<Tile::kStages, false>(
+          smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
+          [&](uint32_t stage, bool hint) {
+            load_stage(stage, load, hint);
+            step(load);
+          },
+          compute, end_tile);
     }
-    stream_stripe<Tile::kStages, false>(
-        smem_base_, kStageBytes, count, k_tiles_, load.n_tile, load.k_tile,
-        [&](uint32_t stage, bool hint) {
-          load_stage(stage, load, hint);
-          step(load);
-        },
-        [&](uint32_t stage) { compute_stage(stage); },
-        [&](int n_tile, uint32_t) {
-          finish_tile(n_tile, total);
-          zero(acc_);
-        });
   }
 
  private:
