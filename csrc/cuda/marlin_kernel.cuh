@@ -379,7 +379,11 @@ class MarlinBlock {
       return;
     }
     if constexpr (Tile::kWgmma) {
-      compute_stage_wgmma(stage);
+      if (kScaleAccPossible && p_.group_shift >= kLog2TileK) {
+        compute_stage_wgmma<kScaleAccPossible>(stage);
+      } else {
+        compute_stage_wgmma<false>(stage);
+      }
     } else {
       if constexpr (Tile::kTmaX) x_bars_.wait(stage);
       if constexpr (kScaleOncePossible) {
@@ -500,8 +504,9 @@ class MarlinBlock {
   }
 
   // The wgmma tiles' A fragments of this warp's k16 block i of `stage`, of
-  // every slab of its warpgroup, into frag(slab) (4 registers each).
-  template <typename Frag>
+  // every slab of its warpgroup, into frag(slab) (4 registers each);
+  // kScaled: times their group scales.
+  template <bool kScaled = Tile::kGrouped, typename Frag>
   __device__ void dequantize_block(uint32_t stage, int i, Frag&& frag) const {
     const int kb = warp_k_ * Tile::kKBlocksPerWarp + i;
 #pragma unroll
@@ -509,7 +514,7 @@ class MarlinBlock {
       const uint32_t word = ld_shared4(stage + b_read_ + 16 * 32 * (Tile::kSlabs * i + slab));
       uint32_t b0[2], b1[2];
       Dtype<T>::dequant(word, b0, b1);
-      if constexpr (Tile::kGrouped) {
+      if constexpr (kScaled) {
         const int s_row = (kb * 16) >> p_.group_shift;
         const T2 s =
             as_t2<T2>(ld_shared4(stage + s_read_ + s_row * (2 * Tile::kTileN) + slab * (2 * kWarpCols)));
@@ -519,6 +524,32 @@ class MarlinBlock {
       uint32_t(&a)[4] = frag(slab);
       a[0] = b0[0], a[1] = b1[0], a[2] = b0[1], a[3] = b1[1];
     }
+  }
+
+  // Group scales on the wgmma tiles' accumulators (kScaleAcc), where one
+  // group spans the whole k-tile (group_shift >= log2 kTileK, e.g. group 128
+  // on a 128-deep tile): the stage's wgmmas take the unscaled codes (exact in
+  // 16 bits) into fresh accumulators, and each thread then adds them, times
+  // the scales of its two weight columns a slab, into acc_ in fp32: an FFMA
+  // an accumulator a stage instead of an HMUL2 a half2 of every fragment and
+  // a scale read a k16 block, which sit between the dequantize and its
+  // wgmma. It needs a second set of accumulators in registers, and the
+  // FFMAs, which grow with the rows, come after the stage's wgmma wait,
+  // where nothing overlaps them: it pays up to 32 rows (16 accumulators a
+  // slab). H100 kernel benchmark (session 24, three ABAB x3 runs, group
+  // 128): M = 32 2-5% faster on the 4096- and 8192-row layers (8192^2 21.9
+  // -> 21.0 us), 0-2.5% on 8192x28672 and 28672x8192; the 64-row tile was
+  // 1-3% slower that way (28672x8192 66.8 -> 68.6 us).
+  static constexpr bool kScaleAccPossible =
+      Tile::kWgmma && Tile::kGrouped && !Tile::kTrail && Tile::kTileM <= 32;
+  static constexpr int kLog2TileK = Tile::kTileK == 64 ? 6 : Tile::kTileK == 128 ? 7 : Tile::kTileK == 256 ? 8 : 30;
+
+  // The scale pair of this thread's two weight columns in each slab of its
+  // warpgroup (rows 16 w + g and 16 w + g + 8 of the slab), as floats.
+  __device__ void slab_scales(uint32_t stage, float2 (&s)[Tile::kSlabsPerWarpgroup]) const {
+#pragma unroll
+    for (int slab = 0; slab < Tile::kSlabsPerWarpgroup; ++slab)
+      s[slab] = Dtype<T>::to_floats(as_t2<T2>(ld_shared4(stage + s_read_ + slab * (2 * kWarpCols))));
   }
 
   // wgmma: this warp dequantizes its word of every k16 block's packed unit
@@ -551,6 +582,7 @@ class MarlinBlock {
   // wgmma_wait<1> has seen that group done. Same wgmmas in the same order,
   // so the same bits, in fewer registers (the 128x512 tile at 32 rows: 200
   // instead of 236; ptxas serialized the wgmmas of the 64-row one).
+  template <bool kScaleAcc>
   __device__ void compute_stage_wgmma(uint32_t stage) {
     constexpr int kS = Tile::kSlabsPerWarpgroup;
     constexpr bool kOverlap = Tile::kTmaX;
@@ -563,7 +595,8 @@ class MarlinBlock {
     if constexpr (Tile::kProducerWarp) x_bars_.wait(stage);
     uint32_t afrag[kS][kSets][4];
     auto dequantize = [&](int i) {
-      dequantize_block(stage, i, [&](int slab) -> uint32_t(&)[4] { return afrag[slab][i % kSets]; });
+      dequantize_block<Tile::kGrouped && !kScaleAcc>(stage, i,
+                                                     [&](int slab) -> uint32_t(&)[4] { return afrag[slab][i % kSets]; });
     };
     if constexpr (kOverlap) {
       dequantize(0);
@@ -578,7 +611,7 @@ class MarlinBlock {
     // x by TMA: wait only now, after the (first) dequantize, which needs no x.
     if constexpr (Tile::kTmaX && !Tile::kProducerWarp) x_bars_.wait(stage);
     float d[kS][Tile::kTileM / 2];
-    accumulators_to_wgmma(acc_, d);
+    if constexpr (!kScaleAcc) accumulators_to_wgmma(acc_, d);
     if constexpr (!kOverlap) wgmma_fence();
 #pragma unroll
     for (int i = 0; i < Tile::kKBlocksPerWarp; ++i) {
@@ -600,7 +633,13 @@ class MarlinBlock {
       // single WARPGROUP.DEPBAR, no serialization warning).
       if constexpr (kOverlap) wgmma_fence();
 #pragma unroll
-      for (int slab = 0; slab < kS; ++slab) WgmmaRS<T, Tile::kTileM>::run(d[slab], afrag[slab][i % kSets], desc);
+      for (int slab = 0; slab < kS; ++slab) {
+        if (kScaleAcc && i == 0) {
+          WgmmaRS<T, Tile::kTileM>::run_fresh(d[slab], afrag[slab][i % kSets], desc);
+        } else {
+          WgmmaRS<T, Tile::kTileM>::run(d[slab], afrag[slab][i % kSets], desc);
+        }
+      }
       if constexpr (kRing) wgmma_commit();
       if constexpr (kOverlap) {
         if (i + 1 < Tile::kKBlocksPerWarp) {
@@ -610,8 +649,15 @@ class MarlinBlock {
       }
     }
     if constexpr (!kRing) wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_to_accumulators(d, acc_);
+    if constexpr (kScaleAcc) {
+      float2 s[kS];
+      slab_scales(stage, s);  // before the wait: its latency hides behind the last wgmmas
+      wgmma_wait<0>();
+      wgmma_scaled_into_accumulators(d, s, acc_);
+    } else {
+      wgmma_wait<0>();
+      wgmma_to_accumulators(d, acc_);
+    }
   }
 
   // kTrail (the per-channel tiles): compute_stage_wgmma's overlapped form with two

@@ -87,6 +87,26 @@ __device__ __forceinline__ void wgmma_to_accumulators(const float (&d)[kS][kD], 
       for (int e = 0; e < 4; ++e) acc[rb][s][e] = d[s][4 * rb + e];
 }
 
+// acc += d times the group scales of the accumulators' weight columns (the
+// scales applied in fp32, once a stage, to fresh wgmma accumulators): in
+// wgmma's D layout a thread's floats 4 r + {0, 1} of fragment f are its
+// weight column 16 w + g of that slab (the scale pair's low half, s[f].x),
+// floats 4 r + {2, 3} column 16 w + g + 8 (s[f].y).
+template <int kRB, int kJ, int kS, int kD>
+__device__ __forceinline__ void wgmma_scaled_into_accumulators(const float (&d)[kS][kD], const float2 (&s)[kS],
+                                                               float (&acc)[kRB][kJ][4]) {
+  static_assert(kS <= kJ && 4 * kRB <= kD, "a D fragment per slab, 4 floats per 8 rows");
+#pragma unroll
+  for (int f = 0; f < kS; ++f)
+#pragma unroll
+    for (int rb = 0; rb < kRB; ++rb) {
+      acc[rb][f][0] += d[f][4 * rb + 0] * s[f].x;
+      acc[rb][f][1] += d[f][4 * rb + 1] * s[f].x;
+      acc[rb][f][2] += d[f][4 * rb + 2] * s[f].y;
+      acc[rb][f][3] += d[f][4 * rb + 3] * s[f].y;
+    }
+}
+
 // Shared memory written through the generic proxy (cp.async, st.shared)
 // must be fenced before the async proxy (wgmma) reads it.
 __device__ __forceinline__ void fence_proxy_async() {
@@ -164,10 +184,11 @@ struct WgmmaSpRS;
 #define JAX_MARLIN_D64(i) JAX_MARLIN_D32(i), JAX_MARLIN_D32(i + 32)
 // One wgmma of shape m64nNk16 (dense) or m64nNk32 (2:4 sparse): N a
 // literal, TYPE "f16" or "bf16", then the D operands (__VA_ARGS__, as they
-// contain commas). The predicate p (scale-d) is true: D accumulates.
+// contain commas). The predicate p (scale-d) is true: D accumulates; the
+// dense form's ACC 0 makes it false: D = A B, whatever D held.
 #if JAX_MARLIN_HAS_WGMMA
-#define JAX_MARLIN_WGMMA(N, TYPE, ...)                                                                       \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                    \
+#define JAX_MARLIN_WGMMA(N, TYPE, ACC, ...)                                                                  \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " #ACC ", 0;\n"                                             \
                "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " "                           \
                JAX_MARLIN_OPERANDS_##N ", p, 1, 1, 0;\n}\n"                                                  \
                : __VA_ARGS__                                                                                 \
@@ -179,7 +200,7 @@ struct WgmmaSpRS;
                : __VA_ARGS__                                                                                 \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e), "n"(kSelector))
 #else
-#define JAX_MARLIN_WGMMA(N, TYPE, ...) __trap()
+#define JAX_MARLIN_WGMMA(N, TYPE, ACC, ...) __trap()
 #define JAX_MARLIN_WGMMA_SP(N, TYPE, ...) __trap()
 #endif
 // WgmmaRS<T, N> and WgmmaSpRS<T, N>, T half or bfloat16.
@@ -188,9 +209,17 @@ struct WgmmaSpRS;
   struct WgmmaRS<T, N> {                                                                                     \
     static __device__ __forceinline__ void run(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {      \
       if constexpr (std::is_same_v<T, half>) {                                                               \
-        JAX_MARLIN_WGMMA(N, "f16", D_OPERANDS);                                                              \
+        JAX_MARLIN_WGMMA(N, "f16", 1, D_OPERANDS);                                                           \
       } else {                                                                                               \
-        JAX_MARLIN_WGMMA(N, "bf16", D_OPERANDS);                                                             \
+        JAX_MARLIN_WGMMA(N, "bf16", 1, D_OPERANDS);                                                          \
+      }                                                                                                      \
+    }                                                                                                        \
+    /* D = A B: d's values are not read (the first wgmma into fresh accumulators). */                       \
+    static __device__ __forceinline__ void run_fresh(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {\
+      if constexpr (std::is_same_v<T, half>) {                                                               \
+        JAX_MARLIN_WGMMA(N, "f16", 0, D_OPERANDS);                                                           \
+      } else {                                                                                               \
+        JAX_MARLIN_WGMMA(N, "bf16", 0, D_OPERANDS);                                                          \
       }                                                                                                      \
     }                                                                                                        \
   };                                                                                                         \
