@@ -254,8 +254,9 @@ int main(int argc, char** argv) {
           for (int g : {64, s[0]}) cases.push_back({m, s[0], s[1], g, bf16});
       cases.push_back({1, long_k[0], long_k[1], 128, bf16});
       // Stripes longer than the pipeline at 32-128 rows: every stage is
-      // refilled, so the sanitizers see the producer warp's stage reuse.
-      for (int m : {33, 64, 100}) cases.push_back({m, long_k[0], long_k[1], 128, bf16});
+      // refilled, so the sanitizers see the producer warp's stage reuse
+      // (M = 20: the 32-row tiles, group scales on their accumulators).
+      for (int m : {20, 33, 64, 100}) cases.push_back({m, long_k[0], long_k[1], 128, bf16});
     } else {
       for (auto& s : shapes_full)
         for (int m : ms_full)
