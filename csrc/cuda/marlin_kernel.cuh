@@ -539,7 +539,7 @@ class MarlinBlock {
   // slab). H100 kernel benchmark (session 24, three ABAB x3 runs, group
   // 128): M = 32 2-5% faster on the 4096- and 8192-row layers (8192^2 21.9
   // -> 21.0 us), 0-2.5% on 8192x28672 and 28672x8192; the 64-row tile was
-  // 1-3% slower that way (28672x8192 66.8 -> 68.6 us).
+  // up to 3% slower that way (28672x8192 66.8 -> 68.6 us).
   static constexpr bool kScaleAccPossible =
       Tile::kWgmma && Tile::kGrouped && !Tile::kTrail && Tile::kTileM <= 32;
   static constexpr int kLog2TileK = Tile::kTileK == 64 ? 6 : Tile::kTileK == 128 ? 7 : Tile::kTileK == 256 ? 8 : 30;
