@@ -203,25 +203,23 @@ struct WgmmaSpRS;
 #define JAX_MARLIN_WGMMA(N, TYPE, ACC, ...) __trap()
 #define JAX_MARLIN_WGMMA_SP(N, TYPE, ...) __trap()
 #endif
-// WgmmaRS<T, N> and WgmmaSpRS<T, N>, T half or bfloat16.
+// WgmmaRS<T, N>'s member NAME: one wgmma, ACC as in JAX_MARLIN_WGMMA, the D
+// operands last (__VA_ARGS__).
+#define JAX_MARLIN_WGMMA_RS_MEMBER(NAME, N, ACC, ...)                                                        \
+  static __device__ __forceinline__ void NAME(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {       \
+    if constexpr (std::is_same_v<T, half>) {                                                                 \
+      JAX_MARLIN_WGMMA(N, "f16", ACC, __VA_ARGS__);                                                          \
+    } else {                                                                                                 \
+      JAX_MARLIN_WGMMA(N, "bf16", ACC, __VA_ARGS__);                                                         \
+    }                                                                                                        \
+  }
+// WgmmaRS<T, N> and WgmmaSpRS<T, N>, T half or bfloat16. WgmmaRS::run_fresh:
+// D = A B, d's values not read (the first wgmma into fresh accumulators).
 #define JAX_MARLIN_WGMMA_SHAPE(N, D_OPERANDS)                                                                \
   template <typename T>                                                                                      \
   struct WgmmaRS<T, N> {                                                                                     \
-    static __device__ __forceinline__ void run(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {      \
-      if constexpr (std::is_same_v<T, half>) {                                                               \
-        JAX_MARLIN_WGMMA(N, "f16", 1, D_OPERANDS);                                                           \
-      } else {                                                                                               \
-        JAX_MARLIN_WGMMA(N, "bf16", 1, D_OPERANDS);                                                          \
-      }                                                                                                      \
-    }                                                                                                        \
-    /* D = A B: d's values are not read (the first wgmma into fresh accumulators). */                       \
-    static __device__ __forceinline__ void run_fresh(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {\
-      if constexpr (std::is_same_v<T, half>) {                                                               \
-        JAX_MARLIN_WGMMA(N, "f16", 0, D_OPERANDS);                                                           \
-      } else {                                                                                               \
-        JAX_MARLIN_WGMMA(N, "bf16", 0, D_OPERANDS);                                                          \
-      }                                                                                                      \
-    }                                                                                                        \
+    JAX_MARLIN_WGMMA_RS_MEMBER(run, N, 1, D_OPERANDS)                                                        \
+    JAX_MARLIN_WGMMA_RS_MEMBER(run_fresh, N, 0, D_OPERANDS)                                                  \
   };                                                                                                         \
   template <typename T>                                                                                      \
   struct WgmmaSpRS<T, N> {                                                                                   \
@@ -243,6 +241,7 @@ JAX_MARLIN_WGMMA_SHAPE(64, JAX_MARLIN_D32(0))
 JAX_MARLIN_WGMMA_SHAPE(128, JAX_MARLIN_D64(0))
 
 #undef JAX_MARLIN_WGMMA_SHAPE
+#undef JAX_MARLIN_WGMMA_RS_MEMBER
 #undef JAX_MARLIN_WGMMA_SP
 #undef JAX_MARLIN_WGMMA
 #undef JAX_MARLIN_D64
