@@ -11,6 +11,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "marlin_tiles.h"  // log2_exact
+
 namespace jax_marlin::cuda {
 
 // Per-device caches hold this many devices; a larger index is queried every time.
@@ -50,13 +52,6 @@ inline int max_multiprocessor_count() {
     return most;
   }();
   return most;
-}
-
-// log2 of a power of two (the group size).
-inline int log2_exact(int v) {
-  int s = 0;
-  while ((1 << s) < v) ++s;
-  return s;
 }
 
 // Blocks of the grid for `total` (n-tile, k-tile) iterations over `n_tiles`

@@ -404,11 +404,7 @@ class MarlinBlock {
   // saves the four half2 multiplies each packed word costs otherwise. The
   // fresh accumulators double the warp's; with up to 2 row blocks they fit.
   static constexpr bool kScaleOncePossible = Tile::kGrouped && !Tile::kWgmma && Tile::kWarpsJ == 1 && kRB <= 2;
-  static constexpr int kLog2WarpK = Tile::kKBlocksPerWarp == 1   ? 4
-                                    : Tile::kKBlocksPerWarp == 2 ? 5
-                                    : Tile::kKBlocksPerWarp == 4 ? 6
-                                    : Tile::kKBlocksPerWarp == 8 ? 7
-                                                                 : 30;
+  static constexpr int kLog2WarpK = log2_exact(16 * Tile::kKBlocksPerWarp);
 
   __device__ void compute_stage_scaled_once(uint32_t stage) {
     Accumulators<kRB, kJ> part;
@@ -515,9 +511,7 @@ class MarlinBlock {
       uint32_t b0[2], b1[2];
       Dtype<T>::dequant(word, b0, b1);
       if constexpr (kScaled) {
-        const int s_row = (kb * 16) >> p_.group_shift;
-        const T2 s =
-            as_t2<T2>(ld_shared4(stage + s_read_ + s_row * (2 * Tile::kTileN) + slab * (2 * kWarpCols)));
+        const T2 s = group_scale_pair(stage, (kb * 16) >> p_.group_shift, slab);
         scale_fragment<T>(b0, Dtype<T>::lo_pair(s));
         scale_fragment<T>(b1, Dtype<T>::hi_pair(s));
       }
@@ -540,16 +534,14 @@ class MarlinBlock {
   // 128): M = 32 2-5% faster on the 4096- and 8192-row layers (8192^2 21.9
   // -> 21.0 us), 0-2.5% on 8192x28672 and 28672x8192; the 64-row tile was
   // up to 3% slower that way (28672x8192 66.8 -> 68.6 us).
-  static constexpr bool kScaleAccPossible =
-      Tile::kWgmma && Tile::kGrouped && !Tile::kTrail && Tile::kTileM <= 32;
-  static constexpr int kLog2TileK = Tile::kTileK == 64 ? 6 : Tile::kTileK == 128 ? 7 : Tile::kTileK == 256 ? 8 : 30;
+  static constexpr bool kScaleAccPossible = Tile::kWgmma && Tile::kGrouped && Tile::kTileM <= 32;
+  static constexpr int kLog2TileK = log2_exact(Tile::kTileK);
 
-  // The scale pair of this thread's two weight columns in each slab of its
-  // warpgroup (rows 16 w + g and 16 w + g + 8 of the slab), as floats.
-  __device__ void slab_scales(uint32_t stage, float2 (&s)[Tile::kSlabsPerWarpgroup]) const {
-#pragma unroll
-    for (int slab = 0; slab < Tile::kSlabsPerWarpgroup; ++slab)
-      s[slab] = Dtype<T>::to_floats(as_t2<T2>(ld_shared4(stage + s_read_ + slab * (2 * kWarpCols))));
+  // The group scales of this thread's two weight columns (rows 16 w + g and
+  // 16 w + g + 8) of its warpgroup's slab `slab`, in the stage's group row
+  // s_row.
+  __device__ T2 group_scale_pair(uint32_t stage, int s_row, int slab) const {
+    return as_t2<T2>(ld_shared4(stage + s_read_ + s_row * (2 * Tile::kTileN) + slab * (2 * kWarpCols)));
   }
 
   // wgmma: this warp dequantizes its word of every k16 block's packed unit
@@ -650,8 +642,11 @@ class MarlinBlock {
     }
     if constexpr (!kRing) wgmma_commit();
     if constexpr (kScaleAcc) {
+      // The stage's one group row, read before the wait: its latency hides
+      // behind the last wgmmas.
       float2 s[kS];
-      slab_scales(stage, s);  // before the wait: its latency hides behind the last wgmmas
+#pragma unroll
+      for (int slab = 0; slab < kS; ++slab) s[slab] = Dtype<T>::to_floats(group_scale_pair(stage, 0, slab));
       wgmma_wait<0>();
       wgmma_scaled_into_accumulators(d, s, acc_);
     } else {

@@ -52,6 +52,13 @@ constexpr int chunk_rows(int remaining, bool full_pass) {
 // back-to-back chains are bit-exact with either.
 template <int kTileM>
 inline constexpr bool kLaunchesOverlapping = kTileM <= 16;
+// log2 of a power of two: a group size's (group_shift), or the rows along K
+// a tile or a warp's share of it spans, which are compared with it.
+constexpr int log2_exact(int v) {
+  int s = 0;
+  while ((1 << s) < v) ++s;
+  return s;
+}
 // Whether `config` is among the tile configurations a row variant tries,
 // in its dispatch table's order (-1: none): only those are instantiated.
 template <std::size_t kN>

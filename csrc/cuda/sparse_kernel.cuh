@@ -433,10 +433,7 @@ class SparseBlock {
   // unscaled codes (exact in 16 bits) into fresh accumulators, saving the
   // four half2 multiplies a values word costs otherwise.
   static constexpr bool kScaleOncePossible = Tile::kGrouped && !Tile::kWgmma && kRB <= 2;
-  static constexpr int kLog2WarpK = Tile::kBandsPerWarp == 1   ? 5
-                                    : Tile::kBandsPerWarp == 2 ? 6
-                                    : Tile::kBandsPerWarp == 4 ? 7
-                                                               : 30;
+  static constexpr int kLog2WarpK = log2_exact(32 * Tile::kBandsPerWarp);
 
   __device__ void compute_stage(uint32_t stage) {
     if constexpr (Tile::kWgmma) {
