@@ -89,12 +89,19 @@ def loops(ops):
 
 
 def short(name):
-    m = re.search(r"I(6__half|13__nv_bfloat16)N.*?TileShapeILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELb(\d)", name)
+    """A kernel's tile in a few words: TileShape's (and SparseTileShape's) first five parameters."""
+    m = re.search(r"I(6__half|13__nv_bfloat16)N.*?(Sparse)?TileShapeILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELb(\d)",
+                  name)
     if not m:
         return name[:60]
     dtype = "fp16" if "half" in m.group(1) else "bf16"
-    scales = "g" if m.group(6) == "1" else "ch"
-    return f"{dtype} rb{m.group(2)} nb{m.group(3)} kb{m.group(4)} w{m.group(5)} {scales}"
+    kind, k = ("2:4 ", "bands") if m.group(2) else ("", "kb")
+    scales = "g" if m.group(7) == "1" else "ch"
+    return f"{kind}{dtype} rb{m.group(3)} nb{m.group(4)} {k}{m.group(5)} w{m.group(6)} {scales}"
+
+
+def loop_sizes(runs):
+    return " ".join(f"{n}/{size}" for n, size, _ in runs)
 
 
 def main(argv):
@@ -114,9 +121,8 @@ def main(argv):
         for name in sorted(set(old) & set(new)):
             a, b = loops(old[name]), loops(new[name])
             if a or b:
-                sizes = lambda ls: " ".join(f"{n}/{size}" for n, size, _ in ls)
-                print(f"{short(name):28s} {len(old[name]):5d} -> {len(new[name]):5d}   "
-                      f"loops (HGMMA/instructions) {sizes(a)} -> {sizes(b)}")
+                print(f"{short(name):32s} {len(old[name]):5d} -> {len(new[name]):5d}   "
+                      f"loops (HGMMA/instructions) {loop_sizes(a)} -> {loop_sizes(b)}")
 
 
 if __name__ == "__main__":
