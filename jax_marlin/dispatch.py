@@ -8,8 +8,9 @@ is measured, per GPU kind, by
     python -m jax_marlin.bench --tune-dispatch
 
 which writes a table (JSON) to copy into ``jax_marlin/dispatch_tables/``. A
-GPU kind without a table always runs the kernel; a kind not yet measured may
-borrow a sibling's table (``"borrowed_from"``, with the reason in the file).
+GPU kind without a table always runs the kernel; a kind not yet measured (or
+not for one weight format) may borrow a sibling's entries (``"borrowed_from"``,
+with the reason in the file).
 The choice is made when a call is traced (M, K, N and the dtype are static
 then), so it costs nothing at run time.
 """
@@ -43,15 +44,21 @@ def load_table(device_kind: str) -> tuple:
     return tuple(_read(device_kind).get("entries", ()))
 
 
-def decision_table(device_kind: str) -> tuple:
-    """The entries the dispatch decides by: the kind's own, or, for a kind with
-    none (not yet measured, or its entries withdrawn as stale) whose file says
-    ``"borrowed_from": <kind>``, that kind's (one level; the file says why)."""
-    own = load_table(device_kind)
+def entry_format(e: dict) -> str:
+    """The weight format an entry is about: "dense" (Marlin, the default) or "sparse" (2:4)."""
+    return e.get("format", "dense")
+
+
+def decision_entries(device_kind: str, fmt: str = "dense") -> list:
+    """The entries of weight format ``fmt`` the dispatch decides by: the
+    kind's own, or, for a format it has none of (not yet measured, or
+    withdrawn as stale) where its file says ``"borrowed_from": <kind>``, that
+    kind's (one level; the file says why)."""
+    own = [e for e in load_table(device_kind) if entry_format(e) == fmt]
     if own:
         return own
     lender = _read(device_kind).get("borrowed_from")
-    return load_table(lender) if lender else ()
+    return [e for e in load_table(lender) if entry_format(e) == fmt] if lender else []
 
 
 def use_dense(device_kind: str, M: int, K: int, N: int, dtype_name: str,
@@ -59,10 +66,8 @@ def use_dense(device_kind: str, M: int, K: int, N: int, dtype_name: str,
     """Whether an (M, K) x (K, N) product should take the dense path. Shapes
     that were not measured take the entry of the nearest measured shape (by
     weight size, then K) of the same dtype. ``fmt`` is the weight format:
-    "dense" (Marlin) or "sparse" (2:4); an entry belongs to the format in its
-    "format" key (absent: "dense")."""
-    entries = [e for e in decision_table(device_kind)
-               if e["dtype"] == dtype_name and e.get("format", "dense") == fmt]
+    "dense" (Marlin) or "sparse" (2:4)."""
+    entries = [e for e in decision_entries(device_kind, fmt) if e["dtype"] == dtype_name]
     if not entries:
         return False
 
@@ -75,7 +80,7 @@ def use_dense(device_kind: str, M: int, K: int, N: int, dtype_name: str,
 
 def entry_key(e: dict) -> tuple:
     """What an entry is about: the layer shape, the dtype and the weight format."""
-    return (e["K"], e["N"], e["dtype"], e.get("format", "dense"))
+    return (e["K"], e["N"], e["dtype"], entry_format(e))
 
 
 def merge_entries(old, new) -> list:

@@ -5,7 +5,7 @@
 #
 #   scripts/build_tools.sh SRC OUT ["NVCC FLAGS"] [TOOL...]
 #
-# TOOL: marlin_selftest, sparse_selftest (the default: both), tile_sweep,
+# TOOL: marlin_selftest, sparse_selftest (the default: both), prefill_selftest, tile_sweep,
 # phase_probe, wgmma_probe, sparse_sweep, wgmma_rate; each lands in OUT under the name gpu_check.sh
 # runs (marlin_selftest, sparse_selftest, marlin_tile_sweep,
 # marlin_phase_probe, wgmma_probe; sparse_sweep: sparse_tile_sweep; wgmma_rate: wgmma_rate_probe, the
@@ -34,32 +34,36 @@ for t in "${tools[@]}"; do
   case "$t" in
     marlin_selftest)
       "${nvcc[@]}" -O2 "${sm90a_build[@]}" "$src/tests/cuda/marlin_selftest.cu" \
-        "$src/csrc/cuda/marlin_dispatch.cu" -o "$out/marlin_selftest" &
+        "$src/csrc/cuda/marlin_dispatch.cu" "$src/csrc/cuda/prefill_dispatch.cu" -o "$out/marlin_selftest" &
       built+=("$out/marlin_selftest") ;;
     sparse_selftest)
       "${nvcc[@]}" -O2 "${sm90a_build[@]}" "$src/tests/cuda/sparse_selftest.cu" \
-        "$src/csrc/cuda/sparse_dispatch.cu" "$src/csrc/cuda/marlin_dispatch.cu" -o "$out/sparse_selftest" &
+        "$src/csrc/cuda/sparse_dispatch.cu" "$src/csrc/cuda/marlin_dispatch.cu" "$src/csrc/cuda/prefill_dispatch.cu" -o "$out/sparse_selftest" &
       built+=("$out/sparse_selftest") ;;
     tile_sweep)
       "${nvcc[@]}" -O3 "${sm90a[@]}" "$src/tests/cuda/marlin_tile_sweep.cu" \
-        "$src/csrc/cuda/marlin_dispatch.cu" -o "$out/marlin_tile_sweep" &
+        "$src/csrc/cuda/marlin_dispatch.cu" "$src/csrc/cuda/prefill_dispatch.cu" -o "$out/marlin_tile_sweep" &
       built+=("$out/marlin_tile_sweep") ;;
     phase_probe)
       "${nvcc[@]}" -O3 -DJAX_MARLIN_PHASES "${sm90a[@]}" "$src/tests/cuda/marlin_tile_sweep.cu" \
-        "$src/csrc/cuda/marlin_dispatch.cu" -o "$out/marlin_phase_probe" &
+        "$src/csrc/cuda/marlin_dispatch.cu" "$src/csrc/cuda/prefill_dispatch.cu" -o "$out/marlin_phase_probe" &
       built+=("$out/marlin_phase_probe") ;;
+    prefill_selftest)
+      "${nvcc[@]}" -O2 "${sm90a_build[@]}" "$src/tests/cuda/prefill_selftest.cu" \
+        "$src/csrc/cuda/marlin_dispatch.cu" "$src/csrc/cuda/prefill_dispatch.cu" -o "$out/prefill_selftest" &
+      built+=("$out/prefill_selftest") ;;
     wgmma_probe)
       "${nvcc[@]}" -O2 "${sm90a[@]}" "$src/tests/cuda/wgmma_probe.cu" -o "$out/wgmma_probe" &
       built+=("$out/wgmma_probe") ;;
     sparse_sweep)
       "${nvcc[@]}" -O3 "${sm90a_build[@]}" "$src/tests/cuda/sparse_tile_sweep.cu" \
-        "$src/csrc/cuda/sparse_dispatch.cu" "$src/csrc/cuda/marlin_dispatch.cu" -o "$out/sparse_tile_sweep" &
+        "$src/csrc/cuda/sparse_dispatch.cu" "$src/csrc/cuda/marlin_dispatch.cu" "$src/csrc/cuda/prefill_dispatch.cu" -o "$out/sparse_tile_sweep" &
       built+=("$out/sparse_tile_sweep") ;;
     wgmma_rate)
       "${nvcc[@]}" -O2 "${sm90a[@]}" "$src/tests/cuda/wgmma_rate_probe.cu" -o "$out/wgmma_rate_probe" &
       built+=("$out/wgmma_rate_probe") ;;
     *)
-      echo "build_tools.sh: unknown tool '$t' (marlin_selftest, sparse_selftest, tile_sweep," \
+      echo "build_tools.sh: unknown tool '$t' (marlin_selftest, sparse_selftest, prefill_selftest, tile_sweep," \
         "phase_probe, wgmma_probe, sparse_sweep, wgmma_rate)" >&2
       exit 2 ;;
   esac

@@ -84,6 +84,12 @@ build_sparse() { build sparse_selftest sparse_selftest; }
 sanitize_sparse() {
   "$sanitizer" --tool "$1" --error-exitcode 1 "$sparse_bin" --quick
 }
+# The prefill kernel's self-test (M >= 256 on sm_90a): built like the others.
+prefill_bin="$scratch/prefill_selftest"
+build_prefill() { build prefill_selftest prefill_selftest; }
+sanitize_prefill() {
+  "$sanitizer" --tool "$1" --error-exitcode 1 "$prefill_bin" --quick
+}
 # Tuning aids (not in the default steps): candidate tile shapes timed
 # directly, and an Nsight Compute report of the current M = 1 tile.
 sweep_bin="$scratch/marlin_tile_sweep"
@@ -183,7 +189,11 @@ for s in "${steps[@]}"; do
       step "build CUDA self-test" "$OUT/selftest_build.log" build_selftest
       step "CUDA self-test" "$OUT/selftest.log" "$selftest_bin"
       step "self-test under memcheck" "$OUT/selftest_memcheck.log" sanitize_selftest memcheck
-      step "self-test under racecheck" "$OUT/selftest_racecheck.log" sanitize_selftest racecheck ;;
+      step "self-test under racecheck" "$OUT/selftest_racecheck.log" sanitize_selftest racecheck
+      step "build prefill self-test" "$OUT/prefill_build.log" build_prefill
+      step "prefill self-test" "$OUT/prefill_selftest.log" "$prefill_bin"
+      step "prefill self-test under memcheck" "$OUT/prefill_memcheck.log" sanitize_prefill memcheck
+      step "prefill self-test under racecheck" "$OUT/prefill_racecheck.log" sanitize_prefill racecheck ;;
     sparse)
       step "build sparse self-test" "$OUT/sparse_build.log" build_sparse
       step "sparse self-test" "$OUT/sparse_selftest.log" "$sparse_bin"

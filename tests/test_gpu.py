@@ -75,13 +75,36 @@ def test_cuda_dequantize_is_bit_exact(K, N, g, dtype, util):
 @pytest.mark.parametrize("K,N", LLAMA_SHAPES)
 def test_kernel_itself_at_large_m(K, N, weights, util):
     """marlin_matmul may hand large M to dequantize + dot (the measured table,
-    jax_marlin/dispatch_tables/): the kernel's many-chunk path is checked here directly."""
+    jax_marlin/dispatch_tables/): the kernel's own path is checked here
+    directly (on sm_90a from 256 rows the prefill kernel; the chunks below)."""
     from jax_marlin import ops
 
     qw = weights(K, N, 128, jnp.float16)
     x = util.random_x(7, (1000, K), jnp.float16)
     y = jax.jit(ops._kernel_call)(x, qw.packed, qw.scales)
     util.assert_close(y, x, qw)
+
+
+@pytest.mark.parametrize("g", [128, None])
+def test_chunks_at_large_m(g, weights, util, tmp_path):
+    """M = 1000 through the 128-row chunks (JAX_MARLIN_PREFILL=0, read once
+    a process: a fresh one), which the prefill kernel replaces on sm_90a."""
+    K, N = 4096, 12288
+    qw = weights(K, N, g, jnp.float16)
+    x = util.random_x(8, (1000, K), jnp.float16)
+    np.savez(tmp_path / "in.npz", x=np.asarray(x), packed=np.asarray(qw.packed), scales=np.asarray(qw.scales))
+    script = textwrap.dedent(
+        f"""
+        import jax, numpy as np
+        from jax_marlin import ops
+        d = np.load({str(tmp_path / "in.npz")!r})
+        y = jax.jit(ops._kernel_call)(*(jax.numpy.asarray(d[k]) for k in ("x", "packed", "scales")))
+        np.save({str(tmp_path / "out.npy")!r}, np.asarray(y))
+        """
+    )
+    env = dict(os.environ, JAX_MARLIN_PREFILL="0", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)
+    util.assert_close(jnp.asarray(np.load(tmp_path / "out.npy")), x, qw)
 
 
 def test_dispatch_table_decides_the_path():

@@ -80,6 +80,11 @@ JAX_MARLIN_HOST_DEVICE inline int MarlinGroupedScaleSource(int b) { return 8 * (
 JAX_MARLIN_HOST_DEVICE inline int MarlinPerChannelScaleSource(int b) {
   return 8 * ((b % 8) / 2) + 2 * (b / 8) + b % 2;
 }
+// Where natural column `col` of a layer sits in its permuted per-channel
+// scale row (the permutation works in runs of 32).
+JAX_MARLIN_HOST_DEVICE inline int MarlinPerChannelScalePosition(int col) {
+  return col - col % 32 + MarlinPerChannelScaleSource(col % 32);
+}
 
 // Scale permutations (out[a] = in[perm[a]]) and their inverses
 // (in[b] = out[inverse[b]]): grouped scales in runs of 64, per-channel in

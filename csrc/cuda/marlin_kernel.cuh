@@ -742,7 +742,7 @@ class MarlinBlock {
         if constexpr (Tile::kChannelScalesInStage) {
           s = channel_scale(stage, n_tile, col);
         } else if constexpr (!Tile::kGrouped) {
-          s = to_float(p_.scales[per_channel_position(col)]);
+          s = to_float(p_.scales[MarlinPerChannelScalePosition(col)]);
         }
 #pragma unroll
         for (int rb = 0; rb < kRB; ++rb) {
@@ -755,16 +755,10 @@ class MarlinBlock {
     }
   }
 
-  // Where natural column `col` sits in the per-channel scale permutation
-  // (runs of 32; marlin_layout.h).
-  __device__ static int per_channel_position(int col) {
-    const int c = col % 32;
-    return col - c + MarlinPerChannelScaleSource(c);
-  }
   // The per-channel scale of column `col` of n-tile `n_tile`, from the scale
   // row `stage` carries (load_stage).
   __device__ float channel_scale(uint32_t stage, int n_tile, int col) const {
-    const int pos = per_channel_position(col) - n_tile * Tile::kTileN;
+    const int pos = MarlinPerChannelScalePosition(col) - n_tile * Tile::kTileN;
     const uint32_t word = ld_shared4(stage + 16 * (Tile::kAStage + Tile::kBStage) + 4 * (pos / 2));
     const uint32_t bits = pos % 2 ? word >> 16 : word & 0xffffu;
     return Dtype<T>::to_floats(as_t2<T2>(bits | bits << 16)).x;

@@ -131,6 +131,22 @@ __device__ __forceinline__ void warpgroup_registers_inc() {
 #endif
 }
 
+// What each of a block's kConsumerThreads consumer threads may ask
+// warpgroup_registers_inc for, where the block's other threads are one
+// producer warpgroup that drops to kProducerRegs: the block holds what
+// ptxas gives every thread at launch (the most __launch_bounds__ allows,
+// 65536 / threads down to a multiple of 8), and the consumers share out
+// what the producers give back (whole multiples of 8, at most 256). Asking
+// for more than the block holds would make the inc wait for ever.
+template <int kConsumerThreads, int kProducerRegs>
+__host__ __device__ constexpr int consumer_registers() {
+  constexpr int kThreads = kConsumerThreads + 128;
+  constexpr int kAtLaunch = (65536 / kThreads < 255 ? 65536 / kThreads : 255) / 8 * 8;
+  constexpr int kShare = (kAtLaunch * kThreads - 128 * kProducerRegs) / kConsumerThreads / 8 * 8;
+  static_assert(kConsumerThreads % 128 == 0 && kShare >= kAtLaunch, "whole consumer warpgroups, which gain");
+  return kShare < 256 ? kShare : 256;
+}
+
 // D (64 x N fp32; N / 2 registers a thread) += A (64 x 16, registers: warp w
 // of the warpgroup holds rows 16 w .. 16 w + 15 as an m16n8k16 A fragment)
 // * B (16 x N, K-major, shared memory by descriptor). T: half or bfloat16.

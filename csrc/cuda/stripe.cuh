@@ -171,10 +171,9 @@ __device__ __forceinline__ void stream_stripe_producer(uint32_t smem_base, uint3
   __syncthreads();
   phase(kSetUp);
   // Registers: the producer warpgroup keeps kProducerRegs, the consumers
-  // take the rest of the 64 K (whole multiples of 8).
+  // take the rest (consumer_registers).
   constexpr int kProducerRegs = 40;
-  constexpr int kConsumerRegs = (65536 - 128 * kProducerRegs) / (32 * kConsumers) / 8 * 8;
-  static_assert(kConsumers % 4 == 0 && kConsumerRegs <= 256, "whole consumer warpgroups");
+  constexpr int kConsumerRegs = consumer_registers<32 * kConsumers, kProducerRegs>();
   if (threadIdx.x >= 32 * kConsumers) {
     warpgroup_registers_dec<kProducerRegs>();
     if (threadIdx.x >= 32 * kConsumers + 32) return;  // one producer warp works
@@ -193,7 +192,7 @@ __device__ __forceinline__ void stream_stripe_producer(uint32_t smem_base, uint3
     }
     return;
   }
-  warpgroup_registers_inc<kConsumerRegs < 256 ? kConsumerRegs : 256>();
+  warpgroup_registers_inc<kConsumerRegs>();
   uint32_t stage = smem_base;
   const uint32_t last_stage = smem_base + (kStages - 1) * stage_bytes;
   // Every consumer thread arrives: an arrival releases the arriving

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/float16.h"
+#include "cuda/marlin_launch.h"  // workspace_floats, lock_count
 
 // Test tools stop at the first CUDA error, naming the call that failed.
 #define CHECK_CUDA(call)                                                                        \
@@ -62,6 +63,53 @@ float median_us_per_call(Fn&& launch, int calls, int reps = 9) {
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2] * 1e3f / calls;
 }
+
+// Copies of a K x N layer's packed weights and scales on the device, as many
+// as it takes to rotate through 4x the 50 MB L2 (at least 2), so that a
+// timed call reads its weights from HBM: any bits are valid codes, and
+// scales 0x1c1c (~0.004 in fp16). Freed with the object.
+struct RotatedWeights {
+  std::vector<void*> w, s;
+  size_t w_bytes, s_bytes;  // of one copy
+  int copies = 0;
+  RotatedWeights(int k, int n, int group)
+      : w_bytes(static_cast<size_t>(k) * n / 2), s_bytes(static_cast<size_t>(k / group) * n * 2) {
+    constexpr size_t kRotateBytes = size_t{200} << 20;
+    copies = static_cast<int>(std::max<size_t>(2, (kRotateBytes + w_bytes - 1) / w_bytes));
+    w.resize(copies), s.resize(copies);
+    for (int c = 0; c < copies; ++c) {
+      CHECK_CUDA(cudaMalloc(&w[c], w_bytes));
+      CHECK_CUDA(cudaMalloc(&s[c], s_bytes));
+      CHECK_CUDA(cudaMemset(w[c], 0x5a + c, w_bytes));
+      CHECK_CUDA(cudaMemset(s[c], 0x1c, s_bytes));
+    }
+  }
+  RotatedWeights(const RotatedWeights&) = delete;
+  RotatedWeights& operator=(const RotatedWeights&) = delete;
+  ~RotatedWeights() {
+    for (int c = 0; c < copies; ++c) cudaFree(w[c]), cudaFree(s[c]);
+  }
+};
+
+// The buffers of one timed marlin_matmul-style call on the device: an
+// M x K activation (0x3c bytes: fp16 ~1.06), the M x N output, and the
+// kernel's workspace and locks (zeroed once: the kernel leaves them zeroed).
+struct CallBuffers {
+  void *x, *y;
+  float* ws;
+  int* locks;
+  CallBuffers(int m, int k, int n) {
+    CHECK_CUDA(cudaMalloc(&x, static_cast<size_t>(m) * k * 2));
+    CHECK_CUDA(cudaMalloc(&y, static_cast<size_t>(m) * n * 2));
+    CHECK_CUDA(cudaMalloc(&ws, jax_marlin::cuda::workspace_floats(m, k, n) * 4));
+    CHECK_CUDA(cudaMalloc(&locks, jax_marlin::cuda::lock_count(m, n) * 4));
+    CHECK_CUDA(cudaMemset(x, 0x3c, static_cast<size_t>(m) * k * 2));
+    CHECK_CUDA(cudaMemset(locks, 0, jax_marlin::cuda::lock_count(m, n) * 4));
+  }
+  CallBuffers(const CallBuffers&) = delete;
+  CallBuffers& operator=(const CallBuffers&) = delete;
+  ~CallBuffers() { cudaFree(x), cudaFree(y), cudaFree(ws), cudaFree(locks); }
+};
 
 // Streams src to dst with 16-byte accesses, as many blocks as fill the GPU.
 __global__ void stream_copy_kernel(const int4* __restrict__ src, int4* __restrict__ dst, size_t n) {

@@ -24,6 +24,7 @@
 #include "common/marlin_layout.h"
 #include "cuda/marlin_launch.h"
 #include "cuda_test_util.h"
+#include "host_weight.h"
 
 using namespace jax_marlin;
 
@@ -32,59 +33,15 @@ struct Case {
   bool bf16;
 };
 
-static uint16_t to_bits(float v, bool bf16) { return bf16 ? FloatToBf16(v) : FloatToHalf(v); }
-static float from_bits(uint16_t b, bool bf16) { return bf16 ? Bf16ToFloat(b) : HalfToFloat(b); }
-
 // Returns relative error ||y - ref|| / ||ref||, or a large value on failure:
 // 1e9 NaN/inf, 2e9 repeats not bit-identical, 3e9 locks not left at zero.
 static double run_case(const Case& c, std::mt19937& rng, int repeats) {
   const bool bf16 = c.bf16;
-  const int groups = c.k / c.group;
-  std::uniform_int_distribution<int> code_dist(0, 15);
-  std::normal_distribution<float> normal(0.f, 1.f);
-  std::uniform_real_distribution<float> scale_dist(0.002f, 0.02f);
-
-  std::vector<uint8_t> codes(static_cast<size_t>(c.k) * c.n);
-  for (auto& v : codes) v = static_cast<uint8_t>(code_dist(rng));
-  std::vector<uint16_t> scales(static_cast<size_t>(groups) * c.n);  // unpermuted
-  for (auto& v : scales) v = to_bits(scale_dist(rng), bf16);
-  std::vector<uint16_t> x(static_cast<size_t>(c.m) * c.k);
-  for (auto& v : x) v = to_bits(normal(rng), bf16);
-
-  // Pack (FORMAT.md): per band of 16 rows and run of 64 columns, packed value
-  // i is the code at band-tile position dest[i].
-  const auto dest = MarlinWeightUnpermute();
-  std::vector<uint32_t> packed(static_cast<size_t>(c.k / 16) * 2 * c.n, 0u);
-  for (int band = 0; band < c.k / 16; ++band)
-    for (int run = 0; run < c.n / 64; ++run)
-      for (int i = 0; i < kRunValues; ++i) {
-        const int r = dest[i] / 64, col = dest[i] % 64;
-        const uint32_t code = codes[static_cast<size_t>(band * 16 + r) * c.n + run * 64 + col];
-        packed[static_cast<size_t>(band) * 2 * c.n + run * 128 + i / 8] |= code << (4 * (i % 8));
-      }
-  std::vector<uint16_t> scales_perm(scales.size());
-  const bool per_channel = groups == 1;
-  const int run_len = per_channel ? 32 : 64;
-  const auto gi = MarlinGroupedScaleInverse();
-  const auto pi = MarlinPerChannelScaleInverse();
-  for (size_t base = 0; base < scales.size(); base += run_len)
-    for (int b = 0; b < run_len; ++b)
-      scales_perm[base + (per_channel ? pi[b] : gi[b])] = scales[base + b];
-
-  // fp64 reference on W_hat rounded to the activation dtype.
-  std::vector<double> ref(static_cast<size_t>(c.m) * c.n, 0.0);
-  std::vector<float> wrow(c.n);
-  for (int kk = 0; kk < c.k; ++kk) {
-    for (int nn = 0; nn < c.n; ++nn) {
-      const float s = from_bits(scales[static_cast<size_t>(kk / c.group) * c.n + nn], bf16);
-      wrow[nn] = from_bits(to_bits((codes[static_cast<size_t>(kk) * c.n + nn] - 8) * s, bf16), bf16);
-    }
-    for (int mm = 0; mm < c.m; ++mm) {
-      const double xv = from_bits(x[static_cast<size_t>(mm) * c.k + kk], bf16);
-      double* r = &ref[static_cast<size_t>(mm) * c.n];
-      for (int nn = 0; nn < c.n; ++nn) r[nn] += xv * wrow[nn];
-    }
-  }
+  const HostWeight wt = make_host_weight(rng, c.k, c.n, c.group, bf16);
+  const std::vector<uint16_t> x = random_activations(rng, c.m, c.k, bf16);
+  const std::vector<double> ref = host_reference(x, wt, c.m);
+  const std::vector<uint32_t>& packed = wt.packed;
+  const std::vector<uint16_t>& scales_perm = wt.scales_perm;
 
   void *dx, *dp, *ds, *dy;
   float* dws;
@@ -114,14 +71,9 @@ static double run_case(const Case& c, std::mt19937& rng, int repeats) {
     p.locks_zeroed = true;
     CHECK_CUDA(cudaDeviceSynchronize());
     CHECK_CUDA(cudaMemcpy(y.data(), dy, y.size() * 2, cudaMemcpyDeviceToHost));
-    double num = 0, den = 0;
-    for (size_t i = 0; i < y.size(); ++i) {
-      const double v = from_bits(y[i], bf16);
-      if (!std::isfinite(v)) return 1e9;
-      num += (v - ref[i]) * (v - ref[i]);
-      den += ref[i] * ref[i];
-    }
-    worst = std::fmax(worst, std::sqrt(num / den));
+    const double err = relative_error(y, ref, bf16);
+    if (err >= 1e9) return err;
+    worst = std::fmax(worst, err);
     if (rep == 0) first = y;
     else if (std::memcmp(first.data(), y.data(), y.size() * 2) != 0) return 2e9;  // nondeterministic
   }
@@ -180,7 +132,6 @@ static bool chain_matches(std::mt19937& rng, int m, int k) {
 // --- kernel-only timing -----------------------------------------------------
 
 static int bench() {
-  constexpr size_t kRotateBytes = size_t{200} << 20;  // 4x the 50 MB L2
   const double bw = copy_bandwidth();
   std::printf("copy bandwidth (read + write): %.3f TB/s\n", bw / 1e12);
   std::printf("%6s %6s %5s %5s %10s %10s %7s\n", "K", "N", "M", "group", "us/call", "roof_us", "roof%");
@@ -190,40 +141,24 @@ static int bench() {
   for (auto& sh : shapes) {
     const int k = sh[0], n = sh[1];
     for (int group : {128, k}) {
-      const size_t w_bytes = static_cast<size_t>(k) * n / 2, s_bytes = static_cast<size_t>(k / group) * n * 2;
-      const int copies = static_cast<int>(std::max<size_t>(2, (kRotateBytes + w_bytes - 1) / w_bytes));
-      std::vector<void*> w(copies), s(copies);
-      for (int c = 0; c < copies; ++c) {
-        CHECK_CUDA(cudaMalloc(&w[c], w_bytes));
-        CHECK_CUDA(cudaMalloc(&s[c], s_bytes));
-        CHECK_CUDA(cudaMemset(w[c], 0x5a + c, w_bytes));  // any bits are valid codes
-        CHECK_CUDA(cudaMemset(s[c], 0x1c, s_bytes));      // fp16 0x1c1c ~ 0.004
-      }
+      const RotatedWeights rw(k, n, group);
+      const int copies = rw.copies;
+      const std::vector<void*>&w = rw.w, &s = rw.s;
       for (int m : ms) {
-        void *x, *y;
-        float* ws;
-        int* locks;
-        CHECK_CUDA(cudaMalloc(&x, static_cast<size_t>(m) * k * 2));
-        CHECK_CUDA(cudaMalloc(&y, static_cast<size_t>(m) * n * 2));
-        CHECK_CUDA(cudaMalloc(&ws, cuda::workspace_floats(m, k, n) * 4));
-        CHECK_CUDA(cudaMalloc(&locks, cuda::lock_count(m, n) * 4));
-        CHECK_CUDA(cudaMemset(x, 0x3c, static_cast<size_t>(m) * k * 2));
-        // Zeroed once: the kernel leaves its locks zeroed.
-        CHECK_CUDA(cudaMemset(locks, 0, cuda::lock_count(m, n) * 4));
+        const CallBuffers b(m, k, n);
         const float us_call = median_us_per_call(
             [&](int i, cudaStream_t st) {
               const int c = i % copies;
-              cuda::MarlinProblem p{cuda::ActDtype::kFloat16, x, w[c], s[c], y, ws, locks, true, m, k, n, group};
+              cuda::MarlinProblem p{cuda::ActDtype::kFloat16, b.x, w[c], s[c], b.y, b.ws, b.locks, true,
+                                    m, k, n, group};
               CHECK_CUDA(cuda::marlin_matmul(p, st));
             },
             4 * copies);
-        const double bytes = double(w_bytes) + s_bytes + 2.0 * m * (k + n);
+        const double bytes = double(rw.w_bytes) + rw.s_bytes + 2.0 * m * (k + n);
         const double roof_us = bytes / bw * 1e6;
         std::printf("%6d %6d %5d %5s %10.2f %10.2f %6.0f%%\n", k, n, m, group == k ? "ch" : "128",
                     us_call, roof_us, 100 * roof_us / us_call);
-        cudaFree(x), cudaFree(y), cudaFree(ws), cudaFree(locks);
       }
-      for (int c = 0; c < copies; ++c) cudaFree(w[c]), cudaFree(s[c]);
     }
   }
   return 0;
