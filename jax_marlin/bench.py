@@ -387,8 +387,8 @@ def tune_dispatch(layers, dtype_names, reps, timer_cls, batches=TUNE_BATCHES, fo
 
 # Environment variables that change what a benchmark measures: XLA's flags
 # (command buffers, for one) and the kernels' switches (overlapped launch, x
-# by TMA).
-RECORDED_ENV = ("XLA_FLAGS", "JAX_MARLIN_PDL", "JAX_MARLIN_TMA", "JAX_MARLIN_WGMMA")
+# by TMA, wgmma tiles, the prefill kernel).
+RECORDED_ENV = ("XLA_FLAGS", "JAX_MARLIN_PDL", "JAX_MARLIN_TMA", "JAX_MARLIN_WGMMA", "JAX_MARLIN_PREFILL")
 
 
 def run_environment() -> dict:
