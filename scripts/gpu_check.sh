@@ -4,7 +4,9 @@
 #   scripts/gpu_check.sh [STEP...]      STEP in: build selftest tests sanitize bench
 #                                       (the default), tests_sharded (every test, in
 #                                       parallel processes), sparse (the 2:4 sparse kernel's
-#                                       self-test, sanitizers and benchmark), chains (both
+#                                       self-test, sanitizers and benchmark), prefill (the
+#                                       same for the prefill kernel), tune (this GPU's
+#                                       dense-format dispatch table), chains (both
 #                                       self-tests' back-to-back chains, 5x), or the tuning
 #                                       aids kbench, sweep, fixed (the fixed cost of a call at
 #                                       M = 1), phases (one M = 1 call's timeline, block by
@@ -84,7 +86,7 @@ build_sparse() { build sparse_selftest sparse_selftest; }
 sanitize_sparse() {
   "$sanitizer" --tool "$1" --error-exitcode 1 "$sparse_bin" --quick
 }
-# The prefill kernel's self-test (M >= 256 on sm_90a): built like the others.
+# The prefill kernel's self-test (sm_90a): built like the others.
 prefill_bin="$scratch/prefill_selftest"
 build_prefill() { build prefill_selftest prefill_selftest; }
 sanitize_prefill() {
@@ -179,8 +181,16 @@ run_tests_sharded() {
 for s in "${steps[@]}"; do
   case "$s" in
     build)
-      step "build + install" "$OUT/build.log" \
-        python3 -m pip install --no-build-isolation --no-deps -v "$repo" ;;
+      # A wheel prebuilt off the device from this tree (scripts/prebuild_tools.sh
+      # --wheel) saves the build here.
+      wheels=("$repo"/.devbuild/wheel/*.whl)
+      if [[ -f "${wheels[0]}" ]]; then
+        step "install the prebuilt wheel" "$OUT/build.log" \
+          python3 -m pip install --no-build-isolation --no-deps --force-reinstall "${wheels[@]}"
+      else
+        step "build + install" "$OUT/build.log" \
+          python3 -m pip install --no-build-isolation --no-deps -v "$repo"
+      fi ;;
     tests)
       step "tests (-m gpu, then -m \"not gpu\")" "$OUT/tests.log" run_tests ;;
     tests_sharded)
@@ -194,6 +204,21 @@ for s in "${steps[@]}"; do
       step "prefill self-test" "$OUT/prefill_selftest.log" "$prefill_bin"
       step "prefill self-test under memcheck" "$OUT/prefill_memcheck.log" sanitize_prefill memcheck
       step "prefill self-test under racecheck" "$OUT/prefill_racecheck.log" sanitize_prefill racecheck ;;
+    prefill)
+      # The prefill kernel alone: self-test, sanitizers, and its benchmark
+      # against the Marlin kernel's chunks (scripts/prefill_compare.py reads it).
+      [[ -x "$prefill_bin" ]] || step "build prefill self-test" "$OUT/prefill_build.log" build_prefill
+      step "prefill self-test" "$OUT/prefill_selftest.log" "$prefill_bin"
+      step "prefill self-test under memcheck" "$OUT/prefill_memcheck.log" sanitize_prefill memcheck
+      step "prefill self-test under racecheck" "$OUT/prefill_racecheck.log" sanitize_prefill racecheck
+      step "prefill benchmark (--bench, chunks as mar)" "$OUT/prefill_bench.log" \
+        env JAX_MARLIN_PREFILL=0 "$prefill_bin" --bench ;;
+    tune)
+      # The dense-format dispatch table of this GPU kind, both Llama sets and
+      # dtypes (copy it into jax_marlin/dispatch_tables/ to use it).
+      step "dispatch tune (--tune-dispatch --formats dense)" "$OUT/tune.log" \
+        python3 -m jax_marlin.bench --tune-dispatch --formats dense --sets llama2-70b,llama2-7b \
+        --dtypes fp16,bf16 --out "$OUT" ${JAX_MARLIN_COMMIT:+--commit "$JAX_MARLIN_COMMIT"} ;;
     sparse)
       step "build sparse self-test" "$OUT/sparse_build.log" build_sparse
       step "sparse self-test" "$OUT/sparse_selftest.log" "$sparse_bin"
