@@ -4,12 +4,16 @@
 
 PF_BENCH_LOG: `JAX_MARLIN_PREFILL=0 prefill_selftest --bench` output (rows
 "K N M group var us/call TFLOP/s"; var "mar" is marlin_matmul's chunks, the
-others the prefill variants). DISPATCH_TABLE (default: the H100's) gives the
+others the prefill variants, e.g. p41 or q21s3: 128- or 64-row tiles,
+warpgroups x slabs, K split; lines "pick K N M group var": the launch
+pick_prefill_shape chooses). DISPATCH_TABLE (default: the H100's) gives the
 dense path's time (dequantize + cuBLAS, fp16) at the same K, N and M. For
 each row: the chunks, the best variant, the dense path, and the best
 variant's speedup over the faster of the two it would replace; then, per
 layer and group, the smallest M from which prefill wins at every larger M
-measured (what kPrefillMinRows in marlin_dispatch.cu is set from).
+measured (what kPrefillMinRows is set from); then, where the log has
+picks, each pick's time against the fastest row of its case (what the
+stage times in prefill_shape_for are set from).
 """
 
 import collections
@@ -32,6 +36,31 @@ def parse(path):
             k, n, m, group, var, us = int(parts[0]), int(parts[1]), int(parts[2]), parts[3], parts[4], parts[5]
             rows[(k, n, m, group)][var] = float(us)
     return rows
+
+
+def picks(path):
+    """{(K, N, M, group): var} from a bench log's "pick" lines."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 6 and parts[0] == "pick":
+                out[(int(parts[1]), int(parts[2]), int(parts[3]), parts[4])] = parts[5]
+    return out
+
+
+def pick_report(rows, chosen):
+    """Lines: each pick's time, the fastest row of its case, and pick / fastest."""
+    lines = [f"{'K':>6} {'N':>6} {'M':>5} {'group':>5} {'pick':>6} {'us':>9} {'fastest':>7} {'us':>9} {'ratio':>6}"]
+    for key, var in sorted(chosen.items()):
+        t = rows.get(key, {})
+        if var not in t or not t:
+            continue
+        fastest, best = min(t.items(), key=lambda kv: kv[1])
+        k, n, m, group = key
+        lines.append(f"{k:>6} {n:>6} {m:>5} {group:>5} {var:>6} {t[var]:>9.1f} {fastest:>7} {best:>9.1f} "
+                     f"{t[var] / best:>6.2f}")
+    return lines
 
 
 def dense_times(path):
@@ -79,6 +108,10 @@ def main(argv):
     print("\nprefill wins from M (at every larger M measured; - : not at the largest):")
     for (k, n, group), m in sorted(first.items()):
         print(f"  {k}x{n} {group}: {m if m is not None else '-'}")
+    chosen = picks(argv[1])
+    if chosen:
+        print("\npick_prefill_shape's choice against the fastest row (ratio 1.00: it picked the fastest):")
+        print("\n".join(pick_report(rows, chosen)))
 
 
 if __name__ == "__main__":

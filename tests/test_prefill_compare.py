@@ -19,6 +19,15 @@ LOG = """\
   4096   4096  1024   128  mar      40.00    100.0
   4096   4096  1024   128  p41      25.00    160.0
 """
+# The same with a K split's rows at M = 128 and pick_prefill_shape's lines.
+LOG_WITH_PICKS = LOG + """\
+pick 4096 4096 256 128 p21
+pick 4096 4096 1024 128 p41
+  4096   4096   128   128  mar      10.00    100.0
+  4096   4096   128   128  p21s2    8.00    120.0
+  4096   4096   128   128  q41s4    9.00    110.0
+pick 4096 4096 128 128 q41s4
+"""
 
 
 def test_best_variant_and_first_winning_m(tmp_path):
@@ -40,3 +49,16 @@ def test_best_variant_and_first_winning_m(tmp_path):
     assert "p21" in lines[1] and lines[1].split()[-1] == "0.91"
     assert lines[2].split()[-1] == "1.20" and lines[3].split()[-1] == "1.20"
     assert first == {(4096, 4096, "128"): 512}
+
+
+def test_picks_against_the_fastest_row(tmp_path):
+    log = tmp_path / "pf_bench.log"
+    log.write_text(LOG_WITH_PICKS)
+    rows = prefill_compare.parse(str(log))
+    chosen = prefill_compare.picks(str(log))
+    assert chosen == {(4096, 4096, 256, "128"): "p21", (4096, 4096, 1024, "128"): "p41",
+                      (4096, 4096, 128, "128"): "q41s4"}
+    lines = prefill_compare.pick_report(rows, chosen)
+    # M = 128: q41s4 9.0 against p21s2 8.0; 256: p21 11.0 against mar 10.0; 1024: p41 is the fastest.
+    assert [line.split()[-1] for line in lines[1:]] == ["1.12", "1.10", "1.00"]
+    assert lines[1].split()[6] == "p21s2"
