@@ -9,6 +9,7 @@
 #ifdef JAX_MARLIN_WITH_CUDA
 #include "cuda/marlin_cuda_ffi.h"
 #include "cuda/marlin_launch.h"
+#include "cuda/prefill_launch.h"
 #include "cuda/sparse_launch.h"
 #endif
 
@@ -115,6 +116,19 @@ NB_MODULE(_ext, m) {
     return jax_marlin::cuda::sparse_workspace_floats(m_rows, k, n);
   }, nb::arg("m"), nb::arg("k"), nb::arg("n"),
   "float32 workspace the sparse CUDA handler needs for an (m, k) x (k, n) product.");
+  m.def("cuda_prefill_shape", [](int m_rows, int k, int n, int group_size, int sms, bool sparse) -> nb::object {
+    const auto shape = jax_marlin::cuda::prefill_shape_for(m_rows, k, n, group_size, sms, sparse);
+    if (shape.variant < 0) return nb::none();
+    const auto tile = jax_marlin::cuda::prefill_tile_size(shape.variant);
+    nb::dict d;
+    d["variant"] = shape.variant;
+    d["splits"] = shape.splits;
+    d["tile_rows"] = tile.rows;
+    d["tile_cols"] = tile.cols;
+    return d;
+  }, nb::arg("m"), nb::arg("k"), nb::arg("n"), nb::arg("group_size"), nb::arg("sms"), nb::arg("sparse") = false,
+  "The prefill kernel's tile variant and K split for an (m, k) x (k, n) product of dense (or, "
+  "sparse=True, 2:4) weights on a Hopper GPU of `sms` SMs (a dict), or None where the chunks run it.");
   m.def("cuda_captured_calls", &jax_marlin::cuda::captured_call_count,
         "Executions of the CUDA handler so far that were captured into a CUDA graph.");
 #endif

@@ -157,35 +157,35 @@ def test_h100_table_keeps_the_kernel_for_decoding():
     for K, N in [(4096, 12288), (8192, 28672), (28672, 8192), (8192, 10240)]:
         for dt in ("float16", "bfloat16"):
             assert not any(dispatch.use_dense(kind, M, K, N, dt) for M in (1, 16, 64, 128, 256))
-            assert dispatch.use_dense(kind, 4096, K, N, dt)
 
 
-def test_h100_table_was_remeasured_with_both_formats():
-    """The H100 table (both Llama sets, both dtypes, dense and 2:4), measured
-    again in session 22 on the wgmma tiles with their producer warp: the
-    kernel now keeps every 70B layer and the 7B set's two widest-K or widest-N
-    layers to M = 512 (dense from 1024), 4096x12288 and 4096^2 to M = 256
-    (dense from 512; 11008x4096 in bf16 too, by 2 us at M = 512); the 2:4
-    weight goes dense from 512 on 4096^2, 1024 on 8192x10240, 2048 on two 7B
-    layers and never elsewhere. The entries of session 16 (before the wgmma
-    tiles) had the dense path from 256-512."""
+def test_h100_table_was_remeasured_with_the_prefill_kernel():
+    """The H100 table's dense-format entries, measured again in session 28
+    with the prefill kernel (K split and 64-row tiles from M = 64): the
+    kernel beats dequantize + cuBLAS at every M up to 2048 on all 8 Llama
+    layers, both dtypes, so no dense-format entry has a crossover. The 2:4
+    entries are session 22's (wgmma tiles, before the prefill kernel's 2:4
+    form): dense from 512 on 4096^2, 1024 on 8192x10240, 2048 on 4096x12288
+    and 11008x4096, never elsewhere."""
     dispatch.load_table.cache_clear()
     kind = "NVIDIA H100 80GB HBM3"
     table = json.loads((dispatch.TABLE_DIR / dispatch.table_name(kind)).read_text())
     assert len(table["entries"]) == 32 and "withdrawn" not in table
+    assert table["measured_now"] == 16 and table["carried_over"] == 16
 
     def dense_from(K, N, dt, fmt="dense"):
-        return next((M for M in (128, 256, 512, 1024, 2048)
+        return next((M for M in (128, 256, 512, 1024, 2048, 4096)
                      if dispatch.use_dense(kind, M, K, N, dt, fmt=fmt)), None)
 
+    llama = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096),
+             (8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)]
     for dt in ("float16", "bfloat16"):
-        for K, N in [(8192, 57344), (28672, 8192), (8192, 8192), (8192, 10240), (4096, 22016)]:
-            assert dense_from(K, N, dt) == 1024
-        assert dense_from(4096, 4096, dt) == 512
-        assert dense_from(4096, 12288, dt) == 512
+        for K, N in llama:
+            assert dense_from(K, N, dt) is None
         assert dense_from(4096, 4096, dt, "sparse") == 512
         assert dense_from(8192, 10240, dt, "sparse") == 1024
         assert dense_from(4096, 12288, dt, "sparse") == 2048
+        assert dense_from(11008, 4096, dt, "sparse") == 2048
         for K, N in [(8192, 8192), (8192, 57344), (28672, 8192), (4096, 22016)]:
             assert dense_from(K, N, dt, "sparse") is None
 

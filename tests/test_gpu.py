@@ -76,13 +76,30 @@ def test_cuda_dequantize_is_bit_exact(K, N, g, dtype, util):
 def test_kernel_itself_at_large_m(K, N, weights, util):
     """marlin_matmul may hand large M to dequantize + dot (the measured table,
     jax_marlin/dispatch_tables/): the kernel's own path is checked here
-    directly (on sm_90a from 256 rows the prefill kernel; the chunks below)."""
+    directly (on sm_90a the prefill kernel where pick_prefill_shape says so; else the chunks)."""
     from jax_marlin import ops
 
     qw = weights(K, N, 128, jnp.float16)
     x = util.random_x(7, (1000, K), jnp.float16)
     y = jax.jit(ops._kernel_call)(x, qw.packed, qw.scales)
     util.assert_close(y, x, qw)
+
+
+@pytest.mark.parametrize("M", [128, 200])
+def test_kernel_itself_where_prefill_splits_k(M, weights, util):
+    """11008x4096 at M = 128 and 200 has too few output tiles to fill 132 SMs:
+    on sm_90a the prefill kernel splits K over up to 4 blocks a tile
+    (pick_prefill_shape), whose parts the last block sums in split order:
+    checked against the reference, and bit-identical when run again."""
+    from jax_marlin import ops
+
+    qw = weights(11008, 4096, 128, jnp.float16)
+    x = util.random_x(400 + M, (M, 11008), jnp.float16)
+    call = jax.jit(ops._kernel_call)
+    y = call(x, qw.packed, qw.scales)
+    util.assert_close(y, x, qw)
+    again = call(x, qw.packed, qw.scales)
+    np.testing.assert_array_equal(np.asarray(y).view(np.uint16), np.asarray(again).view(np.uint16))
 
 
 @pytest.mark.parametrize("g", [128, None])

@@ -63,3 +63,22 @@ def test_sparse_kernel_is_called():
 @pytest.mark.parametrize("g", [32, 64, 128, None])
 def test_sparse_kernel_every_group_and_m(K, N, dtype, g):
     check_every_m(K, N, g, dtype, [1, 7, 16, 33, 64, 100])
+
+
+@pytest.mark.parametrize("K,N,M", [(28672, 8192, 128), (8192, 8192, 128), (4096, 12288, 200)])
+def test_sparse_kernel_itself_through_the_prefill_kernel(K, N, M):
+    """From 64 rows on, sparse_matmul may hand the product to the prefill
+    kernel's 2:4 form (csrc/cuda/prefill_kernel.cuh): on 132 SMs these three
+    take it, the first two with K split over 4 and 2 blocks a tile. The
+    kernel's own path (no dispatch table), against the dequantized weight,
+    bit-identical when run again."""
+    from jax_marlin import ops
+
+    sqw, w = sparse_weight(K, N, 128, jnp.float16)
+    x = jax.random.normal(jax.random.key(M + K), (M, K), jnp.float32).astype(jnp.float16)
+    call = jax.jit(ops._sparse_kernel_call)
+    y = call(x, sqw.values, sqw.meta, sqw.scales)
+    ref = jnp.matmul(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    err = float(jnp.linalg.norm(y.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+    assert err <= TOLERANCE[np.dtype(jnp.float16)], err
+    assert np.array_equal(np.asarray(call(x, sqw.values, sqw.meta, sqw.scales)), np.asarray(y))

@@ -212,23 +212,6 @@ int next_chunk(int remaining, int k, int n) {
   return chunk_rows(remaining, pick_config(row_variant(kMaxRows), k, n, false, false) >= 0);
 }
 
-// From this many rows of x on, where it serves the layer and its tiles keep
-// at least half the SMs busy (pick_prefill_variant), the prefill kernel
-// (prefill_kernel.cuh) takes the whole product in one launch instead of the
-// 128-row chunks: 1.1-3x faster on the H100 at M = 256-2048 on the Llama
-// layers (prefill self-test --bench, session 27).
-constexpr int kPrefillMinRows = 256;
-
-// The prefill kernel's problem for `pr`, or variant -1 where the chunks run
-// it (pick_prefill_variant). JAX_MARLIN_PREFILL=0 keeps every M on the
-// chunks (an A/B switch, read once).
-PrefillProblem prefill_problem(const MarlinProblem& pr) {
-  static const bool enabled = not_switched_off("JAX_MARLIN_PREFILL");
-  PrefillProblem p{pr.dtype, pr.x, pr.packed, pr.scales, pr.y, pr.m, pr.k, pr.n, pr.group_size, -1};
-  if (enabled && pr.m >= kPrefillMinRows) p.variant = pick_prefill_variant(p);
-  return p;
-}
-
 }  // namespace
 
 size_t workspace_floats(int m, int k, int n) {
@@ -250,12 +233,14 @@ size_t workspace_floats(int m, int k, int n) {
       most = std::max(most, 2 * grid * (8 * kRowBlockCounts[variant]) * c.tile_n());
     }
   }
-  return most;
+  // The prefill kernel's K split, where it may run instead of the chunks.
+  return std::max(most, routed_prefill_workspace_floats(m));
 }
 
 size_t lock_count(int m, int n) {
   // One lock per 64-column slab for each chunk (chunk_rows), in both the
-  // dense and the 2:4 sparse kernel.
+  // dense and the 2:4 sparse kernel; also more than the prefill kernel's
+  // tile counters (tiles of at least 64 rows and 128 columns).
   return static_cast<size_t>((m + kMinChunkRows - 1) / kMinChunkRows) * (n / kWarpCols);
 }
 
@@ -287,7 +272,13 @@ cudaError_t marlin_matmul(const MarlinProblem& pr, cudaStream_t stream) {
     err = cudaMemsetAsync(pr.locks, 0, lock_count(pr.m, pr.n) * sizeof(int), stream);
     if (err != cudaSuccess) return err;
   }
-  if (const PrefillProblem p = prefill_problem(pr); p.variant >= 0) return prefill_matmul(p, stream);
+  // From a few dozen rows on, the prefill kernel may take the whole product
+  // (routed_prefill_problem: 1.1-3x the chunks on the H100 at M = 256-2048,
+  // session 27; its K split and 64-row tiles below 256 rows not yet
+  // measured on a GPU).
+  const PrefillProblem prefill = routed_prefill_problem(
+      {pr.dtype, pr.x, pr.packed, pr.scales, pr.y, pr.m, pr.k, pr.n, pr.group_size}, pr.workspace, pr.locks);
+  if (prefill.variant >= 0) return prefill_matmul(prefill, stream);
   const bool grouped = pr.group_size != pr.k;
   const int locks_per_chunk = pr.n / kWarpCols;
   const bool tma_x = x_by_tma(), wgmma = tma_x && wgmma_launches();

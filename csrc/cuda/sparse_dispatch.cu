@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "launch_util.h"
+#include "prefill_launch.h"
 #include "sparse_kernel.cuh"
 #include "sparse_launch.h"
 
@@ -198,7 +199,8 @@ size_t sparse_workspace_floats(int m, int k, int n) {
       most = std::max(most, 2 * grid * (8 * kRowBlockCounts[variant]) * c.tile_n());
     }
   }
-  return most;
+  // The prefill kernel's K split, where it may run instead of the chunks.
+  return std::max(most, routed_prefill_workspace_floats(m));
 }
 
 const char* sparse_unsupported_reason(int m, int k, int n, int group_size) {
@@ -213,7 +215,7 @@ cudaError_t prepare_sparse_kernels() {
     if (kPreparers[i] == nullptr) continue;
     if (cudaError_t err = kPreparers[i](); err != cudaSuccess) return err;
   }
-  return cudaSuccess;
+  return prepare_prefill_kernels();
 }
 
 cudaError_t sparse_matmul(const SparseProblem& pr, cudaStream_t stream) {
@@ -223,6 +225,12 @@ cudaError_t sparse_matmul(const SparseProblem& pr, cudaStream_t stream) {
     err = cudaMemsetAsync(pr.locks, 0, lock_count(pr.m, pr.n) * sizeof(int), stream);
     if (err != cudaSuccess) return err;
   }
+  // From a few dozen rows on, the prefill kernel's 2:4 form may take the
+  // whole product (not yet measured on a GPU).
+  PrefillProblem prefill{pr.dtype, pr.x, pr.values, pr.scales, pr.y, pr.m, pr.k, pr.n, pr.group_size};
+  prefill.meta = pr.meta;
+  prefill = routed_prefill_problem(prefill, pr.workspace, pr.locks);
+  if (prefill.variant >= 0) return prefill_matmul(prefill, stream);
   const bool grouped = pr.group_size != pr.k;
   const int locks_per_chunk = pr.n / kWarpCols;
   const bool tma_x = x_by_tma(), wgmma = tma_x && wgmma_launches();
