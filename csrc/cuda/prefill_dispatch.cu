@@ -139,11 +139,13 @@ PrefillShape prefill_shape_for(int m, int k, int n, int group_size, int sms, boo
   // in units of ~0.05 us, plus, with a K split (only where the tiles leave
   // SMs idle, and never more blocks than SMs), its reduction: every split
   // stores its part and the last reads all of them, at 3 KB a unit.
-  // Dense stage times: 128-row 2x1 8, 4x1 12; 64-row 2x1 5, 4x1 8. The
-  // 64-row times, the reduction's rate and the gate below were fitted to
-  // the H100 prefill bench of session 28 (`prefill_selftest --bench`, 192
-  // cases from M = 64: each pick within 16% of the fastest row, 1.1% on
-  // the geometric mean; scripts/prefill_compare.py). The 2:4 times are
+  // Dense stage times: 128-row 2x1 8, 4x1 12; 64-row 2x1 6, 4x1 8. The
+  // gate below was fitted to the H100 prefill bench of session 28
+  // (`prefill_selftest --bench`, 192 cases from M = 64; on the 70B layers
+  // each pick within 11% of the fastest row, 0.6% on the geometric mean;
+  // scripts/prefill_compare.py); a 64-row 2x1 stage of 5 fitted all
+  // layers a little better but lost 8192^2 at M = 64 (q21s2 33.4 us
+  // against q41s4 28.1 through JAX). The 2:4 times are
   // half the dense ones (an estimate: on the 2:4 self-test's bench its
   // prefill form ran 1.4-1.6x the 2:4 chunks at M = 128-256 on the 70B
   // shapes, 3% slower at M = 64). The 2x1 tiles come first, so ties go to
@@ -152,7 +154,7 @@ PrefillShape prefill_shape_for(int m, int k, int n, int group_size, int sms, boo
     int variant;
     long long dense_time, sparse_time;
   };
-  constexpr Candidate kCandidates[] = {{2, 8, 4}, {0, 12, 6}, {4, 5, 3}, {3, 8, 4}};
+  constexpr Candidate kCandidates[] = {{2, 8, 4}, {0, 12, 6}, {4, 6, 3}, {3, 8, 4}};
   constexpr long long kPartBytesPerUnit = 3 * 1024;
   if (sms < 1 || unsupported_reason(m, k, n, group_size) != nullptr) return {};
   const long long k_tiles = k / 64;
