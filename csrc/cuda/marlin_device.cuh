@@ -271,6 +271,18 @@ __device__ __forceinline__ void scale_fragment(uint32_t (&frag)[2], typename Dty
   frag[1] = as_u32(__hmul2(as_t2<T2>(frag[1]), s));
 }
 
+// Group scales on an mma.sp A fragment (docs/SPARSE_FORMAT.md): a0, a2 hold
+// n-row g (scale pair s's lo half), a1, a3 n-row g + 8 (its hi half).
+template <typename T>
+__device__ __forceinline__ void scale_sparse_fragment(uint32_t (&a)[4], typename Dtype<T>::T2 s) {
+  using T2 = typename Dtype<T>::T2;
+  const T2 lo = Dtype<T>::lo_pair(s), hi = Dtype<T>::hi_pair(s);
+  a[0] = as_u32(__hmul2(as_t2<T2>(a[0]), lo));
+  a[1] = as_u32(__hmul2(as_t2<T2>(a[1]), hi));
+  a[2] = as_u32(__hmul2(as_t2<T2>(a[2]), lo));
+  a[3] = as_u32(__hmul2(as_t2<T2>(a[3]), hi));
+}
+
 // ---------------------------------------------------------------------------
 // Inter-block reduction: who completes a tile shared by several blocks
 // ---------------------------------------------------------------------------

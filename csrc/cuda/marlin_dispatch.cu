@@ -272,10 +272,10 @@ cudaError_t marlin_matmul(const MarlinProblem& pr, cudaStream_t stream) {
     err = cudaMemsetAsync(pr.locks, 0, lock_count(pr.m, pr.n) * sizeof(int), stream);
     if (err != cudaSuccess) return err;
   }
-  // From a few dozen rows on, the prefill kernel may take the whole product
-  // (routed_prefill_problem: 1.1-3x the chunks on the H100 at M = 256-2048,
-  // session 27; its K split and 64-row tiles below 256 rows not yet
-  // measured on a GPU).
+  // From 64 rows on, the prefill kernel may take the whole product
+  // (routed_prefill_problem; on the H100 1.1-3x the chunks at M = 256-2048,
+  // session 27, and with its K split and 64-row tiles up to 1.2x at M =
+  // 128, session 28).
   const PrefillProblem prefill = routed_prefill_problem(
       {pr.dtype, pr.x, pr.packed, pr.scales, pr.y, pr.m, pr.k, pr.n, pr.group_size}, pr.workspace, pr.locks);
   if (prefill.variant >= 0) return prefill_matmul(prefill, stream);

@@ -110,17 +110,21 @@ const char* prefill_unsupported_reason(const PrefillProblem& pr) {
     return "the K split must be 1 to kPrefillMaxSplits blocks a tile, each with at least 64 of K";
   if (pr.splits > 1 && !with_variant(pr.variant, [](auto tile) { return decltype(tile)::kSplits; }))
     return "this prefill tile variant has no K split";
-  if (pr.splits > 1 && (pr.partials == nullptr || pr.counters == nullptr))
-    return "a K split needs the partial-sum workspace and the tile counters";
   if (pr.meta != nullptr && !with_variant(pr.variant, [](auto tile) { return kHasSparse<decltype(tile)>; }))
     return "this prefill tile variant has no 2:4 form";
   if (!wgmma_launches()) return "the prefill kernel needs sm_90a code and a compute capability 9.0 device";
   return nullptr;
 }
 
+namespace {
+// Tiles of y an m x n output takes in `tile`s.
+long long tiles_of(PrefillTileSize tile, int m, int n) {
+  return static_cast<long long>((m + tile.rows - 1) / tile.rows) * (n / tile.cols);
+}
+}  // namespace
+
 int prefill_tiles(const PrefillProblem& pr) {
-  const PrefillTileSize tile = prefill_tile_size(pr.variant);
-  return (pr.m + tile.rows - 1) / tile.rows * (pr.n / tile.cols);
+  return static_cast<int>(tiles_of(prefill_tile_size(pr.variant), pr.m, pr.n));
 }
 
 size_t prefill_partial_floats(const PrefillProblem& pr) {
@@ -164,7 +168,7 @@ PrefillShape prefill_shape_for(int m, int k, int n, int group_size, int sms, boo
     const PrefillTileSize tile = prefill_tile_size(c.variant);
     if (n % tile.cols != 0) continue;
     const long long stage_time = sparse ? c.sparse_time : c.dense_time;
-    const long long tiles = static_cast<long long>((m + tile.rows - 1) / tile.rows) * (n / tile.cols);
+    const long long tiles = tiles_of(tile, m, n);
     for (int splits = 1; splits <= kPrefillMaxSplits && splits <= k_tiles; ++splits) {
       if (splits > 1 && tiles * splits > sms) break;
       const long long waves = (tiles * splits + sms - 1) / sms, stages = (k_tiles + splits - 1) / splits;
@@ -223,6 +227,8 @@ cudaError_t prepare_prefill_kernels() {
 
 cudaError_t prefill_matmul(const PrefillProblem& pr, cudaStream_t stream) {
   if (prefill_unsupported_reason(pr) != nullptr) return cudaErrorInvalidValue;
+  // A K split's scratch is the caller's (PrefillProblem::partials, counters).
+  if (pr.splits > 1 && (pr.partials == nullptr || pr.counters == nullptr)) return cudaErrorInvalidValue;
   return with_variant(pr.variant, [&](auto tile) {
     using Tile = decltype(tile);
     if constexpr (kHasSparse<Tile>) {

@@ -269,11 +269,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
         if constexpr (kGrouped) {
           const int row = (32 * i) >> p.group_shift;  // the stage's first row is its first band's group
           const T2 s = as_t2<T2>(ld_shared4(stage + s_read + row * Tile::kScaleRowBytes + f * 128));
-          const T2 lo = Dtype<T>::lo_pair(s), hi = Dtype<T>::hi_pair(s);
-          a[0] = as_u32(__hmul2(as_t2<T2>(a[0]), lo));
-          a[1] = as_u32(__hmul2(as_t2<T2>(a[1]), hi));
-          a[2] = as_u32(__hmul2(as_t2<T2>(a[2]), lo));
-          a[3] = as_u32(__hmul2(as_t2<T2>(a[3]), hi));
+          scale_sparse_fragment<T>(a, s);
         }
       } else {
         if constexpr (kGrouped) {

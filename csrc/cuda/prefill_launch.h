@@ -42,7 +42,8 @@ struct PrefillProblem {
 };
 
 // nullptr if the prefill kernel runs the problem on the current device,
-// else a message saying why not.
+// else a message saying why not (its shapes, variant and split; a split's
+// scratch buffers are prefill_matmul's to check).
 const char* prefill_unsupported_reason(const PrefillProblem& problem);
 
 // The float32 workspace a launch of `problem` needs (0 without a K split).

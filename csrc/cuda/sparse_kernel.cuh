@@ -530,11 +530,7 @@ class SparseBlock {
       uint32_t a[4] = {f0[0], f0[1], f1[0], f1[1]};
       if constexpr (kScaled) {
         const T2 s = as_t2<T2>(scale_words[j]);
-        const T2 lo = Dtype<T>::lo_pair(s), hi = Dtype<T>::hi_pair(s);
-        a[0] = as_u32(__hmul2(as_t2<T2>(a[0]), lo));
-        a[1] = as_u32(__hmul2(as_t2<T2>(a[1]), hi));
-        a[2] = as_u32(__hmul2(as_t2<T2>(a[2]), lo));
-        a[3] = as_u32(__hmul2(as_t2<T2>(a[3]), hi));
+        scale_sparse_fragment<T>(a, s);
       }
       // Metadata word j / 2 serves n-blocks 2 (j / 2) (selector 0, from
       // lanes t = 0, 1) and 2 (j / 2) + 1 (selector 1, lanes t = 2, 3).
@@ -588,11 +584,7 @@ class SparseBlock {
         if constexpr (Tile::kGrouped) {
           const int s_row = (band * 32) >> p_.group_shift;
           const T2 s = as_t2<T2>(ld_shared4(stage + s_read_ + s_row * (2 * Tile::kTileN) + run * (2 * kWarpCols)));
-          const T2 lo = Dtype<T>::lo_pair(s), hi = Dtype<T>::hi_pair(s);
-          a[0] = as_u32(__hmul2(as_t2<T2>(a[0]), lo));
-          a[1] = as_u32(__hmul2(as_t2<T2>(a[1]), hi));
-          a[2] = as_u32(__hmul2(as_t2<T2>(a[2]), lo));
-          a[3] = as_u32(__hmul2(as_t2<T2>(a[3]), hi));
+          scale_sparse_fragment<T>(a, s);
         }
       }
     }

@@ -64,8 +64,6 @@ static int run_variants(const Case& c, double (&worst)[2], int& runs) {
       cuda::PrefillProblem p{c.bf16 ? cuda::ActDtype::kBFloat16 : cuda::ActDtype::kFloat16,
                              c.x, c.packed, c.scales, c.y, m, k, n, c.group, v, splits};
       p.meta = c.meta;
-      // Stand-ins for the check; the real buffers below once it passes.
-      p.partials = reinterpret_cast<float*>(c.x), p.counters = reinterpret_cast<int*>(c.x);
       if (cuda::prefill_unsupported_reason(p) != nullptr) continue;
       float* parts = nullptr;
       int* counters = nullptr;
